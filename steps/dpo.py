@@ -1,0 +1,56 @@
+"""Direct preference optimisation: continue the SFT adapter with TRL's DPOTrainer on the preference pairs.
+
+    python steps/dpo.py --config env/t4/dpo.yaml --model_name_or_path meta-llama/Llama-3.2-3B \
+        --sft_adapter data/runs/x/sft --train_file data/runs/x/preference.jsonl --output_dir data/runs/x/dpo
+
+The SFT adapter is loaded as the trainable policy; TRL then keeps a frozen copy of it as a second adapter ("ref")
+and computes the reference log-probs through that copy, so the reference model is the SFT model, not the bare base
+(at step 0 policy and reference agree and every reward margin is 0). Checkpoints and the finished adapter are
+handled as in the SFT step.
+"""
+
+from dataclasses import dataclass, field
+
+from common import run_step
+from common.jsonl import DataError, read_jsonl
+from common.models import load_for_training, load_tokenizer
+from common.training import checkpoint_dir, train_and_save
+
+PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "preference JSONL (prompt, chosen, rejected) in TRL's format"})
+    sft_adapter: str = field(metadata={"help": "adapter directory written by steps/sft.py"})
+
+
+def main(argv=None):
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
+
+    parser = TrlParser((DataArguments, DPOConfig, ModelConfig))
+    data_args, training_args, model_args = parser.parse_args_and_config(argv)
+    pairs = read_jsonl(data_args.train_file, required=PAIR_FIELDS)
+    if not pairs:
+        raise DataError(f"{data_args.train_file}: no preference pairs (all under the margin?)")
+
+    output_dir = training_args.output_dir
+    training_args.output_dir = str(checkpoint_dir(output_dir))
+    # The SFT adapter's tokenizer carries the chat template and pad token that SFT trained with.
+    tokenizer = load_tokenizer(data_args.sft_adapter)
+    policy = PeftModel.from_pretrained(load_for_training(model_args), data_args.sft_adapter, is_trainable=True)
+    columns = list(PAIR_FIELDS)
+    trainer = DPOTrainer(
+        model=policy,
+        args=training_args,
+        train_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in pairs]),
+        processing_class=tokenizer,
+    )
+    train_and_save(trainer, output_dir)
+    print(f"wrote {output_dir}")
+
+
+if __name__ == "__main__":
+    run_step(main)

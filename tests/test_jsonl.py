@@ -1,0 +1,50 @@
+import json
+
+import pytest
+from common.jsonl import DataError, ResumableWriter, atomic_path, read_jsonl, write_jsonl
+
+
+def test_read_names_file_line_and_field(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": "a", "instruction": "hi"}\n{"id": "b"\n')
+    with pytest.raises(DataError, match=r"x\.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+    path.write_text('{"id": "a", "instruction": "hi"}\n\n{"id": "b"}\n')
+    with pytest.raises(DataError, match=r"x\.jsonl:3: missing field 'instruction'"):
+        read_jsonl(path, required={"id": str, "instruction": str})
+    path.write_text('{"id": 7, "instruction": "hi"}\n')
+    with pytest.raises(DataError, match=r"x\.jsonl:1: field 'id' should be str, got int"):
+        read_jsonl(path, required={"id": str})
+    path.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match="expected a JSON object"):
+        read_jsonl(path)
+    with pytest.raises(DataError, match="no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_write_is_atomic(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [{"a": 1}])
+    with pytest.raises(RuntimeError):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert read_jsonl(path) == [{"a": 1}]  # the old file survives, no temporary is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_resumable_writer_drops_torn_line_and_keeps_whole_batches(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    writer = ResumableWriter(path)
+    writer.write([{"i": i} for i in range(5)])
+    writer.close()
+    with open(writer.partial, "a") as f:
+        f.write('{"i": 5, "trunc')  # a crash in the middle of a line
+    assert not path.exists()
+
+    resumed = ResumableWriter(path, keep=lambda n: n - n % 2)  # batches of 2: keep 4 of 5
+    assert [r["i"] for r in resumed.done] == [0, 1, 2, 3]
+    resumed.write([{"i": 4}, {"i": 5}])
+    resumed.finish()
+    assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == list(range(6))
+    assert not resumed.partial.exists()

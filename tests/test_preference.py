@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+from conftest import read_lines, run_step
+from preference import ClassifierReward, load_reward, pair
+
+INSTRUCTIONS = ["Give me a tip for sleeping better.", "Name two primary colours.", "What is a noun?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_deberta(tmp_path_factory, smol):
+    """A randomly initialised DebertaV2ForSequenceClassification, the class of the seed's reward model."""
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(smol)
+    config = DebertaV2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=512, num_labels=1,
+                             pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rm") / "tiny-deberta-rm"
+    DebertaV2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_pair_takes_highest_as_chosen_and_lowest_as_rejected():
+    record = {"id": "x", "instruction": "Say hi."}
+    p = pair(record, ["a", "b", "c", "d"], [0.1, 2.5, -1.0, 0.3])
+    assert p["chosen"] == [{"role": "assistant", "content": "b"}]
+    assert p["rejected"] == [{"role": "assistant", "content": "c"}]
+    assert p["prompt"] == [{"role": "user", "content": "Say hi."}]
+    assert p["margin"] == pytest.approx(3.5)
+
+
+def test_classifier_reward_scores_text_pairs_with_the_head_logit(tiny_deberta):
+    reward = load_reward(str(tiny_deberta), dtype="float32")
+    assert isinstance(reward, ClassifierReward)
+    scores = reward(["What is 2+2?", "What is 2+2?"], ["4", "I like trains and I will not answer."])
+    batch = reward.tokenizer("What is 2+2?", "4", return_tensors="pt")
+    with torch.inference_mode():
+        expected = reward.model(**batch).logits[0, 0].item()
+    assert scores[0] == pytest.approx(expected, abs=1e-4)
+    assert scores[0] != scores[1]
+
+
+def test_preference_step_with_a_classifier_reward_model(tmp_path, tiny_deberta):
+    src = tmp_path / "filtered.jsonl"
+    src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": t}) + "\n" for k, t in enumerate(INSTRUCTIONS)))
+    scored, out = tmp_path / "scored.jsonl", tmp_path / "pref.jsonl"
+    args = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", tiny_deberta, "--scored", scored,
+            "--num-responses", "3", "--max-response-tokens", "12", "--batch-size", "2", "--dtype", "float32"]
+    run_step("preference", *args, "--out", out)
+
+    rows = read_lines(scored)
+    assert [r["id"] for r in rows] == ["i0", "i1", "i2"]
+    assert all(len(r["responses"]) == 3 and len(r["scores"]) == 3 for r in rows)
+    pairs = {p["id"]: p for p in read_lines(out)}
+    for r in rows:
+        if r["id"] not in pairs:  # only exact ties are dropped at the default margin
+            assert max(r["scores"]) == min(r["scores"])
+            continue
+        p = pairs[r["id"]]
+        assert p["score_chosen"] == max(r["scores"]) and p["score_rejected"] == min(r["scores"])
+        assert p["chosen"][0]["content"] == r["responses"][r["scores"].index(max(r["scores"]))]
+        assert p["margin"] > 0
+
+    # A margin no pair reaches drops them all; the scored file is reused, nothing is sampled again.
+    strict = tmp_path / "strict.jsonl"
+    result = run_step("preference", *args, "--out", strict, "--min-margin", "1e9")
+    assert read_lines(strict) == [] and "0 pairs of 3" in result.stderr
+
+
+def test_datasets_reads_the_pairs_as_is(chain_run):
+    from datasets import load_dataset
+
+    data = load_dataset("json", data_files=str(chain_run / "preference.jsonl"), split="train")
+    assert len(data) > 0 and set(["prompt", "chosen", "rejected"]) <= set(data.column_names)
+    assert data[0]["chosen"][0]["role"] == "assistant"

@@ -1,0 +1,51 @@
+import json
+
+import torch
+from conftest import REPO
+from sft import build_trainer, parse
+
+CPU_SFT = str(REPO / "env" / "cpu" / "sft.yaml")
+
+
+def test_sft_loss_covers_only_the_assistant_tokens(tmp_path, smol):
+    data = tmp_path / "filtered.jsonl"
+    data.write_text(json.dumps({"id": "a", "instruction": "Name a fruit.", "response": "An apple."}) + "\n")
+    trainer = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2",
+                                    "--train_file", str(data), "--output_dir", str(tmp_path / "sft")]))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    tokenizer = trainer.processing_class
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert tokenizer.decode(ids).count("Name a fruit.") == 1
+    trained = tokenizer.decode(ids[labels != -100])
+    assert trained.startswith("An apple.<|im_end|>")  # the answer and its end of turn, nothing of the prompt
+    assert "Name a fruit." not in trained and "system" not in trained
+
+
+def test_adapters_have_the_seed_lora_config_and_load(chain_run, smol):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name in ("sft", "dpo"):
+        config = json.loads((chain_run / name / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
+        assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"}
+    base = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        base_logits = base(ids).logits
+    model = PeftModel.from_pretrained(base, chain_run / "sft")
+    with torch.inference_mode():
+        assert not torch.allclose(model(ids).logits, base_logits)  # the trained adapter changes the model
+
+
+def test_dpo_reference_is_the_sft_policy(chain_run):
+    """At DPO's first step the policy is the SFT adapter; if the reference were the bare base model, the implicit
+    rewards would differ from 0 at once. With the SFT model as reference they are exactly 0 and the loss is ln 2."""
+    history = json.loads((chain_run / "dpo" / "log_history.json").read_text())
+    first = next(h for h in history if "loss" in h)
+    assert first["step"] == 1
+    assert first["rewards/margins"] == 0 and first["rewards/chosen"] == 0
+    assert abs(first["loss"] - 0.6931) < 1e-3
+    sft_steps = [h for h in json.loads((chain_run / "sft" / "log_history.json").read_text()) if "loss" in h]
+    assert len(sft_steps) == 2  # --max_steps 2 from the test chain
