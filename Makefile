@@ -88,7 +88,7 @@ $(RUN)/eval/base.json: | $(DEPS) $(NEEDS_DEFAULT)
 $(RUN)/eval/%.json: $(RUN)/%
 	$(EVAL) --adapter $< --out $@
 
-$(RUN)/report.md: $(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json
+$(RUN)/report.md: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
 	$(PY) steps/report.py --run $(RUN) --out $@
 
 # ---- Housekeeping --------------------------------------------------------------------------------------------

@@ -54,9 +54,9 @@ def normalise(text):
 def rules(args):
     """(name, drop?) in the order they are checked."""
     return [
-        ("empty", lambda r: not r["instruction"].strip() or not r["response"].strip()),
         ("truncated", lambda r: not args.keep_truncated
          and not (r.get("instruction_finished", True) and r.get("response_finished", True))),
+        ("empty", lambda r: not r["instruction"].strip() or not r["response"].strip()),
         ("instruction_length", lambda r: not args.min_instruction_words <= len(words(r["instruction"]))
          <= args.max_instruction_words),
         ("response_length", lambda r: not args.min_response_words <= len(words(r["response"]))

@@ -82,11 +82,15 @@ def main(argv=None):
             model, tokenizer, [pre_query] * n, args.max_instruction_tokens,
             args.instruction_temperature, args.instruction_top_p, [user_end], seed,
         )
-        prompts = [prompt_text(tokenizer, i["text"], system=args.system) for i in instructions]
-        responses = sample(
-            model, tokenizer, prompts, args.max_response_tokens,
-            args.response_temperature, args.response_top_p, [assistant_end], seed,
-        )
+        # An instruction cut off by the token limit is dropped by the filter anyway: don't spend time answering it.
+        answer = [k for k, i in enumerate(instructions) if i["finished"] and i["text"]]
+        responses = [{"text": "", "finished": False, "tokens": 0}] * n
+        if answer:
+            prompts = [prompt_text(tokenizer, instructions[k]["text"], system=args.system) for k in answer]
+            answered = sample(model, tokenizer, prompts, args.max_response_tokens,
+                              args.response_temperature, args.response_top_p, [assistant_end], seed)
+            for k, response in zip(answer, answered):
+                responses[k] = response
         records = [
             {
                 "id": f"s{args.seed}-{first + k:07d}",

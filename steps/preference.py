@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="instructions per generation batch")
     p.add_argument("--reward-batch-size", type=int, default=16)
     p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs whose chosen-rejected margin is below")
+    p.add_argument("--allow-truncated-chosen", action="store_true",
+                   help="let a response cut off at the token limit be chosen (default: only finished ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-in-4bit", action="store_true")
@@ -95,9 +97,17 @@ def score_in_batches(reward, instructions, responses, batch_size):
     return scores
 
 
-def pair(record, responses, scores):
-    """Best vs worst response of one instruction, in TRL's conversational preference format."""
-    best = max(range(len(scores)), key=scores.__getitem__)
+def pair(record, responses, scores, finished=None):
+    """Best vs worst response of one instruction, in TRL's conversational preference format.
+
+    The chosen response must have ended on its own: a response cut off at the token limit would teach the model
+    not to stop. Returns None when no response finished.
+    """
+    finished = finished or [True] * len(scores)
+    candidates = [i for i in range(len(scores)) if finished[i]]
+    if not candidates:
+        return None
+    best = max(candidates, key=scores.__getitem__)
     worst = min(range(len(scores)), key=scores.__getitem__)
     return {
         "id": record["id"],
@@ -147,11 +157,12 @@ def main(argv=None):
         bar.close()
     writer.finish()
 
-    pairs = [pair(r, r["responses"], r["scores"]) for r in writer.done]
-    kept = [p for p in pairs if p["margin"] > 0 and p["margin"] >= args.min_margin]
+    pairs = [pair(r, r["responses"], r["scores"], None if args.allow_truncated_chosen else r["finished"])
+             for r in writer.done]
+    kept = [p for p in pairs if p and p["margin"] > 0 and p["margin"] >= args.min_margin]
     write_jsonl(args.out, kept)
-    print(f"wrote {args.out}: {len(kept)} pairs of {len(pairs)} instructions "
-          f"({len(pairs) - len(kept)} under the margin {args.min_margin} or tied)", file=sys.stderr)
+    print(f"wrote {args.out}: {len(kept)} pairs of {len(pairs)} instructions ({pairs.count(None)} without a "
+          f"finished response, the rest under the margin {args.min_margin} or tied)", file=sys.stderr)
 
 
 if __name__ == "__main__":

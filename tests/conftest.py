@@ -44,7 +44,7 @@ CHAIN_VARS = dict(
     MAX_RESPONSE_TOKENS="40", NUM_RESPONSES="2", PREF_BATCH="6", PREF_MAX_TOKENS="24", LIMIT="4",
     MAX_GEN_TOKS="24", EVAL_BATCH="4",
     FILTER_ARGS="--keep-truncated --min-instruction-words 1 --min-response-words 1",
-    SFT_ARGS="--max_steps 2 --save_steps 1", DPO_ARGS="--max_steps 2 --save_steps 1",
+    PREFERENCE_ARGS="--allow-truncated-chosen", SFT_ARGS="--max_steps 2 --save_steps 1", DPO_ARGS="--max_steps 2 --save_steps 1",
 )
 
 

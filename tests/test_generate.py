@@ -5,8 +5,8 @@ import time
 
 from conftest import REPO, read_lines, run_step
 
-ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2", "--max-instruction-tokens", "24",
-        "--max-response-tokens", "24", "--dtype", "float32", "--seed", "3"]
+ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2", "--max-instruction-tokens", "48",
+        "--max-response-tokens", "24", "--dtype", "bfloat16", "--seed", "3"]
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -16,11 +16,14 @@ def test_records_are_instruction_response_pairs(tmp_path, smol):
     records = read_lines(out)
     assert [r["id"] for r in records] == [f"s3-{i:07d}" for i in range(6)]
     for r in records:
-        assert r["instruction"].strip() and r["response"].strip()
+        assert r["instruction"].strip()
         assert not any(t in r["instruction"] + r["response"] for t in TEMPLATE_TOKENS)  # cut at the end of turn
-        assert isinstance(r["instruction_finished"], bool) and isinstance(r["response_finished"], bool)
-        assert 0 < r["response_tokens"] <= 24
+        if r["instruction_finished"]:
+            assert r["response"].strip() and 0 < r["response_tokens"] <= 24
+        else:  # an instruction cut off at the token limit is not answered
+            assert r["response"] == "" and r["response_finished"] is False
         assert r["settings"]["model"] == "embedded:smollm2" and r["settings"]["response_temperature"] == 0.0
+    assert any(r["instruction_finished"] for r in records)
     assert len({r["instruction"] for r in records}) > 1  # sampled, not one instruction repeated
     assert not (tmp_path / "gen.jsonl.partial").exists()
 
@@ -57,3 +60,25 @@ def test_partial_file_from_other_settings_is_refused(tmp_path, smol):
     run_step("generate", *ARGS, "--out", out)
     result = run_step("generate", *ARGS[:-1], "4", "--out", out, check=False)  # another seed
     assert result.returncode == 2 and "other settings" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_models_are_named_with_the_fix(tmp_path):
+    out = tmp_path / "gen.jsonl"
+    result = run_step("generate", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--out", out, check=False,
+                      env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "meta-llama/Llama-3.1-8B-Instruct is not in the local cache" in result.stderr
+    assert "embedded default" in result.stderr
+    result = run_step("generate", "--model", str(tmp_path / "no-model"), "--out", out, check=False)
+    assert result.returncode == 2 and "no-model: no such model directory" in result.stderr
+    assert not out.exists()
+
+
+def test_gated_error_names_the_license_page_and_token():
+    import httpx2
+    from common.models import explain_load_error
+    from huggingface_hub.errors import GatedRepoError
+
+    response = httpx2.Response(403, request=httpx2.Request("GET", "https://huggingface.co/x"))
+    message = explain_load_error("meta-llama/Llama-3.2-3B", GatedRepoError("403 gated repo", response=response))
+    assert "https://huggingface.co/meta-llama/Llama-3.2-3B" in message and "HF_TOKEN" in message

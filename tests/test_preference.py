@@ -31,6 +31,10 @@ def test_pair_takes_highest_as_chosen_and_lowest_as_rejected():
     assert p["rejected"] == [{"role": "assistant", "content": "c"}]
     assert p["prompt"] == [{"role": "user", "content": "Say hi."}]
     assert p["margin"] == pytest.approx(3.5)
+    # A response cut off at the token limit is never chosen, however high its score.
+    p = pair(record, ["a", "b", "c", "d"], [0.1, 2.5, -1.0, 0.3], finished=[True, False, True, True])
+    assert p["chosen"][0]["content"] == "d" and p["rejected"][0]["content"] == "c"
+    assert pair(record, ["a", "b"], [1.0, 2.0], finished=[False, False]) is None
 
 
 def test_classifier_reward_scores_text_pairs_with_the_head_logit(tiny_deberta):
@@ -49,20 +53,22 @@ def test_preference_step_with_a_classifier_reward_model(tmp_path, tiny_deberta):
     src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": t}) + "\n" for k, t in enumerate(INSTRUCTIONS)))
     scored, out = tmp_path / "scored.jsonl", tmp_path / "pref.jsonl"
     args = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", tiny_deberta, "--scored", scored,
-            "--num-responses", "3", "--max-response-tokens", "12", "--batch-size", "2", "--dtype", "float32"]
+            "--num-responses", "3", "--max-response-tokens", "48", "--batch-size", "2", "--dtype", "bfloat16"]
     run_step("preference", *args, "--out", out)
 
     rows = read_lines(scored)
     assert [r["id"] for r in rows] == ["i0", "i1", "i2"]
     assert all(len(r["responses"]) == 3 and len(r["scores"]) == 3 for r in rows)
     pairs = {p["id"]: p for p in read_lines(out)}
+    assert pairs  # at least one instruction got a finished response to choose
     for r in rows:
-        if r["id"] not in pairs:  # only exact ties are dropped at the default margin
-            assert max(r["scores"]) == min(r["scores"])
+        finished = [s for s, f in zip(r["scores"], r["finished"]) if f]
+        if r["id"] not in pairs:  # dropped: no finished response, or no margin at the default min-margin 0
+            assert not finished or max(finished) <= min(r["scores"])
             continue
         p = pairs[r["id"]]
-        assert p["score_chosen"] == max(r["scores"]) and p["score_rejected"] == min(r["scores"])
-        assert p["chosen"][0]["content"] == r["responses"][r["scores"].index(max(r["scores"]))]
+        assert p["score_chosen"] == max(finished) and p["score_rejected"] == min(r["scores"])
+        assert p["chosen"][0]["content"] == r["responses"][r["scores"].index(max(finished))]
         assert p["margin"] > 0
 
     # A margin no pair reaches drops them all; the scored file is reused, nothing is sampled again.

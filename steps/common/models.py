@@ -53,6 +53,8 @@ def explain_load_error(name, error):
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     text = str(error)
+    if str(name).startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        return f"{name}: no such model directory"
     if isinstance(error, GatedRepoError) or "gated repo" in text.lower():
         return (
             f"{name} is a gated model: accept its license at https://huggingface.co/{name} with your account, "
