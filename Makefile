@@ -22,6 +22,7 @@ DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GP
 RUN ?= data/runs/$(MODEL)-$(GPU)
 SEED ?= 0
 LIMIT ?=
+ENGINE ?= transformers
 DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
 
@@ -62,7 +63,7 @@ $(DEFAULT_MODEL_DIR): | $(DEPS)
 $(RUN)/generated.jsonl: | $(DEPS) $(NEEDS_DEFAULT)
 	$(PY) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
 	  --max-instruction-tokens $(MAX_INSTRUCTION_TOKENS) --max-response-tokens $(MAX_RESPONSE_TOKENS) \
-	  --dtype $(DTYPE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
+	  --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
 
 $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 	$(PY) steps/filter.py --in $< --out $@ --dropped $(RUN)/dropped.jsonl --summary $(RUN)/filter_summary.json \
@@ -71,7 +72,8 @@ $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl
 	$(PY) steps/preference.py --in $< --policy $(GENERATOR) --reward-model $(REWARD_MODEL) \
 	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) \
-	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --seed $(SEED) $(LOAD_IN_4BIT) $(PREFERENCE_ARGS)
+	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) \
+	  $(PREFERENCE_ARGS)
 
 $(RUN)/sft: $(RUN)/filtered.jsonl
 	$(PY) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
@@ -104,7 +106,7 @@ help:
 	@echo "Variables (now):"
 	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
 	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
-	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)"
+	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)   ENGINE=$(ENGINE) (transformers or vllm)"
 	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  DTYPE=$(DTYPE)"
 	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS)" \
 	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"

@@ -19,10 +19,9 @@ import time
 from tqdm import tqdm
 
 from common import run_step
-from common.chat import end_of_turn, pre_query_template, prepare_tokenizer, prompt_text
-from common.generation import sample
+from common.chat import end_of_turn, pre_query_template, prompt_text
+from common.generation import ENGINES, load_engine
 from common.jsonl import DataError, ResumableWriter
-from common.models import load_causal_lm, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -40,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--response-temperature", type=float, default=0.0)
     p.add_argument("--response-top-p", type=float, default=1.0)
     p.add_argument("--max-response-tokens", type=int, default=512)
+    p.add_argument("--engine", default="transformers", choices=ENGINES)
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     p.add_argument("--load-in-4bit", action="store_true", help="NF4-quantize the generator (bitsandbytes, GPU)")
     return p.parse_args(argv)
@@ -67,8 +67,8 @@ def main(argv=None):
         writer.finish()
         return
 
-    tokenizer = prepare_tokenizer(load_tokenizer(args.model))
-    model = load_causal_lm(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+    engine = load_engine(args.engine, args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+    tokenizer = engine.tokenizer
     pre_query = pre_query_template(tokenizer, system=args.system)
     user_end, assistant_end = end_of_turn(tokenizer, "user"), end_of_turn(tokenizer, "assistant")
     print(f"pre-query template: {pre_query!r}; user turn ends with {user_end!r}", file=sys.stderr)
@@ -78,17 +78,15 @@ def main(argv=None):
     for first in range(len(writer.done), args.num_samples, args.batch_size):
         n = min(args.batch_size, args.num_samples - first)
         seed = args.seed * 1_000_003 + first // args.batch_size
-        instructions = sample(
-            model, tokenizer, [pre_query] * n, args.max_instruction_tokens,
-            args.instruction_temperature, args.instruction_top_p, [user_end], seed,
-        )
+        instructions = engine.sample([pre_query] * n, args.max_instruction_tokens, args.instruction_temperature,
+                                     args.instruction_top_p, [user_end], seed)
         # An instruction cut off by the token limit is dropped by the filter anyway: don't spend time answering it.
         answer = [k for k, i in enumerate(instructions) if i["finished"] and i["text"]]
         responses = [{"text": "", "finished": False, "tokens": 0}] * n
         if answer:
             prompts = [prompt_text(tokenizer, instructions[k]["text"], system=args.system) for k in answer]
-            answered = sample(model, tokenizer, prompts, args.max_response_tokens,
-                              args.response_temperature, args.response_top_p, [assistant_end], seed)
+            answered = engine.sample(prompts, args.max_response_tokens, args.response_temperature,
+                                     args.response_top_p, [assistant_end], seed)
             for k, response in zip(answer, answered):
                 responses[k] = response
         records = [

@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from common import run_step
-from common.chat import end_of_turn, prepare_tokenizer, prompt_text
-from common.generation import sample
+from common.chat import end_of_turn, prompt_text
+from common.generation import ENGINES, load_engine
 from common.jsonl import DataError, ResumableWriter, read_jsonl, write_jsonl
-from common.models import device, hub_load, load_causal_lm, load_tokenizer, resolve, resolve_dtype, trust_remote_code
+from common.models import device, hub_load, load_tokenizer, resolve, resolve_dtype, trust_remote_code
 
 
 def parse_args(argv=None):
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-truncated-chosen", action="store_true",
                    help="let a response cut off at the token limit be chosen (default: only finished ones)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="transformers", choices=ENGINES)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-in-4bit", action="store_true")
     return p.parse_args(argv)
@@ -130,8 +131,8 @@ def main(argv=None):
         writer.close()
         raise DataError(f"{writer.partial}: holds other instructions than {args.inp}; delete it to start over")
     if len(writer.done) < len(records):
-        tokenizer = prepare_tokenizer(load_tokenizer(args.policy))
-        policy = load_causal_lm(args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+        policy = load_engine(args.engine, args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+        tokenizer = policy.tokenizer
         reward = load_reward(args.reward_model, args.dtype)
         stop = [end_of_turn(tokenizer, "assistant")]
         k = args.num_responses
@@ -140,8 +141,8 @@ def main(argv=None):
         for first in range(len(writer.done), len(records), args.batch_size):
             batch = records[first : first + args.batch_size]
             prompts = [prompt_text(tokenizer, r["instruction"]) for r in batch for _ in range(k)]
-            samples = sample(policy, tokenizer, prompts, args.max_response_tokens, args.temperature, args.top_p,
-                             stop, args.seed * 1_000_003 + first // args.batch_size)
+            samples = policy.sample(prompts, args.max_response_tokens, args.temperature, args.top_p, stop,
+                                    args.seed * 1_000_003 + first // args.batch_size)
             texts = [s["text"] for s in samples]
             scores = score_in_batches(reward, [r["instruction"] for r in batch for _ in range(k)], texts,
                                       args.reward_batch_size)

@@ -14,7 +14,7 @@ def test_report_matches_the_run_files(chain_run):
     pairs = read_lines(chain_run / "preference.jsonl")
     assert summary["input"] == len(read_lines(chain_run / "generated.jsonl")) == 12
     assert summary["kept"] == len(read_lines(chain_run / "filtered.jsonl"))
-    assert f"| generated | 12 |" in report
+    assert "| generated | 12 |" in report
     assert f"| kept by the filters | {summary['kept']} |" in report
     assert f"| preference pairs | {len(pairs)} |" in report
     assert "all-MiniLM-L6-v2" in report  # the offline scorer is named for what it is
