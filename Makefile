@@ -23,6 +23,10 @@ RUN ?= data/runs/$(MODEL)-$(GPU)
 SEED ?= 0
 LIMIT ?=
 ENGINE ?= transformers
+EMBEDDER ?= embedded:minilm
+NPROC ?= 1
+# Several processes (one per GPU) split generation into shards, merged at the end.
+LAUNCH_SHARDED = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
 
@@ -61,13 +65,13 @@ $(DEFAULT_MODEL_DIR): | $(DEPS)
 	$(PY) steps/prepare_default.py --out $@
 
 $(RUN)/generated.jsonl: | $(DEPS) $(NEEDS_DEFAULT)
-	$(PY) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
+	$(LAUNCH_SHARDED) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
 	  --max-instruction-tokens $(MAX_INSTRUCTION_TOKENS) --max-response-tokens $(MAX_RESPONSE_TOKENS) \
 	  --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
 
 $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 	$(PY) steps/filter.py --in $< --out $@ --dropped $(RUN)/dropped.jsonl --summary $(RUN)/filter_summary.json \
-	  $(FILTER_ARGS)
+	  --tokenizer $(GENERATOR) --embedder $(EMBEDDER) $(FILTER_ARGS)
 
 $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl
 	$(PY) steps/preference.py --in $< --policy $(GENERATOR) --reward-model $(REWARD_MODEL) \
@@ -106,8 +110,9 @@ help:
 	@echo "Variables (now):"
 	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
 	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
-	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)   ENGINE=$(ENGINE) (transformers or vllm)"
-	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  DTYPE=$(DTYPE)"
+	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)"
+	@echo "  ENGINE=$(ENGINE) (transformers or vllm)  NPROC=$(NPROC) processes (GPUs) for generation"
+	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  EMBEDDER=$(EMBEDDER) (dedup)  DTYPE=$(DTYPE)"
 	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS)" \
 	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"
 	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)"

@@ -17,16 +17,14 @@ Outputs: --scored holds every instruction with all its responses and scores (app
 import argparse
 import sys
 import time
-from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from common import run_step
 from common.chat import end_of_turn, prompt_text
 from common.generation import ENGINES, load_engine
 from common.jsonl import DataError, ResumableWriter, read_jsonl, write_jsonl
-from common.models import device, hub_load, load_tokenizer, resolve, resolve_dtype, trust_remote_code
+from common.reward import load_reward, score_in_batches
 
 
 def parse_args(argv=None):
@@ -50,52 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-in-4bit", action="store_true")
     return p.parse_args(argv)
-
-
-class ClassifierReward:
-    """A reward model with a single-logit classification head, scoring (instruction, response) text pairs."""
-
-    def __init__(self, name, dtype="auto"):
-        from transformers import AutoModelForSequenceClassification
-
-        self.tokenizer = load_tokenizer(name)
-        self.model = hub_load(name, lambda: AutoModelForSequenceClassification.from_pretrained(
-            name, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code(), use_safetensors=True))
-        self.model.to(device()).eval()
-
-    def __call__(self, instructions, responses):
-        batch = self.tokenizer(instructions, responses, padding=True, truncation=True, max_length=1024,
-                               return_tensors="pt").to(self.model.device)
-        with torch.inference_mode():
-            return self.model(**batch).logits[:, 0].float().tolist()
-
-
-class EmbeddingReward:
-    """Cosine similarity of instruction and response embeddings (sentence-transformers)."""
-
-    def __init__(self, name):
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(name, device=device())
-
-    def __call__(self, instructions, responses):
-        a = self.model.encode(instructions, convert_to_tensor=True, normalize_embeddings=True)
-        b = self.model.encode(responses, convert_to_tensor=True, normalize_embeddings=True)
-        return (a * b).sum(-1).float().tolist()
-
-
-def load_reward(name, dtype="auto"):
-    path = Path(resolve(name))
-    if (path / "modules.json").exists():
-        return EmbeddingReward(str(path))
-    return ClassifierReward(str(path) if path.exists() else name, dtype)
-
-
-def score_in_batches(reward, instructions, responses, batch_size):
-    scores = []
-    for i in range(0, len(responses), batch_size):
-        scores += reward(instructions[i : i + batch_size], responses[i : i + batch_size])
-    return scores
 
 
 def pair(record, responses, scores, finished=None):

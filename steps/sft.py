@@ -25,13 +25,13 @@ class DataArguments:
 
 
 def to_examples(records):
-    return [
-        {
-            "prompt": [{"role": "user", "content": r["instruction"]}],
-            "completion": [{"role": "assistant", "content": r["response"]}],
-        }
-        for r in records
-    ]
+    """Conversational prompt/completion examples: the loss covers the (last) assistant turn only."""
+    examples = []
+    for r in records:
+        messages = r.get("conversation") or [{"role": "user", "content": r["instruction"]},
+                                             {"role": "assistant", "content": r["response"]}]
+        examples.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    return examples
 
 
 def build_trainer(data_args, training_args, model_args):

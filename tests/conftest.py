@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,22 @@ def run_step(script, *args, check=True, env=None):
     return result
 
 
+def kill_midway(script, args, partial, lines):
+    """Start steps/<script>.py, SIGKILL it once `partial` holds `lines` lines, then append a torn line as a crash in
+    the middle of a write leaves. Returns how many whole lines the killed run had written."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (partial.exists() and len(partial.read_text().splitlines()) >= lines):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(partial.read_text().splitlines())
+    with open(partial, "a") as f:
+        f.write('{"id": "torn')
+    return written
+
+
 def read_lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -43,7 +61,7 @@ CHAIN_VARS = dict(
     GPU="cpu", MODEL="smol", SEED="0", NUM_SAMPLES="12", GEN_BATCH="6", MAX_INSTRUCTION_TOKENS="40",
     MAX_RESPONSE_TOKENS="40", NUM_RESPONSES="2", PREF_BATCH="6", PREF_MAX_TOKENS="24", LIMIT="4",
     MAX_GEN_TOKS="24", EVAL_BATCH="4",
-    FILTER_ARGS="--keep-truncated --min-instruction-words 1 --min-response-words 1",
+    FILTER_ARGS="--keep-truncated --min-instruction-tokens 1 --min-response-tokens 1 --language any",
     PREFERENCE_ARGS="--allow-truncated-chosen", SFT_ARGS="--max_steps 2 --save_steps 1", DPO_ARGS="--max_steps 2 --save_steps 1",
 )
 

@@ -1,12 +1,13 @@
-import signal
+import os
 import subprocess
 import sys
-import time
 
-from conftest import REPO, read_lines, run_step
+import pytest
+from conftest import REPO, kill_midway, read_lines, run_step
+from generate import reject_reason, template_markers
 
 ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2", "--max-instruction-tokens", "48",
-        "--max-response-tokens", "24", "--dtype", "bfloat16", "--seed", "3"]
+        "--max-response-tokens", "24", "--checkpoint-every", "2", "--dtype", "bfloat16", "--seed", "3"]
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -18,9 +19,9 @@ def test_records_are_instruction_response_pairs(tmp_path, smol):
     for r in records:
         assert r["instruction"].strip()
         assert not any(t in r["instruction"] + r["response"] for t in TEMPLATE_TOKENS)  # cut at the end of turn
-        if r["instruction_finished"]:
-            assert r["response"].strip() and 0 < r["response_tokens"] <= 24
-        else:  # an instruction cut off at the token limit is not answered
+        if r["instruction_finished"] and not r["rejected"]:
+            assert r["response"].strip()
+        else:  # an instruction cut off at the token limit, or rejected, is not answered
             assert r["response"] == "" and r["response_finished"] is False
         assert r["settings"]["model"] == "embedded:smollm2" and r["settings"]["response_temperature"] == 0.0
     assert any(r["instruction_finished"] for r in records)
@@ -33,19 +34,9 @@ def test_killed_run_resumes_to_the_same_records(tmp_path, smol):
     run_step("generate", *ARGS, "--out", whole)
 
     out = tmp_path / "killed.jsonl"
-    partial = tmp_path / "killed.jsonl.partial"
-    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / "generate.py"), *ARGS, "--out", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (partial.exists() and len(partial.read_text().splitlines()) >= 2):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = len(partial.read_text().splitlines())
+    written = kill_midway("generate", [*ARGS, "--out", out], tmp_path / "killed.jsonl.partial", lines=2)
     assert 2 <= written < 6, "the kill should land mid-run"
     assert not out.exists()  # an unfinished output never takes the final name
-    with open(partial, "a") as f:
-        f.write('{"id": "s3-00000')  # and a torn last line, as a crash mid-write leaves
 
     result = run_step("generate", *ARGS, "--out", out)
     assert "already written" in result.stderr
@@ -82,3 +73,60 @@ def test_gated_error_names_the_license_page_and_token():
     response = httpx2.Response(403, request=httpx2.Request("GET", "https://huggingface.co/x"))
     message = explain_load_error("meta-llama/Llama-3.2-3B", GatedRepoError("403 gated repo", response=response))
     assert "https://huggingface.co/meta-llama/Llama-3.2-3B" in message and "HF_TOKEN" in message
+
+
+def test_multi_turn_records_are_well_formed_conversations(tmp_path, smol):
+    out = tmp_path / "multi.jsonl"
+    run_step("generate", *ARGS, "--turns", "3", "--max-instruction-tokens", "64", "--max-response-tokens", "96",
+             "--out", out)
+    records = read_lines(out)
+    assert len(records) == 6
+    for r in records:
+        conversation = r["conversation"]
+        assert [m["role"] for m in conversation] == ["user", "assistant"] * (len(conversation) // 2)
+        assert 2 <= len(conversation) <= 6
+        assert conversation[0]["content"] == r["instruction"] and conversation[1]["content"] == r["response"]
+        assert all(m["content"].strip() for m in conversation[2:])  # later turns are kept only when whole
+    assert any(len(r["conversation"]) > 2 for r in records)  # some conversations did go on
+
+
+def test_instruction_only_mode_feeds_the_filter(tmp_path, smol):
+    out = tmp_path / "instructions.jsonl"
+    run_step("generate", *ARGS, "--instruction-only", "--out", out)
+    records = read_lines(out)
+    assert len(records) == 6 and all(r["response"] is None for r in records)
+    kept = tmp_path / "kept.jsonl"
+    run_step("filter", "--in", out, "--out", kept, "--dropped", tmp_path / "d.jsonl", "--summary", tmp_path / "s.json")
+    kept_ids = {r["id"] for r in read_lines(kept)}
+    assert kept_ids and all(r["instruction_finished"] and not r["rejected"] for r in records if r["id"] in kept_ids)
+    # Nothing is dropped for lacking a response.
+    reasons = {r["dropped_by"] for r in read_lines(tmp_path / "d.jsonl")}
+    assert reasons <= {"truncated", "bad_instruction", "instruction_length", "language", "duplicate"}
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty"), ("   ", "empty"),
+    ("What is a prime number?<|im_start|>assistant", "template_tokens"),
+    ("Sure! Here is a poem about autumn.", "answers_instead_of_asking"),
+    ("Certainly, I'd be glad to help.", "answers_instead_of_asking"),
+    ("Write a poem about autumn leaves.", None),
+    ("Is it sure that the sun rises in the east?", None),
+])
+def test_instruction_cleaning(text, reason, smol):
+    from common.models import load_tokenizer
+
+    assert reject_reason(text, template_markers(load_tokenizer("embedded:smollm2"))) == reason
+
+
+def test_two_processes_write_the_same_records_as_one(tmp_path, smol):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in both runs
+    one = tmp_path / "one.jsonl"
+    subprocess.run([sys.executable, str(REPO / "steps" / "generate.py"), *ARGS, "--out", str(one)],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    two = tmp_path / "two.jsonl"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "steps" / "generate.py"), *ARGS, "--out", str(two)],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_lines(two) == read_lines(one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # shards merged and removed

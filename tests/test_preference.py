@@ -2,8 +2,9 @@ import json
 
 import pytest
 import torch
-from conftest import read_lines, run_step
-from preference import ClassifierReward, load_reward, pair
+from conftest import kill_midway, read_lines, run_step
+from common.reward import ClassifierReward, load_reward
+from preference import pair
 
 INSTRUCTIONS = ["Give me a tip for sleeping better.", "Name two primary colours.", "What is a noun?"]
 
@@ -83,3 +84,22 @@ def test_datasets_reads_the_pairs_as_is(chain_run):
     data = load_dataset("json", data_files=str(chain_run / "preference.jsonl"), split="train")
     assert len(data) > 0 and set(["prompt", "chosen", "rejected"]) <= set(data.column_names)
     assert data[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_preference_resumes_after_a_kill(tmp_path, smol):
+    src = tmp_path / "filtered.jsonl"
+    src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": f"Tell me one fact about the number {k}."}) + "\n"
+                           for k in range(6)))
+
+    def args(name):
+        return ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "embedded:minilm", "--num-responses",
+                "2", "--max-response-tokens", "16", "--batch-size", "2", "--dtype", "bfloat16",
+                "--scored", tmp_path / f"{name}-scored.jsonl", "--out", tmp_path / f"{name}.jsonl"]
+
+    run_step("preference", *args("whole"))
+    written = kill_midway("preference", args("killed"), tmp_path / "killed-scored.jsonl.partial", lines=2)
+    assert 2 <= written < 6 and not (tmp_path / "killed.jsonl").exists()
+    result = run_step("preference", *args("killed"))
+    assert "already written" in result.stderr
+    assert read_lines(tmp_path / "killed-scored.jsonl") == read_lines(tmp_path / "whole-scored.jsonl")
+    assert read_lines(tmp_path / "killed.jsonl") == read_lines(tmp_path / "whole.jsonl")

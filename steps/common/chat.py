@@ -30,9 +30,12 @@ def _render(tokenizer, messages, add_generation_prompt=False, system=None):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def pre_query_template(tokenizer, system=None):
-    """The prompt text up to where the user's message begins (Magpie): the model then writes an instruction."""
-    text = _render(tokenizer, [{"role": "user", "content": MARKER}], system=system)
+def pre_query_template(tokenizer, system=None, history=()):
+    """The prompt text up to where the next user message begins (Magpie): the model then writes an instruction.
+
+    `history` holds the earlier turns of a multi-turn conversation; the model then writes the follow-up.
+    """
+    text = _render(tokenizer, [*history, {"role": "user", "content": MARKER}], system=system)
     return text[: text.index(MARKER)]
 
 
@@ -49,9 +52,10 @@ def end_of_turn(tokenizer, role):
     return after.split("\n")[0].strip() or tokenizer.eos_token
 
 
-def prompt_text(tokenizer, instruction, system=None):
-    """The full prompt for answering an instruction: template, user turn, assistant header."""
-    return _render(tokenizer, [{"role": "user", "content": instruction}], add_generation_prompt=True, system=system)
+def prompt_text(tokenizer, instruction, system=None, history=()):
+    """The full prompt for answering an instruction: template, earlier turns, user turn, assistant header."""
+    messages = [*history, {"role": "user", "content": instruction}]
+    return _render(tokenizer, messages, add_generation_prompt=True, system=system)
 
 
 def prepare_tokenizer(tokenizer):
