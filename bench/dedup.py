@@ -3,8 +3,9 @@ filter's blockwise greedy dedup, for N = 10k, 30k, 100k, so the growth is visibl
 
     .venv/bin/python bench/dedup.py --sizes 10000 30000 100000 --out bench/results/dedup-cpu.json
 
-The instructions are built from templates x topics x details, with paraphrased copies mixed in, so that a known
-share of them are near-duplicates.
+The instructions are built from templates x topics x details, with paraphrased copies mixed in, so many of them
+are near-duplicates; a second timing runs the dedup on random (all distinct) vectors, its worst case, where every
+block is compared with everything kept so far.
 """
 
 import argparse
@@ -65,8 +66,15 @@ def main():
         dropped = near_duplicates([str(i) for i in range(n)], lambda batch, v=vectors: v[[int(i) for i in batch]],
                                   args.threshold)
         done = time.time()
+        # Worst case for the dedup itself: nothing is a duplicate, so every block is compared with all n kept.
+        distinct = torch.nn.functional.normalize(torch.randn(n, vectors.shape[1]), dim=-1)
+        worst_start = time.time()
+        none = near_duplicates([str(i) for i in range(n)], lambda batch: distinct[[int(i) for i in batch]],
+                               args.threshold)
+        worst = time.time() - worst_start
         rows.append({"n": n, "embed_s": round(embedded - start, 1), "dedup_s": round(done - embedded, 1),
                      "total_s": round(done - start, 1), "dropped": len(dropped),
+                     "dedup_s_all_distinct": round(worst, 1), "dropped_all_distinct": len(none),
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
         print(rows[-1], flush=True)
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (no GPU)",

@@ -19,6 +19,22 @@ from common.training import checkpoint_dir, train_and_save
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 
 
+def policy_from_reference(model):
+    """Make the trainable adapter ("default") an exact copy of the frozen "ref" adapter that TRL made of it.
+
+    TRL copies the SFT adapter to "ref" first and then, for a quantized (4-bit) base, rounds the trainable copy to
+    bf16: policy and reference then differ at step 0 (on the T4 tier the first step's reward margin was 0.003, not
+    0). The "ref" copy still holds the SFT weights as loaded, so they are copied back; the optimizer is created
+    later, in train(). Without a quantized base the two are already equal and this changes nothing.
+    """
+    if "ref" not in getattr(model, "peft_config", {}):
+        return
+    for name, param in model.named_parameters():
+        if ".default." in name and param.requires_grad:
+            ref = model.get_parameter(name.replace(".default.", ".ref."))
+            param.data = ref.data.clone()
+
+
 @dataclass
 class DataArguments:
     train_file: str = field(metadata={"help": "preference JSONL (prompt, chosen, rejected) in TRL's format"})
@@ -48,6 +64,7 @@ def main(argv=None):
         train_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in pairs]),
         processing_class=tokenizer,
     )
+    policy_from_reference(trainer.model)
     train_and_save(trainer, output_dir)
     print(f"wrote {output_dir}")
 

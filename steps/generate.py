@@ -167,10 +167,12 @@ def main(argv=None):
     todo = list(batches)[len(writer.done) // args.batch_size :] if len(writer.done) < total else []
     if todo:
         device_map = None
-        if world > 1:  # one GPU per process
+        if world > 1:
             import torch
 
-            device_map = {"": f"cuda:{os.environ.get('LOCAL_RANK', rank)}" if torch.cuda.is_available() else "cpu"}
+            # One GPU per process; with fewer GPUs than processes they share (that is how one GPU tests it).
+            gpus = torch.cuda.device_count()
+            device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % gpus}" if gpus else "cpu"}
         engine = load_engine(args.engine, args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                              device_map=device_map)
         markers = template_markers(engine.tokenizer)

@@ -11,7 +11,8 @@ Reward models:
   scorer measures only whether a response is on the instruction's topic, not whether it is correct or helpful.
 
 Outputs: --scored holds every instruction with all its responses and scores (appended in batches, resumable);
---out holds the pairs whose margin reaches --min-margin, in TRL's conversational preference format.
+--out holds the pairs whose margin reaches --min-margin (ties never), in TRL's conversational preference format.
+With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
 """
 
 import argparse
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="inp", required=True, help="filtered JSONL (id, instruction)")
     p.add_argument("--policy", required=True, help="model that samples the responses (Hub id or directory)")
+    p.add_argument("--policy-adapter", default=None,
+                   help="LoRA adapter on --policy (e.g. the SFT step's output: on-policy pairs for DPO)")
     p.add_argument("--reward-model", required=True, help="sequence classifier or sentence-transformers directory")
     p.add_argument("--scored", required=True, help="all responses and scores (JSONL)")
     p.add_argument("--out", required=True, help="preference pairs (JSONL)")
@@ -40,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--max-response-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="instructions per generation batch")
     p.add_argument("--reward-batch-size", type=int, default=16)
-    p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs whose chosen-rejected margin is below")
+    p.add_argument("--min-margin", type=float, default=0.0,
+                   help="drop pairs whose chosen-rejected margin is below this; ties (margin 0) are always dropped")
     p.add_argument("--allow-truncated-chosen", action="store_true",
                    help="let a response cut off at the token limit be chosen (default: only finished ones)")
     p.add_argument("--seed", type=int, default=0)
@@ -83,7 +87,8 @@ def main(argv=None):
         writer.close()
         raise DataError(f"{writer.partial}: holds other instructions than {args.inp}; delete it to start over")
     if len(writer.done) < len(records):
-        policy = load_engine(args.engine, args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+        policy = load_engine(args.engine, args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                             adapter=args.policy_adapter)
         tokenizer = policy.tokenizer
         reward = load_reward(args.reward_model, args.dtype)
         stop = [end_of_turn(tokenizer, "assistant")]

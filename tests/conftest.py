@@ -29,9 +29,9 @@ def run_step(script, *args, check=True, env=None):
     return result
 
 
-def kill_midway(script, args, partial, lines):
-    """Start steps/<script>.py, SIGKILL it once `partial` holds `lines` lines, then append a torn line as a crash in
-    the middle of a write leaves. Returns how many whole lines the killed run had written."""
+def kill_midway(script, args, partial, lines, torn=True):
+    """Start steps/<script>.py, SIGKILL it once `partial` holds `lines` lines, then (torn=True) append a torn line as
+    a crash in the middle of a write leaves. Returns how many whole lines the killed run had written."""
     proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
@@ -40,8 +40,9 @@ def kill_midway(script, args, partial, lines):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     written = len(partial.read_text().splitlines())
-    with open(partial, "a") as f:
-        f.write('{"id": "torn')
+    if torn:
+        with open(partial, "a") as f:
+            f.write('{"id": "torn')
     return written
 
 

@@ -103,3 +103,14 @@ def test_preference_resumes_after_a_kill(tmp_path, smol):
     assert "already written" in result.stderr
     assert read_lines(tmp_path / "killed-scored.jsonl") == read_lines(tmp_path / "whole-scored.jsonl")
     assert read_lines(tmp_path / "killed.jsonl") == read_lines(tmp_path / "whole.jsonl")
+
+
+def test_on_policy_responses_from_the_sft_adapter(tmp_path, chain_run):
+    src = tmp_path / "filtered.jsonl"
+    src.write_text(json.dumps({"id": "i0", "instruction": "Name a planet."}) + "\n")
+    scored = tmp_path / "scored.jsonl"
+    result = run_step("preference", "--in", src, "--policy", "embedded:smollm2", "--policy-adapter", chain_run / "sft",
+                      "--reward-model", "embedded:minilm", "--num-responses", "2", "--max-response-tokens", "12",
+                      "--dtype", "bfloat16", "--scored", scored, "--out", tmp_path / "pairs.jsonl")
+    rows = read_lines(scored)
+    assert len(rows) == 1 and len(rows[0]["responses"]) == 2, result.stderr[-2000:]

@@ -49,3 +49,34 @@ def test_dpo_reference_is_the_sft_policy(chain_run):
     assert abs(first["loss"] - 0.6931) < 1e-3
     sft_steps = [h for h in json.loads((chain_run / "sft" / "log_history.json").read_text()) if "loss" in h]
     assert len(sft_steps) == 2  # --max_steps 2 from the test chain
+
+
+def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol):
+    from conftest import kill_midway, run_step
+    from safetensors.torch import load_file
+
+    data = tmp_path / "filtered.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"Count to {i}.",
+                                        "response": " ".join(str(k) for k in range(1, i + 2))}) + "\n"
+                            for i in range(12)))
+
+    def args(name):
+        return ["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file", data,
+                "--output_dir", tmp_path / name, "--per_device_train_batch_size", "2", "--max_steps", "6",
+                "--save_steps", "2", "--logging_steps", "1", "--bf16", "false"]
+
+    run_step("sft", *args("whole"))
+    # Kill once the first checkpoint is complete (its trainer_state.json is written last).
+    state = tmp_path / "killed.partial" / "checkpoint-2" / "trainer_state.json"
+    kill_midway("sft", args("killed"), state, lines=1, torn=False)
+    assert not (tmp_path / "killed").exists()  # no half-written adapter under the final name
+    (tmp_path / "killed.partial" / "checkpoint-9").mkdir()  # and a checkpoint cut short by the crash
+    result = run_step("sft", *args("killed"))
+    assert "resuming from" in result.stdout + result.stderr
+    steps = [h["step"] for h in json.loads((tmp_path / "killed" / "log_history.json").read_text()) if "loss" in h]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not (tmp_path / "killed.partial").exists()  # checkpoints are cleared once the adapter is written
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.allclose(whole[k], resumed[k], atol=1e-5) for k in whole)

@@ -21,11 +21,13 @@ from .models import load_causal_lm, load_tokenizer, resolve, resolve_dtype, trus
 ENGINES = ("transformers", "vllm")
 
 
-def load_engine(kind, model, dtype="auto", load_in_4bit=False, device_map=None):
+def load_engine(kind, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None):
+    """An engine for `model`; with `adapter` (a LoRA directory, e.g. the SFT step's) the adapted model generates,
+    formatting prompts with the adapter's tokenizer (the chat template it was trained with)."""
     if kind == "transformers":
-        return TransformersEngine(model, dtype, load_in_4bit, device_map)
+        return TransformersEngine(model, dtype, load_in_4bit, device_map, adapter)
     if kind == "vllm":
-        return VLLMEngine(model, dtype, load_in_4bit)
+        return VLLMEngine(model, dtype, load_in_4bit, adapter)
     raise ValueError(f"unknown engine {kind!r}; choose one of: {', '.join(ENGINES)}")
 
 
@@ -43,9 +45,10 @@ class TransformersEngine:
     `generate` with a dynamic cache, as before. SIT_STATIC_GENERATE=0 forces the plain path.
     """
 
-    def __init__(self, model, dtype="auto", load_in_4bit=False, device_map=None):
-        self.tokenizer = prepare_tokenizer(load_tokenizer(model))
-        self.model = load_causal_lm(model, dtype=dtype, load_in_4bit=load_in_4bit, device_map=device_map)
+    def __init__(self, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None):
+        self.tokenizer = prepare_tokenizer(load_tokenizer(adapter or model))
+        self.model = load_causal_lm(model, dtype=dtype, load_in_4bit=load_in_4bit, device_map=device_map,
+                                    adapter=adapter)
         self.static = StaticGenerator(self.model) if StaticGenerator.suits(self.model) else None
         self.stop_criteria = {}
 
@@ -308,14 +311,16 @@ def use_grouped_sdpa(model):
 class VLLMEngine:
     """vLLM's offline LLM; per-prompt seeds keep results independent of how vLLM schedules the batch."""
 
-    def __init__(self, model, dtype="auto", load_in_4bit=False):
+    def __init__(self, model, dtype="auto", load_in_4bit=False, adapter=None):
         from vllm import LLM
+        from vllm.lora.request import LoRARequest
 
         name = resolve(model)
-        self.tokenizer = prepare_tokenizer(load_tokenizer(name))
+        self.tokenizer = prepare_tokenizer(load_tokenizer(adapter or name))
         dtype = str(resolve_dtype(dtype)).replace("torch.", "")
         self.llm = LLM(model=name, dtype=dtype, trust_remote_code=trust_remote_code(), seed=0,
-                       quantization="bitsandbytes" if load_in_4bit else None)
+                       quantization="bitsandbytes" if load_in_4bit else None, enable_lora=adapter is not None)
+        self.lora = LoRARequest("adapter", 1, adapter) if adapter else None
 
     def sample(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
         from vllm import SamplingParams, TokensPrompt
@@ -326,6 +331,6 @@ class VLLMEngine:
                   for i in range(len(prompts))]
         inputs = [TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"])
                   for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora)
         return [{"text": o.outputs[0].text.strip(), "finished": o.outputs[0].finish_reason == "stop",
                  "tokens": len(o.outputs[0].token_ids)} for o in outputs]

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from .jsonl import atomic_path
@@ -15,13 +16,43 @@ def checkpoint_dir(output_dir):
     return output_dir.with_name(output_dir.name + ".partial")
 
 
+def fp32_trainable_under_fp16(trainer):
+    """Under fp16 mixed precision (a T4) keep the trainable weights in fp32.
+
+    TRL casts a quantized model's LoRA weights to bf16 (QLoRA's recipe for bf16 GPUs), but fp16 training's GradScaler
+    unscales fp32 gradients only: on a T4 the first optimizer step failed with
+    '"_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16''. fp32 master weights are what
+    fp16 autocast expects anyway. The optimizer is created in train(), after this.
+    """
+    if not trainer.args.fp16:
+        return
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def last_complete_checkpoint(work):
+    """The newest checkpoint the Trainer finished writing (trainer_state.json comes last); a checkpoint cut short by a
+    crash is deleted, since resuming from it would fail."""
+    while work.is_dir() and (last := get_last_checkpoint(work)):
+        try:
+            json.loads((Path(last) / "trainer_state.json").read_text())
+            return last
+        except (OSError, ValueError):  # missing or half-written
+            pass
+        print(f"removing incomplete checkpoint {last}")
+        shutil.rmtree(last)
+    return None
+
+
 def train_and_save(trainer, output_dir):
     """Train (resuming from the last checkpoint of an interrupted run), then write the adapter to output_dir.
 
     output_dir appears only once complete, with the tokenizer, the resolved training config and the log history.
     """
+    fp32_trainable_under_fp16(trainer)
     work = Path(trainer.args.output_dir)
-    last = get_last_checkpoint(work) if work.is_dir() else None
+    last = last_complete_checkpoint(work)
     if last:
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
