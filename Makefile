@@ -28,8 +28,14 @@ EMBEDDER ?= embedded:minilm
 PREF_POLICY ?= generator
 POLICY_ARGS = $(if $(filter sft,$(PREF_POLICY)),--policy $(MODEL_ID) --policy-adapter $(RUN)/sft,--policy $(GENERATOR))
 NPROC ?= 1
-# Several processes (one per GPU) split generation into shards, merged at the end.
+# Several processes (one per GPU) split generation into shards, merged at the end, and train data-parallel
+# (accelerate: DDP, or FSDP/DeepSpeed with ACCELERATE_CONFIG=env/accelerate/fsdp.yaml).
 LAUNCH_SHARDED = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
+ACCELERATE_CONFIG ?=
+LAUNCH_TRAINING = $(if $(filter-out 1,$(NPROC)),$(PY) -m accelerate.commands.launch --num_processes $(NPROC) \
+  $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)),$(PY))
+MERGE_FROM ?= dpo
+HUB_REPO ?=
 DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
 
@@ -55,7 +61,7 @@ $(DEPS): $(REQUIREMENTS)
 endif
 
 # ---- The chain -----------------------------------------------------------------------------------------------
-.PHONY: all setup prepare generate filter preference sft dpo eval report test clean help
+.PHONY: all setup prepare generate filter preference sft dpo eval report merge push test clean help
 all: report
 setup: $(DEPS)
 prepare: $(DEFAULT_MODEL_DIR)
@@ -86,11 +92,11 @@ $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY))
 	  $(PREFERENCE_ARGS)
 
 $(RUN)/sft: $(RUN)/filtered.jsonl
-	$(PY) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
+	$(LAUNCH_TRAINING) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
 	  --seed $(SEED) $(SFT_ARGS)
 
 $(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft
-	$(PY) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
+	$(LAUNCH_TRAINING) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
 	  --train_file $< --output_dir $@ --seed $(SEED) $(DPO_ARGS)
 
 EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --dtype $(DTYPE) \
@@ -103,6 +109,14 @@ $(RUN)/eval/%.json: $(RUN)/%
 $(RUN)/report.md: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
 	$(PY) steps/report.py --run $(RUN) --out $@
 
+# ---- After the chain: a standalone merged model, and the adapter on the Hub -----------------------------------
+merge: $(RUN)/merged
+$(RUN)/merged: $(RUN)/$(MERGE_FROM)
+	$(PY) steps/merge.py --model $(MODEL_ID) --adapter $< --out $@ --dtype $(DTYPE)
+push: $(RUN)/$(MERGE_FROM)
+	$(if $(HUB_REPO),,$(error set HUB_REPO=namespace/name (and HF_TOKEN) to push))
+	$(PY) steps/push.py --adapter $< --repo-id $(HUB_REPO)
+
 # ---- Housekeeping --------------------------------------------------------------------------------------------
 test: | $(DEPS) $(DEFAULT_MODEL_DIR)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
@@ -111,13 +125,15 @@ clean:
 	rm -rf $(RUN)
 
 help:
-	@echo "Targets: all (= report) setup prepare generate filter preference sft dpo eval report test clean help"
+	@echo "Targets: all (= report) setup prepare generate filter preference sft dpo eval report merge push test clean help"
 	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun."
 	@echo "Variables (now):"
 	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
 	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
 	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)"
-	@echo "  ENGINE=$(ENGINE) (transformers or vllm)  NPROC=$(NPROC) processes (GPUs) for generation"
+	@echo "  ENGINE=$(ENGINE) (transformers or vllm)  NPROC=$(NPROC) processes (GPUs) for generation and training" \
+	  "ACCELERATE_CONFIG=$(ACCELERATE_CONFIG)"
+	@echo "  MERGE_FROM=$(MERGE_FROM) (adapter that merge/push use)  HUB_REPO=$(HUB_REPO) (push; token from HF_TOKEN)"
 	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  EMBEDDER=$(EMBEDDER) (dedup)  DTYPE=$(DTYPE)"
 	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS)" \
 	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"

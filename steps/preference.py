@@ -11,7 +11,8 @@ Reward models:
   scorer measures only whether a response is on the instruction's topic, not whether it is correct or helpful.
 
 Outputs: --scored holds every instruction with all its responses and scores (appended in batches, resumable);
---out holds the pairs whose margin reaches --min-margin (ties never), in TRL's conversational preference format.
+--out holds the pairs whose margin reaches --min-margin (ties only with --ties keep), in TRL's conversational
+preference format.
 With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
 """
 
@@ -43,8 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--max-response-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="instructions per generation batch")
     p.add_argument("--reward-batch-size", type=int, default=16)
-    p.add_argument("--min-margin", type=float, default=0.0,
-                   help="drop pairs whose chosen-rejected margin is below this; ties (margin 0) are always dropped")
+    p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs whose chosen-rejected margin is below")
+    p.add_argument("--ties", choices=["drop", "keep"], default="drop",
+                   help="pairs whose chosen and rejected score the same (margin 0): drop them, or keep them")
     p.add_argument("--allow-truncated-chosen", action="store_true",
                    help="let a response cut off at the token limit be chosen (default: only finished ones)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +119,7 @@ def main(argv=None):
 
     pairs = [pair(r, r["responses"], r["scores"], None if args.allow_truncated_chosen else r["finished"])
              for r in writer.done]
-    kept = [p for p in pairs if p and p["margin"] > 0 and p["margin"] >= args.min_margin]
+    kept = [p for p in pairs if p and p["margin"] >= args.min_margin and (p["margin"] > 0 or args.ties == "keep")]
     write_jsonl(args.out, kept)
     print(f"wrote {args.out}: {len(kept)} pairs of {len(pairs)} instructions ({pairs.count(None)} without a "
           f"finished response, the rest under the margin {args.min_margin} or tied)", file=sys.stderr)

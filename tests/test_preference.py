@@ -38,6 +38,23 @@ def test_pair_takes_highest_as_chosen_and_lowest_as_rejected():
     assert pair(record, ["a", "b"], [1.0, 2.0], finished=[False, False]) is None
 
 
+def test_ties_are_dropped_unless_kept(tmp_path):
+    """A scored file whose instructions tie (all responses score the same) or not: --ties decides."""
+    scored = tmp_path / "scored.jsonl"
+    rows = [{"id": "tie", "instruction": "Say hi.", "responses": ["hi", "hello"], "finished": [True, True],
+             "scores": [0.5, 0.5]},
+            {"id": "gap", "instruction": "Say bye.", "responses": ["bye", "no"], "finished": [True, True],
+             "scores": [0.9, 0.1]}]
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = tmp_path / "filtered.jsonl"
+    src.write_text("".join(json.dumps({"id": r["id"], "instruction": r["instruction"]}) + "\n" for r in rows))
+    common = ["--in", src, "--policy", "unused", "--reward-model", "unused", "--scored", scored, "--batch-size", "2"]
+    run_step("preference", *common, "--out", tmp_path / "dropped.jsonl")
+    assert [p["id"] for p in read_lines(tmp_path / "dropped.jsonl")] == ["gap"]
+    run_step("preference", *common, "--out", tmp_path / "kept.jsonl", "--ties", "keep")
+    assert [p["id"] for p in read_lines(tmp_path / "kept.jsonl")] == ["tie", "gap"]
+
+
 def test_classifier_reward_scores_text_pairs_with_the_head_logit(tiny_deberta):
     reward = load_reward(str(tiny_deberta), dtype="float32")
     assert isinstance(reward, ClassifierReward)

@@ -80,3 +80,53 @@ def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol):
     resumed = load_file(tmp_path / "killed" / "adapter_model.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-5) for k in whole)
+
+
+def test_training_curves_are_written_beside_the_adapters(chain_run):
+    import csv
+
+    for name, column in (("sft", "loss"), ("dpo", "rewards/margins")):
+        rows = list(csv.DictReader(open(chain_run / name / "curves.csv")))
+        assert [int(r["step"]) for r in rows] == [1, 2] and all(r[column] != "" for r in rows)
+        assert (chain_run / name / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_writes_a_model_equal_to_base_plus_adapter(chain_run, smol, tmp_path):
+    from conftest import run_step
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    run_step("merge", "--model", "embedded:smollm2", "--adapter", chain_run / "sft", "--out", out, "--dtype", "float32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32),
+                                        chain_run / "sft")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.inference_mode():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=2e-3)  # fp32 rounding
+    assert (out / "chat_template.jinja").exists() or "chat_template" in (out / "tokenizer_config.json").read_text()
+
+
+def test_merge_refuses_early_when_the_disk_is_too_small(chain_run, tmp_path, monkeypatch):
+    import shutil
+
+    import merge
+    import pytest
+    from common.jsonl import DataError
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    with pytest.raises(DataError, match=r"GiB free, the merged model needs 0\.\d+ GiB"):
+        merge.main(["--model", "embedded:smollm2", "--adapter", str(chain_run / "sft"), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_push_needs_a_token_and_never_prints_it(chain_run):
+    from conftest import run_step
+
+    result = run_step("push", "--adapter", chain_run / "dpo", "--repo-id", "someone/x", check=False,
+                      env={"HF_TOKEN": ""})
+    assert result.returncode == 2 and "HF_TOKEN is not set" in result.stderr
+    sentinel = "hf_SENTINELtoken0123456789"
+    result = run_step("push", "--adapter", chain_run / "dpo", "--repo-id", "someone/x", check=False,
+                      env={"HF_TOKEN": sentinel, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and sentinel not in result.stdout + result.stderr

@@ -61,4 +61,33 @@ def train_and_save(trainer, output_dir):
         # to_json_string masks hub tokens; nothing secret is written.
         (tmp / "training_config.json").write_text(trainer.args.to_json_string())
         (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        write_curves(trainer.state.log_history, tmp)
     shutil.rmtree(work, ignore_errors=True)
+
+
+CURVES = ["loss", "rewards/margins", "rewards/accuracies", "learning_rate"]
+
+
+def write_curves(log_history, out_dir):
+    """The logged training curves as curves.csv (one row a logged step) and curves.png (one panel a metric)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in log_history if "loss" in h]
+    columns = [c for c in CURVES if any(c in h for h in rows)]
+    with open(out_dir / "curves.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", *columns])
+        writer.writerows([h["step"], *(h.get(c, "") for c in columns)] for h in rows)
+    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        ax.plot([h["step"] for h in rows if column in h], [float(h[column]) for h in rows if column in h], marker=".")
+        ax.set_title(column)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png")
+    plt.close(fig)
