@@ -73,7 +73,7 @@ def training_section(run):
         for key in keys:
             if key in last:
                 rows.append((name, key, fmt(float(first[key])), fmt(float(last[key])), last.get("step", "")))
-    return "## Training\n\n" + table(["step", "metric", "first logged", "last logged", "at step"], rows)
+    return "## Training\n\n" + table(["stage", "metric", "first logged", "last logged", "at step"], rows)
 
 
 def eval_section(run):
