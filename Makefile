@@ -19,7 +19,8 @@ SFT_CONFIG ?= $(firstword $(wildcard env/$(GPU)/sft-$(MODEL_SIZE).yaml) env/$(GP
 DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GPU)/dpo.yaml)
 
 # ---- Where outputs go (point RUN at Google Drive in Colab) ---------------------------------------------------
-RUN ?= data/runs/$(MODEL)-$(GPU)
+RUNS_DIR ?= data/runs
+RUN ?= $(RUNS_DIR)/$(MODEL)-$(GPU)
 SEED ?= 0
 LIMIT ?=
 ENGINE ?= transformers
@@ -61,7 +62,7 @@ $(DEPS): $(REQUIREMENTS)
 endif
 
 # ---- The chain -----------------------------------------------------------------------------------------------
-.PHONY: all setup prepare generate filter preference sft dpo eval report merge push test clean help
+.PHONY: all setup prepare generate filter preference sft dpo eval report report-png compare merge push test clean help
 all: report
 setup: $(DEPS)
 prepare: $(DEFAULT_MODEL_DIR)
@@ -71,7 +72,7 @@ preference: $(RUN)/preference.jsonl
 sft: $(RUN)/sft
 dpo: $(RUN)/dpo
 eval: $(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json
-report: $(RUN)/report.md
+report: $(RUN)/report.md $(RUN)/report.html
 
 $(DEFAULT_MODEL_DIR): | $(DEPS)
 	$(PY) steps/prepare_default.py --out $@
@@ -106,8 +107,23 @@ $(RUN)/eval/base.json: | $(DEPS) $(NEEDS_DEFAULT)
 $(RUN)/eval/%.json: $(RUN)/%
 	$(EVAL) --adapter $< --out $@
 
-$(RUN)/report.md: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
-	$(PY) steps/report.py --run $(RUN) --out $@
+# One page in two forms: markdown (plots in report_plots/) and self-contained HTML (plots embedded).
+$(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
+	$(PY) steps/report.py --run $(RUN) --out $(RUN)/report.md --html $(RUN)/report.html --tier $(GPU) --model-name $(MODEL)
+
+# The HTML report as a full-page PNG, rendered by headless Chromium (apt-get install chromium chromium-driver).
+REPORT_PNG_WIDTH ?= 1200
+report-png: $(RUN)/report.png
+$(RUN)/report.png: $(RUN)/report.html
+	$(PY) tools/screenshot.py $< $@ --width $(REPORT_PNG_WIDTH)
+
+# Several MODELs side by side: each one's run ($(RUNS_DIR)/<model>-$(GPU)) is evaluated where it is not yet (the
+# chain runs first for a model not yet trained), then one table of every run's base, SFT and DPO scores.
+COMPARE ?= $(MODEL)
+COMPARE_OUT ?= $(RUNS_DIR)/compare-$(GPU).md
+compare:
+	@set -e; for m in $(COMPARE); do $(MAKE) --no-print-directory eval MODEL=$$m RUN=$(RUNS_DIR)/$$m-$(GPU); done
+	$(PY) steps/compare.py --out $(COMPARE_OUT) $(foreach m,$(COMPARE),--run $(m)=$(RUNS_DIR)/$(m)-$(GPU))
 
 # ---- After the chain: a standalone merged model, and the adapter on the Hub -----------------------------------
 merge: $(RUN)/merged
@@ -125,12 +141,19 @@ clean:
 	rm -rf $(RUN)
 
 help:
-	@echo "Targets: all (= report) setup prepare generate filter preference sft dpo eval report merge push test clean help"
+	@echo "Targets: all (= report) setup prepare generate filter preference sft dpo eval report report-png compare merge push"\
+	  "test clean help"
 	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun."
+	@echo "  eval: base, sft and dpo on TASKS (eval/<model>.json; one is redone only when deleted or its adapter changes)"
+	@echo "  report: RUN/report.md and RUN/report.html (funnel, diversity, rewards, training curves, evals, settings)"
+	@echo "  report-png: RUN/report.png, the HTML page rendered by headless Chromium (chromium, chromium-driver)," \
+	  "REPORT_PNG_WIDTH=$(REPORT_PNG_WIDTH) px wide"
+	@echo "  compare: evaluates each MODEL of COMPARE=\"$(COMPARE)\" in RUNS_DIR/<model>-GPU, tables them in COMPARE_OUT"
 	@echo "Variables (now):"
 	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
 	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
 	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)"
+	@echo "  RUNS_DIR=$(RUNS_DIR) (default parent of RUN)  COMPARE=$(COMPARE)  COMPARE_OUT=$(COMPARE_OUT)"
 	@echo "  ENGINE=$(ENGINE) (transformers or vllm)  NPROC=$(NPROC) processes (GPUs) for generation and training" \
 	  "ACCELERATE_CONFIG=$(ACCELERATE_CONFIG)"
 	@echo "  MERGE_FROM=$(MERGE_FROM) (adapter that merge/push use)  HUB_REPO=$(HUB_REPO) (push; token from HF_TOKEN)"
@@ -140,6 +163,7 @@ help:
 	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)" \
 	  "PREF_POLICY=$(PREF_POLICY) (generator or sft)"
 	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
-	@echo "  TASKS=$(TASKS) EVAL_BATCH=$(EVAL_BATCH) MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT)"
+	@echo "  TASKS=$(TASKS) (lm-eval names; offline: ifeval_local, mc_local) EVAL_BATCH=$(EVAL_BATCH)" \
+	  "MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT) (examples per task; empty = all)"
 	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS PYTEST_ARGS"
 	@echo "Tier settings: env/$(GPU)/ (tier.mk, sft*.yaml, dpo*.yaml); models: env/models/."

@@ -3,21 +3,27 @@
     python steps/eval.py --model meta-llama/Llama-3.2-3B --adapter data/runs/x/sft \
         --tasks ifeval,mmlu,truthfulqa_mc2,hellaswag --out data/runs/x/eval/sft.json
 
-Local task YAMLs under --include-path (data/tasks) are registered too: `ifeval_local` is a self-written,
-offline instruction-following task in IFEval's format, scored by lm-eval's own IFEval checks.
+Local task YAMLs under --include-path (data/tasks) are registered too, both offline and of our own writing:
+`ifeval_local`, instruction-following prompts in IFEval's format scored by lm-eval's own IFEval checks
+(generative), and `mc_local`, multiple-choice questions and sentence completions in MMLU/HellaSwag's format
+(log-likelihood: acc, acc_norm). Task names are checked before the model is loaded.
 The chat template is applied (from the adapter's tokenizer when there is one, so the model is prompted the
-way it was trained). Writes the metrics of every task as JSON; make skips models already evaluated.
+way it was trained). Writes the metrics of every task as JSON, with the settings and package versions used;
+make skips models already evaluated.
 """
 
 import argparse
+import difflib
 import os
+from importlib import metadata
 from pathlib import Path
 
 from common import run_step
-from common.jsonl import write_json
+from common.jsonl import DataError, write_json
 from common.models import device, resolve
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "transformers", "trl", "peft", "lm_eval")
 
 
 def parse_args(argv=None):
@@ -33,6 +39,35 @@ def parse_args(argv=None):
     p.add_argument("--no-chat-template", action="store_true", help="prompt without the chat template")
     p.add_argument("--out", required=True, help="results JSON")
     return p.parse_args(argv)
+
+
+def versions():
+    """Installed versions of the packages that decide the numbers (recorded with the results)."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def check_tasks(tasks, task_manager, include_path):
+    """Every requested task must be known to lm-eval (its own tasks or a YAML under include_path); otherwise stop
+    before the model is loaded, listing the local tasks and the closest known names."""
+    known = task_manager.all_tasks
+    unknown = [t for t in tasks if t not in known and not task_manager.match_tasks([t])]
+    if not unknown:
+        return
+    local = sorted({p.stem for p in Path(include_path).glob("*/*.yaml")} & set(known))
+    lines = [f"unknown lm-eval task(s): {', '.join(unknown)}.",
+             f"Offline tasks in {include_path}: {', '.join(local) or 'none'}."]
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
+        if close:
+            lines.append(f"Known tasks like {name!r}: {', '.join(close)}.")
+    lines.append(f"lm-eval knows {len(known)} task, group and tag names; list them with `.venv/bin/lm_eval ls tasks`.")
+    raise DataError(" ".join(lines))
 
 
 def ensure_punkt():
@@ -52,9 +87,13 @@ def ensure_punkt():
 
 def main(argv=None):
     args = parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=args.include_path)
+    check_tasks(tasks, task_manager, args.include_path)
     punkt = ensure_punkt()
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     model_args = {"pretrained": resolve(args.model), "dtype": args.dtype}
     if args.adapter:
@@ -63,8 +102,8 @@ def main(argv=None):
         model="hf",
         model_args=model_args,
         device=device(),
-        tasks=args.tasks.split(","),
-        task_manager=TaskManager(include_path=args.include_path),
+        tasks=tasks,
+        task_manager=task_manager,
         batch_size=args.batch_size,
         limit=args.limit,
         apply_chat_template=not args.no_chat_template,
@@ -74,12 +113,16 @@ def main(argv=None):
     write_json(args.out, {
         "model": args.model,
         "adapter": args.adapter,
-        "tasks": args.tasks.split(","),
+        "tasks": tasks,
         "limit": args.limit,
         "results": results["results"],
+        "higher_is_better": results.get("higher_is_better", {}),
         "n_samples": results.get("n-samples", {}),
+        "settings": {"dtype": args.dtype, "batch_size": args.batch_size, "max_gen_toks": args.max_gen_toks,
+                     "chat_template": not args.no_chat_template, "device": device()},
         "punkt": punkt,
         "lm_eval_version": lm_eval.__version__,
+        "versions": versions(),
     })
     print(f"wrote {args.out}")
 

@@ -11,6 +11,6 @@ MAX_RESPONSE_TOKENS ?= 256
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 8
 PREF_MAX_TOKENS ?= 192
-TASKS ?= ifeval_local
+TASKS ?= ifeval_local,mc_local
 EVAL_BATCH ?= 16
 MAX_GEN_TOKS ?= 128

@@ -1,0 +1,130 @@
+"""Evaluation: the offline tasks, task-name checks, results per model cached by make, and `make compare`."""
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+from conftest import CHAIN_VARS, REPO, make, read_lines, run_step
+
+TASKS_DIR = REPO / "data" / "tasks"
+
+
+def test_mc_local_is_a_loglikelihood_task_in_mmlu_hellaswag_format():
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    assert {"ifeval_local", "mc_local"} <= set(manager.all_tasks)
+    task = manager.load(["mc_local"])["tasks"]["mc_local"]
+    assert task.OUTPUT_TYPE == "multiple_choice"
+    assert [m["metric"] for m in task.config.metric_list] == ["acc", "acc_norm"]
+    docs = list(task.test_docs())
+    rows = read_lines(TASKS_DIR / "mc_local" / "mc_local.jsonl")
+    assert 40 <= len(docs) == len(rows) <= 60
+    assert len({r["query"] for r in rows}) == len(rows)  # no repeated question
+    for doc, row in zip(docs, rows):
+        assert task.doc_to_text(doc) == row["query"]
+        assert task.doc_to_choice(doc) == row["choices"] and len(row["choices"]) == 4
+        assert task.doc_to_target(doc) == row["label"]
+    # the right answer sits at each position equally often, so "always A" scores chance
+    assert set(Counter(r["label"] for r in rows).values()) == {len(rows) // 4}
+    kinds = Counter(r["kind"] for r in rows)
+    assert kinds["knowledge"] >= 15 and kinds["completion"] >= 15
+
+
+def test_unknown_task_names_are_refused_before_the_model_loads(tmp_path):
+    # The model does not exist: the task check has to come first for this message to appear.
+    result = run_step("eval", "--model", tmp_path / "no-such-model", "--tasks", "mc_local,hellaswg",
+                      "--out", tmp_path / "x.json", check=False)
+    assert result.returncode == 2
+    message = result.stderr
+    assert "unknown lm-eval task(s): hellaswg." in message
+    assert "ifeval_local, mc_local" in message  # the offline tasks are listed
+    assert "hellaswag" in message.split("Known tasks like 'hellaswg':")[1]  # and the closest real names
+    assert "Traceback" not in message and not (tmp_path / "x.json").exists()
+
+
+def test_both_offline_tasks_ran_for_base_sft_and_dpo(chain_run):
+    for name, adapter in (("base", None), ("sft", "sft"), ("dpo", "dpo")):
+        result = json.loads((chain_run / "eval" / f"{name}.json").read_text())
+        assert (result["adapter"] or "").endswith(adapter or "") and (result["adapter"] is None) == (adapter is None)
+        assert result["tasks"] == ["ifeval_local", "mc_local"]  # the cpu tier's TASKS
+        for task in result["tasks"]:
+            assert result["n_samples"][task]["effective"] == 4  # LIMIT=4
+        ifeval = result["results"]["ifeval_local"]
+        for key in ("prompt_level_strict_acc,none", "inst_level_strict_acc,none", "prompt_level_loose_acc,none"):
+            assert 0.0 <= ifeval[key] <= 1.0
+        mc = result["results"]["mc_local"]  # log-likelihood: 4 questions, so multiples of 1/4
+        for key in ("acc,none", "acc_norm,none"):
+            assert mc[key] * 4 == int(mc[key] * 4)
+            assert mc[key.replace(",", "_stderr,")] >= 0
+        assert result["versions"]["lm_eval"] == result["lm_eval_version"]
+        assert result["settings"]["chat_template"] is True
+
+
+def test_a_second_make_eval_runs_nothing(chain_run):
+    variables = {**CHAIN_VARS, "RUN": str(chain_run), "PY": sys.executable}
+    question = subprocess.run(["make", "-q", "-C", str(REPO), "eval", "report",
+                               *[f"{k}={v}" for k, v in variables.items()]], capture_output=True, text=True)
+    assert question.returncode == 0, question.stdout + question.stderr  # make -q: everything is up to date
+    result = make("eval", chain_run)
+    assert result.returncode == 0 and "steps/eval.py" not in result.stdout
+    assert "Nothing to be done for 'eval'" in result.stdout
+
+
+def set_scores(run_dir, stage, value):
+    path = run_dir / "eval" / f"{stage}.json"
+    data = json.loads(path.read_text())
+    data["results"]["mc_local"]["acc,none"] = value
+    path.write_text(json.dumps(data))
+
+
+def test_compare_evaluates_only_missing_models_and_tables_every_run(chain_run, tmp_path):
+    runs = tmp_path / "runs"
+    smol, qwen = runs / "smol-cpu", runs / "qwen-cpu"
+    shutil.copytree(chain_run, smol)  # copy2 keeps the times make compares
+    shutil.copytree(chain_run, qwen)  # stands in for a second model, finished
+    (smol / "eval" / "dpo.json").unlink()
+    for stage, value in (("base", 0.25), ("sft", 0.5), ("dpo", 1.0)):
+        set_scores(qwen, stage, value)
+
+    result = make("compare", chain_run, RUNS_DIR=runs, COMPARE="smol qwen")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evals_run = [line for line in result.stdout.splitlines() if "steps/eval.py" in line]
+    assert len(evals_run) == 1 and f"--adapter {smol}/dpo" in evals_run[0]  # only the missing one
+    assert (smol / "eval" / "dpo.json").exists()
+
+    table = (runs / "compare-cpu.md").read_text()
+    for run_dir, name in ((smol, "smol"), (qwen, "qwen")):
+        base = json.loads((run_dir / "eval" / "base.json").read_text())["results"]["mc_local"]
+        for stage in ("base", "sft", "dpo"):
+            mc = json.loads((run_dir / "eval" / f"{stage}.json").read_text())["results"]["mc_local"]
+            cell = f"{mc['acc,none']:.3f} ± {mc['acc_stderr,none']:.3f}"
+            if stage != "base":
+                cell += f" ({mc['acc,none'] - base['acc,none']:+.3f})"
+            row = next(line for line in table.splitlines() if line.startswith(f"| {name} | {stage} |"))
+            assert cell in [c.strip() for c in row.strip("|").split("|")], (row, cell)
+    assert "| qwen | dpo | " in table and "1.000 ± " in table and "(+0.750)" in table
+    assert "mc_local acc" in table and "ifeval_local prompt_level_strict_acc" in table
+    assert "different tasks or LIMITs" not in table
+
+    again = make("compare", chain_run, RUNS_DIR=runs, COMPARE="smol qwen")
+    assert again.returncode == 0 and "steps/eval.py" not in again.stdout  # all cached now
+
+
+def test_compare_warns_when_runs_were_evaluated_differently(chain_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(chain_run / "eval", other / "eval")
+    for stage in ("base", "sft", "dpo"):
+        path = other / "eval" / f"{stage}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "limit": 2.0}))
+    out = tmp_path / "compare.md"
+    run_step("compare", "--run", f"a={chain_run}", "--run", f"b={other}", "--out", out)
+    assert "different tasks or LIMITs" in out.read_text()
+    missing = run_step("compare", "--run", f"c={tmp_path / 'nothing'}", "--out", out, check=False)
+    assert missing.returncode == 2 and "eval/base.json: missing" in missing.stderr
+
+
+def test_cpu_tier_runs_both_kinds_of_task():
+    assert "TASKS ?= ifeval_local,mc_local" in (REPO / "env" / "cpu" / "tier.mk").read_text().splitlines()

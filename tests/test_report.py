@@ -1,0 +1,152 @@
+"""The run report (markdown and HTML) from the chain_run fixture: every section, with the run's own numbers."""
+
+import base64
+import csv
+import json
+import re
+import shutil
+import statistics
+from collections import Counter
+
+import pytest
+from conftest import make, read_lines, run_step
+
+SECTIONS = ["Data funnel", "Dropped by each filter rule", "Instruction diversity", "Most common opening words",
+            "Most common first verbs", "Lengths (words)", "Reward scores", "Training",
+            "Evaluation (lm-evaluation-harness)", "Settings"]
+PLOTS = ["funnel", "lengths", "rewards", "training", "eval"]
+
+
+@pytest.fixture(scope="module")
+def report(chain_run):
+    return (chain_run / "report.md").read_text()
+
+
+def row(report, *first_cells):
+    """The table row that starts with these cells, as a list of cells."""
+    start = "| " + " | ".join(map(str, first_cells)) + " |"
+    lines = [line for line in report.splitlines() if line.startswith(start)]
+    assert len(lines) == 1, f"{start!r}: {len(lines)} rows"
+    return [c.strip() for c in lines[0].strip("|").split("|")]
+
+
+def section(report, title):
+    """The text under a heading, up to the next heading."""
+    return re.split(r"\n#+ ", report.split(f" {title}\n", 1)[1], maxsplit=1)[0]
+
+
+def test_every_section_is_there_in_both_forms(chain_run, report):
+    page = (chain_run / "report.html").read_text()
+    for title in SECTIONS:
+        level = "###" if title.startswith(("Dropped", "Most", "Lengths")) else "##"
+        assert f"\n{level} {title}\n" in report
+        assert f">{title}</h{len(level)}>" in page.replace("&#x27;", "'")
+    for name in PLOTS:
+        assert f"(report_plots/{name}.png)" in report
+        assert (chain_run / "report_plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_is_self_contained_with_the_plots_embedded(chain_run):
+    page = (chain_run / "report.html").read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == len(PLOTS)
+    for name, data in zip(PLOTS, images):
+        assert base64.b64decode(data) == (chain_run / "report_plots" / f"{name}.png").read_bytes()
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
+    assert page.count("<table>") == 9
+
+
+def test_funnel_counts_match_the_run_files(chain_run, report):
+    summary = json.loads((chain_run / "filter_summary.json").read_text())
+    pairs = read_lines(chain_run / "preference.jsonl")
+    scored = read_lines(chain_run / "scored.jsonl")
+    assert summary["input"] == len(read_lines(chain_run / "generated.jsonl")) == 12
+    assert summary["kept"] == len(read_lines(chain_run / "filtered.jsonl"))
+    assert row(report, "generated")[1:] == ["12", "100%"]
+    assert row(report, "kept by the filters")[1] == str(summary["kept"])
+    assert row(report, "scored for preference")[1] == str(len(scored))
+    assert row(report, "preference pairs")[1] == str(len(pairs))
+    for rule, n in summary["dropped"].items():
+        assert row(report, rule)[1] == str(n)
+    assert f"{sum(len(r['scores']) for r in scored)} responses to {len(scored)} instructions" in report
+
+
+def test_diversity_counts_match_the_kept_instructions(chain_run, report):
+    kept = read_lines(chain_run / "filtered.jsonl")
+    openings = Counter(re.findall(r"[a-z0-9']+", r["instruction"].lower())[0] for r in kept)
+    top_count = openings.most_common(1)[0][1]
+    first = row(section(report, "Most common opening words"), 1)
+    assert openings[first[1]] == top_count and first[2] == str(top_count)
+    lengths = [len(re.findall(r"[a-z0-9']+", r["instruction"].lower())) for r in kept]
+    assert row(report, "instruction, kept")[1:4] == [str(len(kept)), f"{statistics.mean(lengths):.1f}",
+                                                      f"{float(statistics.median(lengths)):.1f}"]
+    assert f"Over the {len(kept)} kept instructions: {len({r['instruction'] for r in kept})} distinct" in report
+
+
+def test_reward_stats_match_the_pairs(chain_run, report):
+    pairs = read_lines(chain_run / "preference.jsonl")
+    margins = [p["margin"] for p in pairs]
+    assert row(report, "chosen - rejected margin")[1:] == [
+        str(len(margins)), f"{statistics.mean(margins):.3f}", f"{statistics.median(margins):.3f}",
+        f"{statistics.stdev(margins) if len(margins) > 1 else 0.0:.3f}", f"{min(margins):.3f}", f"{max(margins):.3f}"]
+    every = [s for r in read_lines(chain_run / "scored.jsonl") for s in r["scores"]]
+    assert row(report, "score of every response")[1:3] == [str(len(every)), f"{statistics.mean(every):.3f}"]
+    assert "all-MiniLM-L6-v2" in report  # the offline scorer is named for what it is
+
+
+def test_training_rows_match_the_curves(chain_run, report):
+    for stage, metric in (("sft", "loss"), ("dpo", "loss"), ("dpo", "rewards/margins"), ("dpo", "rewards/accuracies")):
+        with open(chain_run / stage / "curves.csv") as f:
+            points = [(float(r["step"]), float(r[metric])) for r in csv.DictReader(f)]
+        values = [v for _, v in points]
+        assert row(report, stage, metric)[2:] == [str(len(points)), f"{values[0]:.3f}", f"{values[-1]:.3f}",
+                                                  f"{min(values):.3f}", f"{max(values):.3f}", str(int(points[-1][0]))]
+    assert row(report, "dpo", "rewards/margins")[3] == "0.000"  # the reference is the SFT model itself
+
+
+def test_eval_table_has_standard_errors_and_deltas_against_base(chain_run, report):
+    evals = {m: json.loads((chain_run / "eval" / f"{m}.json").read_text())["results"] for m in ("base", "sft", "dpo")}
+    for task, metric in (("ifeval_local", "prompt_level_strict_acc"), ("mc_local", "acc"), ("mc_local", "acc_norm")):
+        cells = row(report, task, metric)
+        values = [evals[m][task][f"{metric},none"] for m in ("base", "sft", "dpo")]
+        errors = [evals[m][task][f"{metric}_stderr,none"] for m in ("base", "sft", "dpo")]
+        assert cells[2:5] == [f"{v:.3f} ± {e:.3f}" for v, e in zip(values, errors)]
+        for cell, value, error in zip(cells[5:], values[1:], errors[1:]):
+            assert cell == f"{value - values[0]:+.3f} ± {(error ** 2 + errors[0] ** 2) ** 0.5:.3f}"
+    no_stderr = row(report, "ifeval_local", "inst_level_strict_acc")  # lm-eval gives none for this one
+    assert no_stderr[2] == f"{evals['base']['ifeval_local']['inst_level_strict_acc,none']:.3f}"
+    assert "Examples per task: ifeval_local 4, mc_local 4 (LIMIT: 4)" in report
+
+
+def test_settings_name_tier_models_seeds_and_versions(chain_run, report):
+    base = json.loads((chain_run / "eval" / "base.json").read_text())
+    assert row(report, "tier (GPU)")[1] == "cpu" and row(report, "MODEL")[1] == "smol"
+    assert row(report, "target model")[1] == "embedded:smollm2" == row(report, "generator")[1]
+    assert row(report, "reward model")[1] == "embedded:minilm"
+    assert row(report, "generation seed")[1] == "0"
+    assert "max_steps 2" in row(report, "SFT")[1] and "seed 0" in row(report, "DPO")[1]
+    for package in ("torch", "transformers", "trl", "peft", "lm_eval"):
+        assert row(report, package)[1] == base["versions"][package]
+    assert "tasks ifeval_local, mc_local; limit 4" in row(report, "evaluation")[1]
+
+
+def test_missing_inputs_are_named(chain_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(chain_run, run, ignore=shutil.ignore_patterns("*.safetensors"))
+    (run / "eval" / "sft.json").unlink()
+    result = run_step("report", "--run", run, "--out", run / "report.md", check=False)
+    assert result.returncode == 2 and "eval/sft.json: missing" in result.stderr
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs Debian's chromium and chromium-driver")
+def test_report_png_renders_the_whole_page(chain_run):
+    result = make("report-png", chain_run)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from PIL import Image
+
+    with Image.open(chain_run / "report.png") as image:
+        width, height = image.size
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert width == 1200 and height > 3000  # the whole page, not a window's worth
+    assert len(colours) > 1000  # plots (anti-aliased lines, fills), not a blank page
