@@ -126,6 +126,7 @@ class Run:
     note: str = ""
     estimate_s: int = 60
     timeout_s: int = 300
+    env: dict = field(default_factory=dict)  # extra environment of the step's process
 
 
 # name: (kind, number of records, prompt words (lo, hi), completion words (lo, hi)). Words are single tokens of the
@@ -222,6 +223,69 @@ def runs_for(suite):
     compiled = [Run("sft-tier-compile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
                     NOPACK + ["--torch_compile", "true"], warmup=4, group="speed-sft", note="tier YAML + torch.compile",
                     estimate_s=120, timeout_s=300)]
+    # Round 2 (issue 5's 2x goal): torch.compile of each decoder layer (accelerate's regional compilation: one
+    # compile for all 28 identical layers), LoRA dropout off, one bigger micro-batch; each against the same call's
+    # baseline and tier runs.
+    regional = {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}
+    compile_flags = ["--torch_compile", "true"]
+    speed2 = [
+        Run("sft-tier-rcompile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + compile_flags,
+            warmup=4, group="speed-sft", note="tier + regional torch.compile", env=regional, estimate_s=110),
+        Run("sft-tier-d0", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + ["--lora_dropout", "0"],
+            group="speed-sft", note="tier, LoRA dropout 0 (no dropout copies of each LoRA input)", estimate_s=50),
+        Run("sft-tier-rcompile-noliger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
+            NOPACK + compile_flags + ["--use_liger_kernel", "false"], warmup=4, group="speed-sft",
+            note="regional compile without Liger (Inductor fuses the norms and SwiGLU)", env=regional,
+            estimate_s=110),
+        Run("sft-tier-b12", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
+            ["--packing", "false", "--per_device_train_batch_size", "12", "--gradient_accumulation_steps", "1"],
+            group="speed-sft", note="tier, one micro-batch of 12 x 1024", estimate_s=55),
+    ]
+    fast = compile_flags + ["--use_liger_kernel", "false"]
+    dpo_adapter = Run("dpo-adapter", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
+                      ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"], max_steps=1,
+                      group="speed-dpo", note="a 1-step SFT adapter for the DPO runs to continue", estimate_s=35)
+    speed2_dpo = [
+        Run("dpo-rcompile-noliger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", fast, max_steps=6,
+            warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
+            note="dpo tier + regional compile, no Liger", estimate_s=110),
+        Run("dpo-rcompile-noliger-b8", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed",
+            fast + ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"], max_steps=6,
+            warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
+            note="as above, 8 pairs a micro-batch", estimate_s=110),
+    ]
+    speed2_var = [
+        Run("pack-bfd-rcompile-noliger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
+            fast + ["--packing", "true", "--packing_strategy", "bfd", "--gradient_accumulation_steps", "2"],
+            warmup=4, group="packing", env=regional, note="packed (varying lengths: dynamic shapes) + compile",
+            estimate_s=120),
+    ]
+    from transformers import TrainingArguments  # the flag's name changed within transformers 5
+
+    grouped = (["--train_sampling_strategy", "group_by_length"]
+               if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else ["--group_by_length", "true"])
+    speed2_var += [
+        Run("var-grouped-rcompile-noliger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
+            fast + NOPACK + grouped, warmup=4, group="packing", env=regional,
+            note="realistic lengths, no packing, batches grouped by length (little padding), compile", estimate_s=110),
+    ]
+    t4_ref_check = Run("t4-llama3b-dpo-ref", "dpo", "llama-3.2-3b", "env/t4/dpo.yaml", "dpo_fixed",
+                       ["--logging_steps", "1"], cap_gib=15, max_steps=2, adapter_from="dpo-adapter", group="t4",
+                       note="4-bit base: first-step reward margin must be 0 (policy == reference)", estimate_s=80)
+    # Realistic lengths over 30 steps: is compiling worth its recompiles (shapes vary from batch to batch)?
+    speed3_var = [
+        Run("var30-pack-liger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
+            ["--packing", "true", "--packing_strategy", "bfd", "--gradient_accumulation_steps", "2",
+                    "--use_liger_kernel", "true", "--torch_compile", "false"], max_steps=30, warmup=5,
+            group="packing", note="the old tier: BFD packing, Liger, no compile", estimate_s=100),
+        Run("var30-grouped-compile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var", fast + grouped
+            + ["--packing", "false", "--gradient_accumulation_steps", "2"], max_steps=30, warmup=5, group="packing",
+            note="no packing, length-grouped batches, compile, no Liger", estimate_s=150),
+        Run("var30-pack-compile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
+            fast + ["--packing", "true", "--packing_strategy", "bfd", "--gradient_accumulation_steps", "2"],
+            max_steps=30, warmup=5, group="packing", note="BFD packing, compile, no Liger",
+            estimate_s=160),
+    ]
     packcheck = [Run("packcheck", "check", "", "", "", group="packing", estimate_s=90)]
     sft_base, sft_tier, *sft_ablations = speed_sft
     dpo_base_run, dpo_liger, dpo_tier = speed_dpo
@@ -232,6 +296,15 @@ def runs_for(suite):
         "extra": [*pack, *sft_ablations, *a100, *h100_7b, dpo_liger, *qwen],
     }
     suites["t4"] = t4 + packcheck + qwen
+    suites["speed2"] = [sft_base, sft_tier, *speed2]
+    for r in (dpo_base_run, dpo_tier):
+        r.adapter_from = "dpo-adapter"
+    suites["speed3-var"] = speed3_var + [
+        Run("sft-compile-by-step", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + fast, warmup=4,
+            group="speed-sft", note="as sft-tier-rcompile-noliger, regional compilation set by the step itself",
+            estimate_s=75)]
+    suites["speed2-dpo"] = [dpo_adapter, dpo_base_run, dpo_tier, speed2_dpo[0], t4_ref_check, speed2_var[1],
+                            speed2_dpo[1], pack[2], speed2_var[0]]
     suites["speed"] = [sft_base, sft_tier, dpo_base_run, dpo_tier, *sft_ablations, dpo_liger, *pack, *a100]
     return suites[suite] if suite in suites else suites["core"] + suites["extra"]
 
@@ -398,6 +471,7 @@ def summarise(run, raw, meta, rc, elapsed, tail):
         r["tokens_per_step"] = round(tokens / max(1, len(ends) - w))
         r["padding_efficiency"] = round(tokens / max(1, sum(padded[w:])), 3)
         r["tokens_per_s"] = round(tokens / span, 1)
+        r["tokens_per_s_incl_warmup"] = round(sum(toks) / (ends[-1] - raw["t_begin"]), 1)  # compile time included
         r["median_step_s"] = round(statistics.median(times[w:]), 3)
         if meta.get("n_params"):
             r["mfu_6n"] = round(6 * meta["n_params"] * r["tokens_per_s"] / PEAK_BF16_DENSE, 4)
@@ -435,7 +509,7 @@ def execute(run, work, results, env):
             print(f"[{run.name}] no adapter from {run.adapter_from}: making one with a 1-step SFT", flush=True)
             execute(fallback, work, [], env)
         args += ["--sft_adapter", str(adapter)]
-    run_env = dict(env)
+    run_env = {**env, **run.env}
     if run.cap_gib:
         run_env["BENCH_MEM_CAP_GIB"] = str(run.cap_gib)
     cmd = [sys.executable, "-c", BOOT, str(REPO / "steps" / f"{run.step}.py"), str(result_path), *args]

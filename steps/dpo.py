@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from common import run_step
 from common.jsonl import DataError, read_jsonl
 from common.models import load_for_training, load_tokenizer
-from common.training import checkpoint_dir, train_and_save
+from common.training import checkpoint_dir, compile_layer_by_layer, train_and_save
 
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 
@@ -54,6 +54,7 @@ def main(argv=None):
 
     output_dir = training_args.output_dir
     training_args.output_dir = str(checkpoint_dir(output_dir))
+    compile_layer_by_layer(training_args)
     # The SFT adapter's tokenizer carries the chat template and pad token that SFT trained with.
     tokenizer = load_tokenizer(data_args.sft_adapter)
     policy = PeftModel.from_pretrained(load_for_training(model_args), data_args.sft_adapter, is_trainable=True)

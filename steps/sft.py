@@ -16,7 +16,7 @@ from common import run_step
 from common.chat import prepare_tokenizer
 from common.jsonl import DataError, read_jsonl
 from common.models import load_for_training, load_tokenizer
-from common.training import checkpoint_dir, train_and_save
+from common.training import checkpoint_dir, compile_layer_by_layer, train_and_save
 
 
 @dataclass
@@ -61,6 +61,7 @@ def main(argv=None):
     data_args, training_args, model_args = parse(argv)
     output_dir = training_args.output_dir
     training_args.output_dir = str(checkpoint_dir(output_dir))
+    compile_layer_by_layer(training_args)
     train_and_save(build_trainer(data_args, training_args, model_args), output_dir)
     print(f"wrote {output_dir}")
 

@@ -91,6 +91,17 @@ def test_training_curves_are_written_beside_the_adapters(chain_run):
         assert (chain_run / name / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_curves_of_a_run_shorter_than_logging_steps(tmp_path):
+    """A 1-step run with logging_steps 10 logs no loss: the adapter must still be saved (this once failed on a GPU)."""
+    from common.training import write_curves
+
+    write_curves([{"train_runtime": 2.6, "step": 1}], tmp_path)
+    assert (tmp_path / "curves.csv").read_text().splitlines() == ["step"]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    write_curves([{"loss": 1.5, "step": 1}, {"loss": 1.25, "rewards/margins": 0.5, "step": 2}], tmp_path)
+    assert (tmp_path / "curves.csv").read_text().splitlines() == ["step,loss,rewards/margins", "1,1.5,", "2,1.25,0.5"]
+
+
 def test_merge_writes_a_model_equal_to_base_plus_adapter(chain_run, smol, tmp_path):
     from conftest import run_step
     from peft import PeftModel
