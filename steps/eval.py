@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import run_step
 from common.jsonl import DataError, write_json
-from common.models import device, resolve
+from common.models import device, resolve, trust_remote_code
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "transformers", "trl", "peft", "lm_eval")
@@ -95,7 +95,9 @@ def main(argv=None):
     punkt = ensure_punkt()
     import lm_eval
 
-    model_args = {"pretrained": resolve(args.model), "dtype": args.dtype}
+    # Weights from safetensors only (a pickle can run code); remote code only when TRUST_REMOTE_CODE=1.
+    model_args = {"pretrained": resolve(args.model), "dtype": args.dtype, "use_safetensors": True,
+                  "trust_remote_code": trust_remote_code()}
     if args.adapter:
         model_args |= {"peft": args.adapter, "tokenizer": args.adapter}
     results = lm_eval.simple_evaluate(

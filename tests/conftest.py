@@ -67,17 +67,22 @@ CHAIN_VARS = dict(
 )
 
 
-def make(target, run_dir, **overrides):
+# The chain runs with this token set: test_faults.py greps every file and log of the run for it.
+SENTINEL_TOKEN = "hf_SENTINEL0secret0token0do0not0write"
+
+
+def make(target, run_dir, env=None, **overrides):
     variables = {**CHAIN_VARS, "RUN": str(run_dir), "PY": sys.executable, **overrides}
     return subprocess.run(
         ["make", "-C", str(REPO), target, *[f"{k}={v}" for k, v in variables.items()]],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env={**os.environ, **(env or {})},
     )
 
 
 @pytest.fixture(scope="session")
 def chain_run(tmp_path_factory, smol):
     run_dir = tmp_path_factory.mktemp("chain") / "run"
-    result = make("all", run_dir)
+    result = make("all", run_dir, env={"HF_TOKEN": SENTINEL_TOKEN})
+    (run_dir.parent / "make-all.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return run_dir

@@ -6,13 +6,14 @@ Each step in steps/ is a standalone script; this package holds only what two or 
 import sys
 
 
-def run_step(main):
-    """Run a step's main(); known input and model errors end it with their message alone, exit status 2."""
-    from .jsonl import DataError
-    from .models import ModelLoadError
+class StepError(Exception):
+    """A failure the user can fix (bad input, a model that won't load, no memory or disk): the message says how."""
 
+
+def run_step(main):
+    """Run a step's main(); a StepError ends it with its message alone, exit status 2."""
     try:
         main()
-    except (DataError, ModelLoadError) as e:
+    except StepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

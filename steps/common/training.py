@@ -8,7 +8,11 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import StepError
 from .jsonl import atomic_path
+
+# What to turn down when training runs out of GPU memory (each is a flag and a key of the tier YAMLs).
+MEMORY_KNOBS = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "gradient_checkpointing")
 
 
 def checkpoint_dir(output_dir):
@@ -54,17 +58,48 @@ def last_complete_checkpoint(work):
     return None
 
 
+def check_disk(trainer, output_dir):
+    """Refuse before training when the disk can't hold the checkpoints and the adapter.
+
+    A checkpoint holds the trainable weights and Adam's two moments (fp32: 12 bytes a parameter), the adapter the
+    weights again; save_total_limit checkpoints are kept (three counted when it is unset)."""
+    params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    need = params * 4 * (1 + 3 * (trainer.args.save_total_limit or 3)) + 50 * 2**20  # + tokenizer and state files
+    where = Path(output_dir).resolve().parent
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise StepError(f"{where}: {free / 2**20:.0f} MiB free, checkpoints and the adapter of {params:,} trainable "
+                        f"parameters need about {need / 2**20:.0f} MiB; free some space, point RUN at a larger disk, "
+                        "or keep fewer checkpoints (--save_total_limit)")
+
+
+def out_of_memory(args):
+    """The error for a training step that ran out of GPU memory: which knobs, set how, and what to do."""
+    now = ", ".join(f"{k}={getattr(args, k)}" for k in MEMORY_KNOBS if hasattr(args, k))
+    return StepError(
+        f"out of GPU memory while training ({now}). Turn a knob down, in the tier's YAML (SFT_CONFIG / DPO_CONFIG) or "
+        "as a flag (make SFT_ARGS=... / DPO_ARGS=...): halve --per_device_train_batch_size and double "
+        "--gradient_accumulation_steps (the same global batch), lower --max_length, set --gradient_checkpointing true, "
+        "or load the base in 4 bits (--load_in_4bit true, the t4 tier's setting). Checkpoints already written are kept: "
+        "the same command resumes from the last one.")
+
+
 def train_and_save(trainer, output_dir):
     """Train (resuming from the last checkpoint of an interrupted run), then write the adapter to output_dir.
 
     output_dir appears only once complete, with the tokenizer, the resolved training config and the log history.
     """
+    check_disk(trainer, output_dir)
     fp32_trainable_under_fp16(trainer)
     work = Path(trainer.args.output_dir)
     last = last_complete_checkpoint(work)
     if last:
         print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except torch.cuda.OutOfMemoryError as e:
+        raise out_of_memory(trainer.args) from e
     with atomic_path(output_dir) as tmp:
         trainer.save_model(str(tmp))
         # to_json_string masks hub tokens; nothing secret is written.

@@ -1,0 +1,135 @@
+"""Faults injected into the steps: SIGKILL at several moments, a GPU tier without a GPU, out of memory, a full disk,
+and a secret token that must never be written anywhere.
+
+Kills of generate, preference and sft mid-run are in their own test files; here the other long steps."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import CHAIN_VARS, REPO, SENTINEL_TOKEN, kill_midway, make, run_step
+
+
+def kill_after(script, args, seconds):
+    """Start steps/<script>.py and SIGKILL it after `seconds`; return its exit status (-9 when it was killed)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait()
+
+
+def files_under(path):
+    return sorted(p.relative_to(path) for p in Path(path).rglob("*") if p.is_file())
+
+
+def test_filter_killed_at_any_moment_then_rerun_gives_the_uninterrupted_output(chain_run, tmp_path):
+    out = tmp_path / "run"
+
+    def args():
+        return ["--in", chain_run / "generated.jsonl", "--out", out / "filtered.jsonl", "--dropped",
+                out / "dropped.jsonl", "--summary", out / "filter_summary.json", "--tokenizer", "embedded:smollm2",
+                "--embedder", "embedded:minilm", *CHAIN_VARS["FILTER_ARGS"].split()]
+
+    started = time.time()
+    run_step("filter", *args())
+    whole = time.time() - started
+    uninterrupted = {f: (out / f).read_bytes() for f in ("filtered.jsonl", "dropped.jsonl", "filter_summary.json")}
+    for fraction in (0.3, 0.8):  # while loading the models, and while writing its outputs
+        for f in files_under(out):
+            (out / f).unlink()
+        assert kill_after("filter", args(), whole * fraction) == -signal.SIGKILL
+        assert not (out / "filtered.jsonl").exists()  # make's target appears last, and only whole
+        run_step("filter", *args())
+        assert {f: (out / f).read_bytes() for f in uninterrupted} == uninterrupted
+
+
+def test_dpo_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(chain_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "dpo"
+    args = ["--config", REPO / "env/cpu/dpo.yaml", "--model_name_or_path", "embedded:smollm2", "--sft_adapter",
+            chain_run / "sft", "--train_file", chain_run / "preference.jsonl", "--output_dir", out, "--seed", "0",
+            *CHAIN_VARS["DPO_ARGS"].split()]
+    state = tmp_path / "dpo.partial" / "checkpoint-1" / "trainer_state.json"
+    kill_midway("dpo", args, state, lines=1, torn=False)
+    assert not out.exists()
+    result = run_step("dpo", *args)
+    assert "resuming from" in result.stdout + result.stderr
+    steps = [h["step"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert steps == [1, 2]
+    whole, resumed = load_file(chain_run / "dpo" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.allclose(whole[k], resumed[k], atol=1e-4) for k in whole)
+
+
+def test_eval_killed_midway_writes_nothing_and_the_rerun_matches(chain_run, tmp_path):
+    out = tmp_path / "eval" / "base.json"
+    args = ["--model", "embedded:smollm2", "--tasks", "ifeval_local,mc_local", "--batch-size", CHAIN_VARS["EVAL_BATCH"],
+            "--dtype", "bfloat16", "--max-gen-toks", CHAIN_VARS["MAX_GEN_TOKS"], "--limit", CHAIN_VARS["LIMIT"],
+            "--out", out]
+    assert kill_after("eval", args, 12) == -signal.SIGKILL  # the model is loaded and answering by then
+    assert not out.exists()
+    run_step("eval", *args)
+    fresh, chained = json.loads(out.read_text()), json.loads((chain_run / "eval" / "base.json").read_text())
+    assert fresh["results"] == chained["results"]
+
+
+def test_gpu_tier_without_a_gpu_stops_before_installing_or_loading(tmp_path):
+    result = make("generate", tmp_path / "run", GPU="t4", MODEL="llama")
+    assert result.returncode != 0
+    assert "GPU=t4 needs an NVIDIA GPU and nvidia-smi finds none" in result.stderr and "GPU=cpu" in result.stderr
+    assert "pip install" not in result.stdout and not (tmp_path / "run").exists()
+
+
+def trainer_stub(tmp_path, train):
+    """The parts of a Trainer that train_and_save reads, with a train() of the test's choosing."""
+    args = SimpleNamespace(output_dir=str(tmp_path / "adapter.partial"), fp16=False, save_total_limit=2,
+                           per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=1024,
+                           gradient_checkpointing=False)
+    return SimpleNamespace(args=args, model=torch.nn.Linear(1000, 1000), train=train)
+
+
+def test_out_of_memory_while_training_names_the_tier_knobs(tmp_path):
+    from common import StepError
+    from common.training import train_and_save
+
+    def train(resume_from_checkpoint=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(StepError) as error:
+        train_and_save(trainer_stub(tmp_path, train), tmp_path / "adapter")
+    message = str(error.value)
+    for knob in ("per_device_train_batch_size=8", "gradient_accumulation_steps=2", "max_length=1024",
+                 "gradient_checkpointing=False", "--load_in_4bit", "SFT_ARGS", "resumes"):
+        assert knob in message
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_training_refuses_early_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil
+
+    from common import StepError
+    from common.training import train_and_save
+
+    calls = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 * 2**20, used=0, free=10 * 2**20))
+    with pytest.raises(StepError, match=r"10 MiB free, checkpoints and the adapter of 1,001,000 trainable"):
+        train_and_save(trainer_stub(tmp_path, lambda **kw: calls.append(kw)), tmp_path / "adapter")
+    assert calls == []  # refused before training
+
+
+def test_the_hub_token_is_never_written_or_printed(chain_run):
+    """The chain ran with HF_TOKEN set to a sentinel: no output file (adapters, configs, reports, checkpoints' leftovers)
+    nor make's log holds it."""
+    files = [p for p in chain_run.rglob("*") if p.is_file()] + [chain_run.parent / "make-all.log"]
+    assert len(files) > 30
+    assert [p for p in files if SENTINEL_TOKEN.encode() in p.read_bytes()] == []
