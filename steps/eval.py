@@ -15,15 +15,13 @@ make skips models already evaluated.
 import argparse
 import difflib
 import os
-from importlib import metadata
 from pathlib import Path
 
-from common import run_step
+from common import installed_versions, run_step
 from common.jsonl import DataError, write_json
 from common.models import device, resolve, trust_remote_code
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("torch", "transformers", "trl", "peft", "lm_eval")
 
 
 def parse_args(argv=None):
@@ -39,17 +37,6 @@ def parse_args(argv=None):
     p.add_argument("--no-chat-template", action="store_true", help="prompt without the chat template")
     p.add_argument("--out", required=True, help="results JSON")
     return p.parse_args(argv)
-
-
-def versions():
-    """Installed versions of the packages that decide the numbers (recorded with the results)."""
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def check_tasks(tasks, task_manager, include_path):
@@ -124,7 +111,7 @@ def main(argv=None):
                      "chat_template": not args.no_chat_template, "device": device()},
         "punkt": punkt,
         "lm_eval_version": lm_eval.__version__,
-        "versions": versions(),
+        "versions": installed_versions(),
     })
     print(f"wrote {args.out}")
 

@@ -22,14 +22,12 @@ import re
 import statistics
 import sys
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 
-from common import run_step
+from common import installed_versions, run_step
 from common.jsonl import DataError, atomic_path, read_jsonl, write_text
 
 STAGES = ("base", "sft", "dpo")
-PACKAGES = ("torch", "transformers", "trl", "peft", "lm_eval")
 TOP = 10  # rows in the opening-word and verb tables
 OFFLINE_SCORER_NOTE = (
     "The reward model here is `embedded:minilm` (all-MiniLM-L6-v2, cosine similarity of instruction and response "
@@ -377,16 +375,6 @@ def eval_section(d):
         para(" ".join(notes)),
         plot("eval", fig, "Every metric of every task for base, SFT and DPO, with standard errors."),
     ]
-
-
-def installed_versions():
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def settings_section(d, tier, model_name):

@@ -4,6 +4,7 @@ Each step in steps/ is a standalone script; this package holds only what two or 
 """
 
 import sys
+from importlib import metadata
 
 
 class StepError(Exception):
@@ -17,3 +18,18 @@ def run_step(main):
     except StepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# The packages whose versions decide a run's numbers.
+VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "lm_eval")
+
+
+def installed_versions(packages=VERSIONED_PACKAGES):
+    """Installed versions of these packages (None where missing): recorded with results, shown in reports."""
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
