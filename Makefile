@@ -36,8 +36,9 @@ NPROC ?= 1
 # (accelerate: DDP, or FSDP/DeepSpeed with ACCELERATE_CONFIG=env/accelerate/fsdp.yaml).
 LAUNCH_SHARDED = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 ACCELERATE_CONFIG ?=
+# (--multi_gpu also makes N CPU processes, gloo; without it accelerate starts one process where it sees no GPUs.)
 LAUNCH_TRAINING = $(if $(filter-out 1,$(NPROC)),$(PY) -m accelerate.commands.launch --num_processes $(NPROC) \
-  $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG)),$(PY))
+  $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu),$(PY))
 MERGE_FROM ?= dpo
 HUB_REPO ?=
 DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct

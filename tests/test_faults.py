@@ -96,7 +96,8 @@ def trainer_stub(tmp_path, train):
     args = SimpleNamespace(output_dir=str(tmp_path / "adapter.partial"), fp16=False, save_total_limit=2,
                            per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=1024,
                            gradient_checkpointing=False)
-    return SimpleNamespace(args=args, model=torch.nn.Linear(1000, 1000), train=train)
+    return SimpleNamespace(args=args, model=torch.nn.Linear(1000, 1000), train=train, is_world_process_zero=lambda: True,
+                           accelerator=SimpleNamespace(wait_for_everyone=lambda: None))
 
 
 def test_out_of_memory_while_training_names_the_tier_knobs(tmp_path):

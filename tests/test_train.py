@@ -82,6 +82,32 @@ def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol):
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-5) for k in whole)
 
 
+def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, smol):
+    """make sft NPROC=2 (accelerate launch, DDP; gloo on this CPU) against one process with twice the batch."""
+    import csv
+    import os
+
+    from conftest import make, run_step
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "generated.jsonl").write_text("")
+    records = [{"id": f"r{i}", "instruction": f"Count to {i}.", "response": " ".join(map(str, range(1, i + 2)))}
+               for i in range(16)]
+    (run / "filtered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.utime(run / "generated.jsonl", (0, 0))  # older than filtered.jsonl: make won't regenerate
+    flags = "--max_steps 3 --logging_steps 1 --bf16 false --save_steps 10"
+    result = make("sft", run, NPROC="2", SFT_ARGS=f"--per_device_train_batch_size 2 {flags}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate.commands.launch --num_processes 2" in result.stdout
+    run_step("sft", "--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
+             run / "filtered.jsonl", "--output_dir", tmp_path / "one", "--per_device_train_batch_size", "4",
+             "--seed", "0", *flags.split())
+    two, one = (list(csv.DictReader(open(d / "curves.csv"))) for d in (run / "sft", tmp_path / "one"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == ["1", "2", "3"]
+    assert all(abs(float(a["loss"]) - float(b["loss"])) < 2e-3 for a, b in zip(one, two))
+
+
 def test_training_curves_are_written_beside_the_adapters(chain_run):
     import csv
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -89,24 +90,35 @@ def train_and_save(trainer, output_dir):
     """Train (resuming from the last checkpoint of an interrupted run), then write the adapter to output_dir.
 
     output_dir appears only once complete, with the tokenizer, the resolved training config and the log history.
+    With several processes (accelerate launch) the main one alone touches the files; all of them take part in
+    saving the model (FSDP gathers its shards), and all wait until the adapter is in place.
     """
     check_disk(trainer, output_dir)
     fp32_trainable_under_fp16(trainer)
     work = Path(trainer.args.output_dir)
+    main = trainer.is_world_process_zero()
+    if main:
+        last_complete_checkpoint(work)  # deletes a checkpoint cut short, before any process looks
+    trainer.accelerator.wait_for_everyone()
     last = last_complete_checkpoint(work)
-    if last:
+    if last and main:
         print(f"resuming from {last}")
     try:
         trainer.train(resume_from_checkpoint=last)
     except torch.cuda.OutOfMemoryError as e:
         raise out_of_memory(trainer.args) from e
-    with atomic_path(output_dir) as tmp:
-        trainer.save_model(str(tmp))
-        # to_json_string masks hub tokens; nothing secret is written.
-        (tmp / "training_config.json").write_text(trainer.args.to_json_string())
-        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        write_curves(trainer.state.log_history, tmp)
-    shutil.rmtree(work, ignore_errors=True)
+    staging = Path(output_dir).with_name(Path(output_dir).name + ".tmp")
+    with atomic_path(output_dir) if main else nullcontext(staging) as tmp:
+        trainer.accelerator.wait_for_everyone()  # the main process has cleared the staging directory
+        trainer.save_model(str(tmp))  # writes on the main process only
+        if main:
+            # to_json_string masks hub tokens; nothing secret is written.
+            (tmp / "training_config.json").write_text(trainer.args.to_json_string())
+            (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+            write_curves(trainer.state.log_history, tmp)
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
 
 
 CURVES = ["loss", "rewards/margins", "rewards/accuracies", "learning_rate"]
