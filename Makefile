@@ -91,7 +91,7 @@ $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 	  --tokenizer $(GENERATOR) --embedder $(EMBEDDER) $(FILTER_ARGS)
 
 $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY)),$(RUN)/sft)
-	$(CHECK_CUDA)$(PY) steps/preference.py --in $< $(POLICY_ARGS) --reward-model $(REWARD_MODEL) \
+	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/preference.py --in $< $(POLICY_ARGS) --reward-model $(REWARD_MODEL) \
 	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) \
 	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) \
 	  $(PREFERENCE_ARGS)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from common import run_step
 from common.chat import end_of_turn, pre_query_template, prompt_text
 from common.generation import ENGINES, load_engine
-from common.jsonl import DataError, ResumableWriter, read_jsonl, write_jsonl
+from common.jsonl import DataError, ResumableWriter, merge_shards, process_rank, shard_paths
 
 # An "instruction" that opens like an answer means the model skipped the user turn.
 ANSWER_OPENING = re.compile(
@@ -144,15 +144,10 @@ def to_record(index, conversation, status, args, settings):
     return record
 
 
-def shard_paths(out, world):
-    out = Path(out)
-    return [out.with_name(f"{out.name}.shard{rank}of{world}") for rank in range(world)]
-
-
 def main(argv=None):
     args = parse_args(argv)
     settings = settings_of(args)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = process_rank()
     batches = range(rank, -(-args.num_samples // args.batch_size), world)  # this process's share of the batches
     total = sum(min(args.batch_size, args.num_samples - b * args.batch_size) for b in batches)
     target = Path(args.out) if world == 1 else shard_paths(args.out, world)[rank]
@@ -194,19 +189,8 @@ def main(argv=None):
         bar.close()
     writer.finish()
     if world > 1 and rank == 0:
-        merge_shards(args.out, world)
+        merge_shards(args.out, world, order=lambda r: int(r["id"].rsplit("-", 1)[1]))
     print(f"wrote {target}: {len(writer.done)} samples", file=sys.stderr)
-
-
-def merge_shards(out, world):
-    """Process 0 waits for every shard, then writes OUT in id order: the result doesn't depend on NPROC."""
-    shards = shard_paths(out, world)
-    while not all(s.exists() for s in shards):
-        time.sleep(2)
-    records = sorted((r for s in shards for r in read_jsonl(s)), key=lambda r: int(r["id"].rsplit("-", 1)[1]))
-    write_jsonl(out, records)
-    for s in shards:
-        s.unlink()
 
 
 if __name__ == "__main__":

@@ -14,15 +14,17 @@ With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
 """
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 from common import run_step
 from common.chat import end_of_turn, prompt_text
 from common.generation import ENGINES, load_engine
-from common.jsonl import DataError, ResumableWriter, read_jsonl, write_jsonl
+from common.jsonl import DataError, ResumableWriter, merge_shards, process_rank, read_jsonl, shard_paths, write_jsonl
 from common.reward import load_reward, score_in_batches
 
 
@@ -76,29 +78,35 @@ def pair(record, responses, scores, finished=None):
     }
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    records = read_jsonl(args.inp, required={"id": str, "instruction": str})
-    if not records:
-        raise DataError(f"{args.inp}: no instructions")
-    writer = ResumableWriter(args.scored, keep=lambda n: n if n >= len(records) else n - n % args.batch_size)
-    if [r["id"] for r in writer.done] != [r["id"] for r in records[: len(writer.done)]]:
+def score_batches(args, batches, target, rank=0, world=1):
+    """Sample and score these (batch number, instructions) pairs into `target`, resuming what an earlier run wrote;
+    returns every scored record of the batches."""
+    share = [r for _, batch in batches for r in batch]
+    writer = ResumableWriter(target, keep=lambda n: n if n >= len(share) else n - n % args.batch_size)
+    if [r["id"] for r in writer.done] != [r["id"] for r in share[: len(writer.done)]]:
         writer.close()
         raise DataError(f"{writer.partial}: holds other instructions than {args.inp}; delete it to start over")
-    if len(writer.done) < len(records):
+    todo = batches[len(writer.done) // args.batch_size :] if len(writer.done) < len(share) else []
+    if todo:
+        device_map = None
+        if world > 1:
+            import torch
+
+            gpus = torch.cuda.device_count()  # one GPU per process; fewer GPUs than processes are shared
+            device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % gpus}" if gpus else "cpu"}
         policy = load_engine(args.engine, args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                             adapter=args.policy_adapter)
+                             adapter=args.policy_adapter, device_map=device_map)
         tokenizer = policy.tokenizer
         reward = load_reward(args.reward_model, args.dtype)
         stop = [end_of_turn(tokenizer, "assistant")]
         k = args.num_responses
-        bar = tqdm(total=len(records), initial=len(writer.done), desc="preference", unit="instruction")
+        bar = tqdm(total=len(share), initial=len(writer.done), desc=f"preference[{rank}]" if world > 1 else "preference",
+                   unit="instruction", position=rank)
         start, tokens = time.time(), 0
-        for first in range(len(writer.done), len(records), args.batch_size):
-            batch = records[first : first + args.batch_size]
+        for b, batch in todo:
             prompts = [prompt_text(tokenizer, r["instruction"]) for r in batch for _ in range(k)]
             samples = policy.sample(prompts, args.max_response_tokens, args.temperature, args.top_p, stop,
-                                    args.seed * 1_000_003 + first // args.batch_size)
+                                    args.seed * 1_000_003 + b)
             texts = [s["text"] for s in samples]
             scores = score_in_batches(reward, [r["instruction"] for r in batch for _ in range(k)], texts,
                                       args.reward_batch_size)
@@ -113,9 +121,32 @@ def main(argv=None):
             bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
         bar.close()
     writer.finish()
+    return writer.done
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    records = read_jsonl(args.inp, required={"id": str, "instruction": str})
+    if not records:
+        raise DataError(f"{args.inp}: no instructions")
+    batches = [(b, records[first : first + args.batch_size]) for b, first in enumerate(range(0, len(records),
+                                                                                          args.batch_size))]
+    # Under torchrun (NPROC > 1) each process takes every world-th batch, on its own GPU, into a shard of --scored;
+    # process 0 merges the shards in input order and makes the pairs. Batch b has the same seed either way.
+    rank, world = process_rank()
+    if world == 1:
+        scored = score_batches(args, batches, args.scored)
+    elif Path(args.scored).exists():  # finished by an earlier run: only the pairs are left
+        scored = read_jsonl(args.scored)
+    else:
+        score_batches(args, batches[rank::world], shard_paths(args.scored, world)[rank], rank, world)
+        position = {r["id"]: i for i, r in enumerate(records)}
+        scored = merge_shards(args.scored, world, lambda r: position[r["id"]]) if rank == 0 else None
+    if rank:
+        return
 
     pairs = [pair(r, r["responses"], r["scores"], None if args.allow_truncated_chosen else r["finished"])
-             for r in writer.done]
+             for r in scored]
     kept = [p for p in pairs if p and p["margin"] >= args.min_margin and (p["margin"] > 0 or args.ties == "keep")]
     write_jsonl(args.out, kept)
     print(f"wrote {args.out}: {len(kept)} pairs of {len(pairs)} instructions ({pairs.count(None)} without a "

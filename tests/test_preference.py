@@ -122,6 +122,36 @@ def test_preference_resumes_after_a_kill(tmp_path, smol):
     assert read_lines(tmp_path / "killed.jsonl") == read_lines(tmp_path / "whole.jsonl")
 
 
+def test_two_processes_score_the_same_pairs_as_one(tmp_path, smol):
+    """NPROC=2 (torchrun): each process samples and scores every other batch into a shard; process 0 merges them in
+    input order. Same seeds per batch, so the same scored records and pairs as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    src = tmp_path / "filtered.jsonl"
+    src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": f"Name a colour, number {k}."}) + "\n"
+                           for k in range(5)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in both runs
+
+    def run(name, launcher):
+        args = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "embedded:minilm", "--num-responses",
+                "2", "--max-response-tokens", "12", "--batch-size", "2", "--dtype", "bfloat16",
+                "--scored", tmp_path / f"{name}-scored.jsonl", "--out", tmp_path / f"{name}.jsonl"]
+        result = subprocess.run([*launcher, str(REPO / "steps" / "preference.py"), *map(str, args)], cwd=REPO,
+                                env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run("one", [sys.executable])
+    run("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    assert [r["id"] for r in read_lines(tmp_path / "two-scored.jsonl")] == [f"i{k}" for k in range(5)]
+    assert read_lines(tmp_path / "two-scored.jsonl") == read_lines(tmp_path / "one-scored.jsonl")
+    assert read_lines(tmp_path / "two.jsonl") == read_lines(tmp_path / "one.jsonl")
+    assert not list(tmp_path.glob("*shard*"))  # merged and removed
+
+
 def test_on_policy_responses_from_the_sft_adapter(tmp_path, chain_run):
     src = tmp_path / "filtered.jsonl"
     src.write_text(json.dumps({"id": "i0", "instruction": "Name a planet."}) + "\n")

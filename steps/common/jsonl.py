@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,3 +143,28 @@ class ResumableWriter:
     def close(self):
         if not self._file.closed:
             self._file.close()
+
+
+# ---- Several processes (NPROC, torchrun) each write a shard; process 0 merges them ----------------------------
+
+def process_rank():
+    """(rank, world size) of this process under torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_paths(out, world):
+    out = Path(out)
+    return [out.with_name(f"{out.name}.shard{rank}of{world}") for rank in range(world)]
+
+
+def merge_shards(out, world, order):
+    """Wait for every process's shard, then write OUT sorted by `order(record)` (so the result doesn't depend on
+    the number of processes) and delete the shards. Returns the records."""
+    shards = shard_paths(out, world)
+    while not all(s.exists() for s in shards):
+        time.sleep(2)
+    records = sorted((r for s in shards for r in read_jsonl(s)), key=order)
+    write_jsonl(out, records)
+    for s in shards:
+        s.unlink()
+    return records
