@@ -37,6 +37,9 @@ def test_killed_run_resumes_to_the_same_records(tmp_path, smol):
     written = kill_midway("generate", [*ARGS, "--out", out], tmp_path / "killed.jsonl.partial", lines=2)
     assert 2 <= written < 6, "the kill should land mid-run"
     assert not out.exists()  # an unfinished output never takes the final name
+    # The resumed run is killed too, further on: a crash can come at any point, also during a resume.
+    again = kill_midway("generate", [*ARGS, "--out", out], tmp_path / "killed.jsonl.partial", lines=4)
+    assert 4 <= again < 6 and not out.exists()
 
     result = run_step("generate", *ARGS, "--out", out)
     assert "already written" in result.stderr

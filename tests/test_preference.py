@@ -116,6 +116,8 @@ def test_preference_resumes_after_a_kill(tmp_path, smol):
     run_step("preference", *args("whole"))
     written = kill_midway("preference", args("killed"), tmp_path / "killed-scored.jsonl.partial", lines=2)
     assert 2 <= written < 6 and not (tmp_path / "killed.jsonl").exists()
+    again = kill_midway("preference", args("killed"), tmp_path / "killed-scored.jsonl.partial", lines=4)
+    assert 4 <= again < 6 and not (tmp_path / "killed.jsonl").exists()  # killed again while resuming
     result = run_step("preference", *args("killed"))
     assert "already written" in result.stderr
     assert read_lines(tmp_path / "killed-scored.jsonl") == read_lines(tmp_path / "whole-scored.jsonl")
