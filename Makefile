@@ -119,7 +119,7 @@ $(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json
 REPORT_PNG_WIDTH ?= 1200
 report-png: $(RUN)/report.png
 $(RUN)/report.png: $(RUN)/report.html
-	$(PY) tools/screenshot.py $< $@ --width $(REPORT_PNG_WIDTH)
+	$(PY) steps/report_png.py $< $@ --width $(REPORT_PNG_WIDTH)
 
 # Several MODELs side by side: each one's run ($(RUNS_DIR)/<model>-$(GPU)) is evaluated where it is not yet (the
 # chain runs first for a model not yet trained), then one table of every run's base, SFT and DPO scores.

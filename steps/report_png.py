@@ -1,6 +1,6 @@
 """Render an HTML page in headless Chromium to a full-page PNG (for report.html: `make report-png`).
 
-    python tools/screenshot.py data/runs/smol-cpu/report.html data/runs/smol-cpu/report.png --width 1200
+    python steps/report_png.py data/runs/smol-cpu/report.html data/runs/smol-cpu/report.png --width 1200
 
 Drives Debian's chromium through chromium-driver (chromedriver) with the plain W3C WebDriver protocol over HTTP, so
 no Python package is needed: it loads the page, measures its height and sizes the window to it before the
