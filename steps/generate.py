@@ -19,7 +19,6 @@ are the same as with one process.
 """
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from common import run_step
 from common.chat import end_of_turn, pre_query_template, prompt_text
-from common.generation import ENGINES, load_engine
+from common.generation import ENGINES, load_engine, process_device_map
 from common.jsonl import DataError, ResumableWriter, merge_shards, process_rank, shard_paths
 
 # An "instruction" that opens like an answer means the model skipped the user turn.
@@ -161,15 +160,8 @@ def main(argv=None):
                         "delete it to start over, or rerun with the same settings to resume")
     todo = list(batches)[len(writer.done) // args.batch_size :] if len(writer.done) < total else []
     if todo:
-        device_map = None
-        if world > 1:
-            import torch
-
-            # One GPU per process; with fewer GPUs than processes they share (that is how one GPU tests it).
-            gpus = torch.cuda.device_count()
-            device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % gpus}" if gpus else "cpu"}
         engine = load_engine(args.engine, args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                             device_map=device_map)
+                             device_map=process_device_map(rank, world))
         markers = template_markers(engine.tokenizer)
         print(f"pre-query template: {pre_query_template(engine.tokenizer, args.system)!r}", file=sys.stderr)
         bar = tqdm(total=total, initial=len(writer.done), desc=f"generate[{rank}]" if world > 1 else "generate",

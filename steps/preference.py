@@ -14,7 +14,6 @@ With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from common import run_step
 from common.chat import end_of_turn, prompt_text
-from common.generation import ENGINES, load_engine
+from common.generation import ENGINES, load_engine, process_device_map
 from common.jsonl import DataError, ResumableWriter, merge_shards, process_rank, read_jsonl, shard_paths, write_jsonl
 from common.reward import load_reward, score_in_batches
 
@@ -88,14 +87,8 @@ def score_batches(args, batches, target, rank=0, world=1):
         raise DataError(f"{writer.partial}: holds other instructions than {args.inp}; delete it to start over")
     todo = batches[len(writer.done) // args.batch_size :] if len(writer.done) < len(share) else []
     if todo:
-        device_map = None
-        if world > 1:
-            import torch
-
-            gpus = torch.cuda.device_count()  # one GPU per process; fewer GPUs than processes are shared
-            device_map = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % gpus}" if gpus else "cpu"}
         policy = load_engine(args.engine, args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                             adapter=args.policy_adapter, device_map=device_map)
+                             adapter=args.policy_adapter, device_map=process_device_map(rank, world))
         tokenizer = policy.tokenizer
         reward = load_reward(args.reward_model, args.dtype)
         stop = [end_of_turn(tokenizer, "assistant")]
@@ -137,7 +130,7 @@ def main(argv=None):
     if world == 1:
         scored = score_batches(args, batches, args.scored)
     elif Path(args.scored).exists():  # finished by an earlier run: only the pairs are left
-        scored = read_jsonl(args.scored)
+        scored = read_jsonl(args.scored) if rank == 0 else None
     else:
         score_batches(args, batches[rank::world], shard_paths(args.scored, world)[rank], rank, world)
         position = {r["id"]: i for i, r in enumerate(records)}

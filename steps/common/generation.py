@@ -21,6 +21,15 @@ from .models import load_causal_lm, load_tokenizer, resolve, resolve_dtype, trus
 ENGINES = ("transformers", "vllm")
 
 
+def process_device_map(rank, world):
+    """Where a model goes in one of `world` processes: its own GPU (shared round-robin when there are fewer GPUs than
+    processes, which is how one GPU tests sharding), the CPU without GPUs, or wherever it would go alone."""
+    if world == 1:
+        return None
+    gpus = torch.cuda.device_count()
+    return {"": f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % gpus}" if gpus else "cpu"}
+
+
 def load_engine(kind, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None):
     """An engine for `model`; with `adapter` (a LoRA directory, e.g. the SFT step's) the adapted model generates,
     formatting prompts with the adapter's tokenizer (the chat template it was trained with)."""
