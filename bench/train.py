@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,13 +297,13 @@ def runs_for(suite):
     }
     suites["t4"] = t4 + packcheck + qwen
     suites["speed2"] = [sft_base, sft_tier, *speed2]
-    for r in (dpo_base_run, dpo_tier):
-        r.adapter_from = "dpo-adapter"
     suites["speed3-var"] = speed3_var + [
         Run("sft-compile-by-step", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + fast, warmup=4,
             group="speed-sft", note="as sft-tier-rcompile-noliger, regional compilation set by the step itself",
             estimate_s=75)]
-    suites["speed2-dpo"] = [dpo_adapter, dpo_base_run, dpo_tier, speed2_dpo[0], t4_ref_check, speed2_var[1],
+    # The same DPO runs, continuing the 1-step adapter (copies: the other suites keep theirs).
+    dpo_base2, dpo_tier2 = (replace(r, adapter_from="dpo-adapter") for r in (dpo_base_run, dpo_tier))
+    suites["speed2-dpo"] = [dpo_adapter, dpo_base2, dpo_tier2, speed2_dpo[0], t4_ref_check, speed2_var[1],
                             speed2_dpo[1], pack[2], speed2_var[0]]
     suites["speed"] = [sft_base, sft_tier, dpo_base_run, dpo_tier, *sft_ablations, dpo_liger, *pack, *a100]
     return suites[suite] if suite in suites else suites["core"] + suites["extra"]

@@ -68,14 +68,13 @@ def read_json(path):
 
 
 def read_curves(adapter_dir):
-    """The adapter's training curves: curves.csv (one row a logged step), or from log_history.json if it is older."""
+    """The adapter's training curves (curves.csv, written by the training step: one row a logged step)."""
     path = Path(adapter_dir) / "curves.csv"
-    if path.exists():
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
-    history = read_json(Path(adapter_dir) / "log_history.json")
-    return [{k: float(v) for k, v in h.items() if isinstance(v, (int, float))} for h in history if "loss" in h]
+    if not path.exists():
+        raise DataError(f"{path}: missing; the report needs every step's output (run `make report`)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
 
 
 def load_run(run):
@@ -293,8 +292,8 @@ def training_section(d):
             ax.plot([s for s, _ in points], [v for _, v in points], marker=".")
             ax.set_title(f"{stage.upper()} {metric}")
             ax.set_xlabel("step")
-        blocks.append(plot("training", fig, "Training curves from the adapters' curves.csv (one point a logged step; "
-                                            "log_history.json in older runs)."))
+        blocks.append(plot("training", fig, "Training curves from the adapters' curves.csv (one point a logged "
+                                            "step)."))
     if not rows:
         blocks.append(para("No training step was logged (a run shorter than logging_steps)."))
     blocks.append(para("DPO's reference model is the SFT model, so its reward margin and accuracy start at 0."))

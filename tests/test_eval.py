@@ -124,7 +124,3 @@ def test_compare_warns_when_runs_were_evaluated_differently(chain_run, tmp_path)
     assert "different tasks or LIMITs" in out.read_text()
     missing = run_step("compare", "--run", f"c={tmp_path / 'nothing'}", "--out", out, check=False)
     assert missing.returncode == 2 and "eval/base.json: missing" in missing.stderr
-
-
-def test_cpu_tier_runs_both_kinds_of_task():
-    assert "TASKS ?= ifeval_local,mc_local" in (REPO / "env" / "cpu" / "tier.mk").read_text().splitlines()
