@@ -103,6 +103,23 @@ def training_step(self, model, inputs, *a, **k):
     S["pad"] += int(ids.numel())
     return _training_step(self, model, inputs, *a, **k)
 transformers.Trainer.training_step = training_step
+try:  # DPO with precompute_ref_log_probs: the reference pass runs once, before training; time it and count its tokens
+    from trl.trainer import dpo_trainer as _dpo
+    _pre, _ref = _dpo.DPOTrainer._precompute_ref_logps, _dpo.DPOTrainer.compute_ref_log_probs
+    def _precompute_ref_logps(self, *a, **k):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = _pre(self, *a, **k)
+        torch.cuda.synchronize()
+        S["precompute_s"] = S.get("precompute_s", 0) + time.perf_counter() - t
+        return out
+    def compute_ref_log_probs(self, model, inputs):
+        S["precompute_tokens"] = S.get("precompute_tokens", 0) + int(inputs["attention_mask"].sum())
+        return _ref(self, model, inputs)
+    _dpo.DPOTrainer._precompute_ref_logps = _precompute_ref_logps
+    _dpo.DPOTrainer.compute_ref_log_probs = compute_ref_log_probs
+except (ImportError, AttributeError):
+    pass
 sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
 sys.argv = [script, *argv]
 runpy.run_path(script, run_name="__main__")
@@ -136,11 +153,12 @@ DATASETS = {
     "sft_fixed": ("sft", 256, (200, 200), (900, 900)),
     "sft_var": ("sft", 768, (16, 128), (32, 512)),  # the tiers' real limits: instruction <=128, response <=512
     "dpo_fixed": ("dpo", 256, (128, 128), (950, 950)),
+    "dpo_var": ("dpo", 384, (16, 128), (32, 512)),
 }
 
 SPEED_BASELINE = ["--per_device_train_batch_size", "12", "--gradient_accumulation_steps", "1",
                   "--gradient_checkpointing", "true", "--use_liger_kernel", "false", "--packing", "false",
-                  "--padding_free", "false", "--attn_implementation", "sdpa"]
+                  "--padding_free", "false", "--attn_implementation", "sdpa", "--torch_compile", "false"]
 
 
 # The speed runs as measured (bench/README.md): 8 x 1024 a micro-batch, 2 accumulation steps, no packing.
@@ -200,7 +218,8 @@ def runs_for(suite):
             estimate_s=50),
     ]
     dpo_base = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
-                "--gradient_checkpointing", "true", "--use_liger_kernel", "false"]
+                "--gradient_checkpointing", "true", "--use_liger_kernel", "false", "--torch_compile", "false",
+                "--precompute_ref_log_probs", "false"]
     speed_dpo = [
         Run("dpo-baseline", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", dpo_base, max_steps=6, warmup=2,
             adapter_from="sft-baseline", group="speed-dpo", note="the seed's h100 DPO: 16 pairs, grad ckpt",
@@ -305,6 +324,49 @@ def runs_for(suite):
     dpo_base2, dpo_tier2 = (replace(r, adapter_from="dpo-adapter") for r in (dpo_base_run, dpo_tier))
     suites["speed2-dpo"] = [dpo_adapter, dpo_base2, dpo_tier2, speed2_dpo[0], t4_ref_check, speed2_var[1],
                             speed2_dpo[1], pack[2], speed2_var[0]]
+    # Round 3 (DPO's 2x): the reference log-probs computed once in a no-grad pass over the dataset
+    # (precompute_ref_log_probs) instead of a reference forward in every step; tokens_per_s includes that pass.
+    pre = ["--precompute_ref_log_probs", "true", "--precompute_ref_batch_size", "16"]
+    speed4_dpo = [
+        Run("dpo-pre-rcompile-noliger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", fast + pre,
+            max_steps=6, warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
+            note="compile, no Liger, reference log-probs precomputed", estimate_s=120),
+        Run("dpo-pre-rcompile-noliger-b8", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed",
+            fast + pre + ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"], max_steps=6,
+            warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
+            note="as above, 8 pairs a micro-batch", estimate_s=120),
+        Run("dpo-pre-liger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", pre, max_steps=6, warmup=2,
+            adapter_from="dpo-adapter", group="speed-dpo", note="dpo tier (Liger, no compile) + precompute",
+            estimate_s=75),
+    ]
+    suites["speed4-dpo"] = [dpo_adapter, dpo_base2, speed2_dpo[0], *speed4_dpo]
+    # Round 4: the DPO step compiles the layers itself before the trainer, so the precompute pass runs compiled too;
+    # env/h100/dpo.yaml now holds compile + precompute + 8 pairs a micro-batch.
+    no_pre = ["--precompute_ref_log_probs", "false"]
+    suites["speed5-dpo"] = [
+        dpo_adapter, dpo_base2, replace(dpo_tier2, note="env/h100/dpo.yaml: compile, precompute (32 pairs), 8 x 2",
+                                        estimate_s=110),
+        Run("dpo-tier-pre16", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed",
+            ["--precompute_ref_batch_size", "16"], max_steps=6, warmup=2, adapter_from="dpo-adapter",
+            group="speed-dpo", note="tier, precompute 16 pairs a batch", estimate_s=110),
+        Run("dpo-tier-nopre", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", no_pre, max_steps=6, warmup=2,
+            adapter_from="dpo-adapter", group="speed-dpo", note="tier without precompute", estimate_s=100),
+        Run("dpo-var-baseline", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var", dpo_base, max_steps=12,
+            warmup=2, adapter_from="dpo-adapter", group="speed-dpo-var", note="baseline, realistic lengths",
+            estimate_s=70),
+        Run("dpo-var-tier", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var", [], max_steps=12, warmup=2,
+            adapter_from="dpo-adapter", group="speed-dpo-var", note="tier, realistic lengths (shapes vary)",
+            estimate_s=120),
+    ]
+    # Round 5: both steps compile in place (common/training.py); each tier as its YAML stands, against the baselines.
+    dpo_runs = {r.name: r for r in suites["speed5-dpo"]}
+    suites["speed6"] = [
+        replace(dpo_adapter, flags=dpo_adapter.flags + ["--torch_compile", "false"], estimate_s=40), sft_base,
+        Run("sft-tier-inplace", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK, warmup=4,
+            group="speed-sft", note="env/h100/sft.yaml (compile in place) on full-length rows", estimate_s=80),
+        dpo_base2, replace(dpo_tier2, max_steps=10, warmup=3, estimate_s=90,
+                           note="env/h100/dpo.yaml: compile in place, no Liger, no ckpt, 8 x 2"),
+        dpo_runs["dpo-var-baseline"], dpo_runs["dpo-var-tier"]]
     suites["speed"] = [sft_base, sft_tier, dpo_base_run, dpo_tier, *sft_ablations, dpo_liger, *pack, *a100]
     return suites[suite] if suite in suites else suites["core"] + suites["extra"]
 
@@ -360,7 +422,7 @@ def build_model(config_name, out_dir, tokenizer_dir, dtype="bfloat16"):
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
     t = time.time()
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     n_params = sum(p.numel() for p in model.parameters())
     out_dir = Path(out_dir)
@@ -477,6 +539,17 @@ def summarise(run, raw, meta, rc, elapsed, tail):
             r["mfu_6n"] = round(6 * meta["n_params"] * r["tokens_per_s"] / PEAK_BF16_DENSE, 4)
             if run.step == "dpo":
                 r["mfu_8n"] = round(8 * meta["n_params"] * r["tokens_per_s"] / PEAK_BF16_DENSE, 4)
+        if raw.get("precompute_s"):
+            # The reference pass over the whole dataset is part of the cost of every token trained: per token it
+            # takes precompute_s / precompute_tokens, added to the training step's time per token.
+            r["precompute_s"] = round(raw["precompute_s"], 2)
+            r["precompute_tokens"] = raw.get("precompute_tokens")
+            pre_tps = raw["precompute_tokens"] / raw["precompute_s"]
+            r["precompute_tokens_per_s"] = round(pre_tps, 1)
+            r["tokens_per_s_training_only"] = r["tokens_per_s"]
+            r["tokens_per_s"] = round(1 / (1 / r["tokens_per_s"] + 1 / pre_tps), 1)
+            if meta.get("n_params"):
+                r["mfu_6n"] = round(6 * meta["n_params"] * r["tokens_per_s"] / PEAK_BF16_DENSE, 4)
     losses = [h["loss"] for h in raw.get("log_history", []) if "loss" in h]
     if losses:
         r["losses"] = losses

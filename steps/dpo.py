@@ -54,10 +54,10 @@ def main(argv=None):
 
     output_dir = training_args.output_dir
     training_args.output_dir = str(checkpoint_dir(output_dir))
-    compile_layer_by_layer(training_args)
     # The SFT adapter's tokenizer carries the chat template and pad token that SFT trained with.
     tokenizer = load_tokenizer(data_args.sft_adapter)
     policy = PeftModel.from_pretrained(load_for_training(model_args), data_args.sft_adapter, is_trainable=True)
+    compile_layer_by_layer(training_args, policy)
     columns = list(PAIR_FIELDS)
     trainer = DPOTrainer(
         model=policy,

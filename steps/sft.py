@@ -42,8 +42,10 @@ def build_trainer(data_args, training_args, model_args):
     if not records:
         raise DataError(f"{data_args.train_file}: no training records")
     tokenizer = prepare_tokenizer(load_tokenizer(model_args.model_name_or_path))
+    model = load_for_training(model_args)
+    compile_layer_by_layer(training_args, model)
     return SFTTrainer(
-        model=load_for_training(model_args),
+        model=model,
         args=training_args,
         train_dataset=Dataset.from_list(to_examples(records)),
         processing_class=tokenizer,
@@ -61,7 +63,6 @@ def main(argv=None):
     data_args, training_args, model_args = parse(argv)
     output_dir = training_args.output_dir
     training_args.output_dir = str(checkpoint_dir(output_dir))
-    compile_layer_by_layer(training_args)
     train_and_save(build_trainer(data_args, training_args, model_args), output_dir)
     print(f"wrote {output_dir}")
 

@@ -21,6 +21,22 @@ def test_sft_loss_covers_only_the_assistant_tokens(tmp_path, smol):
     assert "Name a fruit." not in trained and "system" not in trained
 
 
+def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol):
+    """--torch_compile (the h100 tier) compiles every decoder layer in place before the trainer and turns the trainer's
+    own compile off: the trainer compiling the model again would wrap it twice. Nothing runs, so nothing compiles."""
+    data = tmp_path / "filtered.jsonl"
+    data.write_text(json.dumps({"id": "a", "instruction": "Name a fruit.", "response": "An apple."}) + "\n")
+    trainer = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
+                                    str(data), "--output_dir", str(tmp_path / "sft"), "--torch_compile", "true"]))
+    layers = trainer.model.get_base_model().model.layers
+    assert len(layers) == 30 and all(layer._compiled_call_impl is not None for layer in layers)
+    assert trainer.args.torch_compile is False and trainer.args.torch_compile_backend is None
+    assert trainer.accelerator.state.dynamo_plugin.backend.value == "NO"
+    plain = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
+                                  str(data), "--output_dir", str(tmp_path / "sft2")]))
+    assert all(layer._compiled_call_impl is None for layer in plain.model.get_base_model().model.layers)
+
+
 def test_adapters_have_the_seed_lora_config_and_load(chain_run, smol):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
