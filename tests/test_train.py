@@ -21,7 +21,7 @@ def test_sft_loss_covers_only_the_assistant_tokens(tmp_path, smol):
     assert "Name a fruit." not in trained and "system" not in trained
 
 
-def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol):
+def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol, monkeypatch):
     """--torch_compile (the h100 tier) compiles every decoder layer in place before the trainer and turns the trainer's
     own compile off: the trainer compiling the model again would wrap it twice. Nothing runs, so nothing compiles."""
     data = tmp_path / "filtered.jsonl"
@@ -35,6 +35,17 @@ def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol):
     plain = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
                                   str(data), "--output_dir", str(tmp_path / "sft2")]))
     assert all(layer._compiled_call_impl is None for layer in plain.model.get_base_model().model.layers)
+    # Under FSDP (accelerate launch --config_file env/accelerate/fsdp.yaml) the layers are sharded first: the step
+    # leaves compiling to accelerate, which does it after sharding.
+    from common.training import compile_layer_by_layer
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = parse(["--config", CPU_SFT, "--model_name_or_path", "x", "--train_file", "x", "--output_dir", "x",
+                  "--torch_compile", "true"])[1]
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    compile_layer_by_layer(args, layers)
+    assert args.torch_compile and args.torch_compile_backend == "inductor"
+    assert all(layer._compiled_call_impl is None for layer in layers)
 
 
 def test_adapters_have_the_seed_lora_config_and_load(chain_run, smol):

@@ -1,6 +1,7 @@
 """Training plumbing shared by the SFT and DPO steps: resumable checkpoints and an atomic final adapter."""
 
 import json
+import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,13 @@ def checkpoint_dir(output_dir):
     return output_dir.with_name(output_dir.name + ".partial")
 
 
+def sharded(args):
+    """Whether FSDP or DeepSpeed will wrap the model: from the training arguments or from `accelerate launch
+    --config_file`, which says so in the environment."""
+    return bool(args.fsdp or args.deepspeed) or any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+
+
 def compile_layer_by_layer(args, model):
     """With `torch_compile`, compile each decoder layer in place ("regional compilation": the layers are alike, so one
     compile serves all 28 and takes ~20 s instead of minutes), then turn the trainer's own compile off, which would
@@ -28,8 +36,8 @@ def compile_layer_by_layer(args, model):
     the trainer through accelerate, the DPO step ran ~1.25x faster and SFT the same (bench/README.md, round 3), and
     work done before training, such as DPO's precompute_ref_log_probs pass, runs compiled too.
     """
-    if not args.torch_compile:
-        return
+    if not args.torch_compile or sharded(args):
+        return  # FSDP and DeepSpeed wrap the layers themselves: accelerate compiles them after that, as it should
     from accelerate.utils.other import compile_regions_deepspeed as compile_regions_in_place  # not DeepSpeed-only
 
     compile_regions_in_place(model)
@@ -114,10 +122,19 @@ def train_and_save(trainer, output_dir):
         trainer.train(resume_from_checkpoint=last)
     except torch.cuda.OutOfMemoryError as e:
         raise out_of_memory(trainer.args) from e
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # env/accelerate/fsdp.yaml's SHARDED_STATE_DICT suits checkpoints (each rank writes its shard); for a sharded
+        # state dict Trainer.save_model writes no weights at all, and the adapter must be whole anyway.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     staging = Path(output_dir).with_name(Path(output_dir).name + ".tmp")
     with atomic_path(output_dir) if main else nullcontext(staging) as tmp:
         trainer.accelerator.wait_for_everyone()  # the main process has cleared the staging directory
         trainer.save_model(str(tmp))  # writes on the main process only
+        saved = sorted(f.name for f in tmp.iterdir()) if main and tmp.is_dir() else []
+        if main and not [f for f in saved if f.endswith(".safetensors") or f.endswith("model.bin")]:
+            raise StepError(f"training finished but saving wrote no weights to {tmp} (only: "
+                            f"{', '.join(saved) or 'nothing'}); the checkpoints in {work} are kept, and rerunning "
+                            "the step saves again from the last one")
         if main:
             # to_json_string masks hub tokens; nothing secret is written.
             (tmp / "training_config.json").write_text(trainer.args.to_json_string())
