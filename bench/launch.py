@@ -2,7 +2,8 @@
 
 Multi-GPU machines are withheld, so this runs what one GPU can: the Makefile's sft and dpo targets with the training
 launcher that NPROC>1 makes (`accelerate launch --multi_gpu`, which starts torch.distributed.run: a distributed
-process group, DDP, the main process writing the adapter), here torch.distributed.run with one process; then again with FSDP (ACCELERATE_CONFIG=env/accelerate/fsdp.yaml).
+process group, DDP, the main process writing the adapter), here torch.distributed.run with one process; then
+again with FSDP (ACCELERATE_CONFIG=env/accelerate/fsdp.yaml).
 The model is SmolLM2-135M's architecture, randomly initialised (no weights reach the GPU machine), with SmolLM2's
 tokenizer; the data is synthetic. It checks that each make run succeeds and writes the adapter, the resolved config
 and the curves, and that a second make has nothing to do.
@@ -24,9 +25,9 @@ import train as bench  # noqa: E402  (bench/train.py: model building and synthet
 
 REPO = bench.REPO
 TRAIN_ARGS = "--logging_steps 1 --log_level info"
-RUNS = {  # name: (extra make variables, extra step flags)
-    "ddp": ({}, ""),
-    "fsdp": ({"ACCELERATE_CONFIG": "env/accelerate/fsdp.yaml"}, ""),
+RUNS = {  # name: extra make variables
+    "ddp": {},
+    "fsdp": {"ACCELERATE_CONFIG": "env/accelerate/fsdp.yaml"},
 }
 
 
@@ -36,9 +37,8 @@ def write_run_inputs(run_dir, tokenizer_dir):
 
     words = bench.single_token_words(AutoTokenizer.from_pretrained(tokenizer_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    bench.DATASETS.update(small_sft=("sft", 96, (16, 64), (32, 256)), small_dpo=("dpo", 64, (16, 64), (32, 256)))
-    bench.write_data("small_sft", run_dir / "filtered.jsonl", words)
-    bench.write_data("small_dpo", run_dir / "preference.jsonl", words, seed=1)
+    bench.write_data("small_sft", run_dir / "filtered.jsonl", words, spec=("sft", 96, (16, 64), (32, 256)))
+    bench.write_data("small_dpo", run_dir / "preference.jsonl", words, seed=1, spec=("dpo", 64, (16, 64), (32, 256)))
     (run_dir / "generated.jsonl").write_text((run_dir / "filtered.jsonl").read_text())
     now = time.time()
     for age, name in ((30, "generated.jsonl"), (20, "filtered.jsonl"), (10, "preference.jsonl")):
@@ -98,9 +98,9 @@ def main():
         bench.build_model("smollm2-135m", model_dir, a.tokenizer)
     deps = work / "deps-installed"  # the GPU machine has its packages: make's install target is marked done
     deps.touch()
-    report = {"gpu": gpu, "versions": bench.versions(), "tier": a.tier, "runs": []}
+    report = {"gpu": gpu, "versions": bench.installed_versions(bench.BENCH_PACKAGES), "tier": a.tier, "runs": []}
     out_file = out / f"launch-{bench.gpu_slug(gpu)}.json"
-    for name, (variables, flags) in RUNS.items():
+    for name, variables in RUNS.items():
         if a.only and name not in a.only.split(","):
             continue
         run_dir = work / name
@@ -109,7 +109,7 @@ def main():
         launcher = (f"{sys.executable} -m accelerate.commands.launch --num_processes 1 --config_file "
                     f"{variables['ACCELERATE_CONFIG']}" if "ACCELERATE_CONFIG" in variables else
                     f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 1")
-        step_args = f"{a.steps} {TRAIN_ARGS} {flags}".strip()
+        step_args = f"{a.steps} {TRAIN_ARGS}"
         make_vars = {"GPU": a.tier, "MODEL": "llama", "MODEL_ID": str(model_dir), "RUN": str(run_dir),
                      "PY": sys.executable, "DEPS": str(deps), "LAUNCH_TRAINING": launcher,
                      "SFT_ARGS": step_args, "DPO_ARGS": step_args, **variables}

@@ -30,6 +30,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "steps"))
+from common import installed_versions  # noqa: E402
+
+BENCH_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger_kernel",
+                  "triton", "pyarrow")
 CONFIGS = REPO / "bench" / "configs"
 PEAK_BF16_DENSE = 989e12
 BUILD_ESTIMATE_S = 40
@@ -143,7 +148,6 @@ class Run:
     note: str = ""
     estimate_s: int = 60
     timeout_s: int = 300
-    env: dict = field(default_factory=dict)  # extra environment of the step's process
 
 
 # name: (kind, number of records, prompt words (lo, hi), completion words (lo, hi)). Words are single tokens of the
@@ -208,8 +212,8 @@ def runs_for(suite):
         Run("sft-baseline", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", SPEED_BASELINE,
             group="speed-sft", note="issue baseline: PEFT LoRA, bf16, SDPA, grad ckpt, no packing, 12 x 1024",
             estimate_s=60),
-        Run("sft-tier", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK, group="speed-sft",
-            note="env/h100/sft.yaml without packing (full-length rows: one sample a bin)", estimate_s=50),
+        Run("sft-tier", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK, warmup=4, group="speed-sft",
+            note="env/h100/sft.yaml without packing (full-length rows: one sample a bin)", estimate_s=80),
         Run("sft-liger-ckpt", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
             SPEED_BASELINE + ["--use_liger_kernel", "true"], group="speed-sft", note="baseline + Liger",
             estimate_s=55),
@@ -239,55 +243,32 @@ def runs_for(suite):
             a100_flags + ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8"], cap_gib=39,
             max_steps=3, warmup=1, adapter_from="sft-baseline", group="a100-fit", estimate_s=60),
     ]
-    compiled = [Run("sft-tier-compile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
-                    NOPACK + ["--torch_compile", "true"], warmup=4, group="speed-sft", note="tier YAML + torch.compile",
-                    estimate_s=120, timeout_s=300)]
-    # Round 2 (issue 5's 2x goal): torch.compile of each decoder layer (accelerate's regional compilation: one
-    # compile for all 28 identical layers), LoRA dropout off, one bigger micro-batch; each against the same call's
-    # baseline and tier runs.
-    regional = {"ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "1"}
-    compile_flags = ["--torch_compile", "true"]
+    # Round 2 on (issue 5's 2x goal; bench/README.md): torch.compile of each decoder layer, LoRA dropout off, bigger
+    # micro-batches, precomputed reference log-probs. Until round 3 the steps let accelerate compile the layers (the
+    # "rcompile" runs); since then they compile them in place, and a rerun measures that. Each suite runs its own
+    # baselines. Runs are flags over the tier YAMLs as they stand now; each committed JSON records what ran then.
+    fast = ["--torch_compile", "true", "--use_liger_kernel", "false"]
     speed2 = [
-        Run("sft-tier-rcompile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + compile_flags,
-            warmup=4, group="speed-sft", note="tier + regional torch.compile", env=regional, estimate_s=110),
+        Run("sft-tier-rcompile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
+            NOPACK + ["--torch_compile", "true", "--use_liger_kernel", "true"], warmup=4, group="speed-sft",
+            note="tier + compile, with Liger", estimate_s=110),
         Run("sft-tier-d0", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + ["--lora_dropout", "0"],
             group="speed-sft", note="tier, LoRA dropout 0 (no dropout copies of each LoRA input)", estimate_s=50),
-        Run("sft-tier-rcompile-noliger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
-            NOPACK + compile_flags + ["--use_liger_kernel", "false"], warmup=4, group="speed-sft",
-            note="regional compile without Liger (Inductor fuses the norms and SwiGLU)", env=regional,
+        Run("sft-tier-rcompile-noliger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + fast,
+            warmup=4, group="speed-sft", note="compile without Liger (Inductor fuses the norms and SwiGLU)",
             estimate_s=110),
         Run("sft-tier-b12", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed",
             ["--packing", "false", "--per_device_train_batch_size", "12", "--gradient_accumulation_steps", "1"],
             group="speed-sft", note="tier, one micro-batch of 12 x 1024", estimate_s=55),
     ]
-    fast = compile_flags + ["--use_liger_kernel", "false"]
     dpo_adapter = Run("dpo-adapter", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
-                      ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"], max_steps=1,
-                      group="speed-dpo", note="a 1-step SFT adapter for the DPO runs to continue", estimate_s=35)
-    speed2_dpo = [
-        Run("dpo-rcompile-noliger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", fast, max_steps=6,
-            warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
-            note="dpo tier + regional compile, no Liger", estimate_s=110),
-        Run("dpo-rcompile-noliger-b8", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed",
-            fast + ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"], max_steps=6,
-            warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
-            note="as above, 8 pairs a micro-batch", estimate_s=110),
-    ]
-    speed2_var = [
-        Run("pack-bfd-rcompile-noliger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
-            fast + ["--packing", "true", "--packing_strategy", "bfd", "--gradient_accumulation_steps", "2"],
-            warmup=4, group="packing", env=regional, note="packed (varying lengths: dynamic shapes) + compile",
-            estimate_s=120),
-    ]
+                      ["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+                       "--torch_compile", "false"], max_steps=1, group="speed-dpo",
+                      note="a 1-step SFT adapter for the DPO runs to continue", estimate_s=40)
     from transformers import TrainingArguments  # the flag's name changed within transformers 5
 
     grouped = (["--train_sampling_strategy", "group_by_length"]
                if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else ["--group_by_length", "true"])
-    speed2_var += [
-        Run("var-grouped-rcompile-noliger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
-            fast + NOPACK + grouped, warmup=4, group="packing", env=regional,
-            note="realistic lengths, no packing, batches grouped by length (little padding), compile", estimate_s=110),
-    ]
     t4_ref_check = Run("t4-llama3b-dpo-ref", "dpo", "llama-3.2-3b", "env/t4/dpo.yaml", "dpo_fixed",
                        ["--logging_steps", "1"], cap_gib=15, max_steps=2, adapter_from="dpo-adapter", group="t4",
                        note="4-bit base: first-step reward margin must be 0 (policy == reference)", estimate_s=80)
@@ -295,62 +276,32 @@ def runs_for(suite):
     speed3_var = [
         Run("var30-pack-liger", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
             ["--packing", "true", "--packing_strategy", "bfd", "--gradient_accumulation_steps", "2",
-                    "--use_liger_kernel", "true", "--torch_compile", "false"], max_steps=30, warmup=5,
+             "--use_liger_kernel", "true", "--torch_compile", "false"], max_steps=30, warmup=5,
             group="packing", note="the old tier: BFD packing, Liger, no compile", estimate_s=100),
         Run("var30-grouped-compile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var", fast + grouped
             + ["--packing", "false", "--gradient_accumulation_steps", "2"], max_steps=30, warmup=5, group="packing",
             note="no packing, length-grouped batches, compile, no Liger", estimate_s=150),
         Run("var30-pack-compile", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
             fast + ["--packing", "true", "--packing_strategy", "bfd", "--gradient_accumulation_steps", "2"],
-            max_steps=30, warmup=5, group="packing", note="BFD packing, compile, no Liger",
-            estimate_s=160),
+            max_steps=30, warmup=5, group="packing", note="BFD packing, compile, no Liger", estimate_s=160),
     ]
-    packcheck = [Run("packcheck", "check", "", "", "", group="packing", estimate_s=90)]
-    sft_base, sft_tier, *sft_ablations = speed_sft
-    dpo_base_run, dpo_liger, dpo_tier = speed_dpo
-    t4_llama, t4_mistral = t4[:2], t4[2:]
-    suites = {  # in priority order: runs that would end past --deadline are skipped
-        "core": [*t4_llama, sft_base, sft_tier, dpo_base_run, dpo_tier, *t4_mistral, *packcheck],
-        "final": [*t4_mistral, pack[0], pack[2], pack[1], h100_7b[0], *compiled, h100_7b[1]],
-        "extra": [*pack, *sft_ablations, *a100, *h100_7b, dpo_liger, *qwen],
-    }
-    suites["t4"] = t4 + packcheck + qwen
-    suites["speed2"] = [sft_base, sft_tier, *speed2]
-    suites["speed3-var"] = speed3_var + [
-        Run("sft-compile-by-step", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + fast, warmup=4,
-            group="speed-sft", note="as sft-tier-rcompile-noliger, regional compilation set by the step itself",
-            estimate_s=75)]
-    # The same DPO runs, continuing the 1-step adapter (copies: the other suites keep theirs).
-    dpo_base2, dpo_tier2 = (replace(r, adapter_from="dpo-adapter") for r in (dpo_base_run, dpo_tier))
-    suites["speed2-dpo"] = [dpo_adapter, dpo_base2, dpo_tier2, speed2_dpo[0], t4_ref_check, speed2_var[1],
-                            speed2_dpo[1], pack[2], speed2_var[0]]
-    # Round 3 (DPO's 2x): the reference log-probs computed once in a no-grad pass over the dataset
-    # (precompute_ref_log_probs) instead of a reference forward in every step; tokens_per_s includes that pass.
+    # The reference log-probs computed once in a no-grad pass over the dataset (precompute_ref_log_probs) instead of
+    # a reference forward in every step; tokens_per_s includes that pass (see summarise).
     pre = ["--precompute_ref_log_probs", "true", "--precompute_ref_batch_size", "16"]
-    speed4_dpo = [
-        Run("dpo-pre-rcompile-noliger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", fast + pre,
-            max_steps=6, warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
-            note="compile, no Liger, reference log-probs precomputed", estimate_s=120),
-        Run("dpo-pre-rcompile-noliger-b8", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed",
-            fast + pre + ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"], max_steps=6,
-            warmup=2, adapter_from="dpo-adapter", group="speed-dpo", env=regional,
+    b4 = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4"]
+    b8 = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"]
+    dpo_precompute = [
+        Run("dpo-rcompile-noliger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", fast + b4, max_steps=6,
+            warmup=2, adapter_from="dpo-adapter", group="speed-dpo", note="compile, no Liger, 4 pairs x 4",
+            estimate_s=110),
+        Run("dpo-pre-rcompile-noliger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", fast + b4 + pre,
+            max_steps=6, warmup=2, adapter_from="dpo-adapter", group="speed-dpo",
+            note="as above, reference log-probs precomputed", estimate_s=120),
+        Run("dpo-pre-rcompile-noliger-b8", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", fast + b8 + pre,
+            max_steps=6, warmup=2, adapter_from="dpo-adapter", group="speed-dpo",
             note="as above, 8 pairs a micro-batch", estimate_s=120),
-        Run("dpo-pre-liger", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", pre, max_steps=6, warmup=2,
-            adapter_from="dpo-adapter", group="speed-dpo", note="dpo tier (Liger, no compile) + precompute",
-            estimate_s=75),
     ]
-    suites["speed4-dpo"] = [dpo_adapter, dpo_base2, speed2_dpo[0], *speed4_dpo]
-    # Round 4: the DPO step compiles the layers itself before the trainer, so the precompute pass runs compiled too;
-    # env/h100/dpo.yaml now holds compile + precompute + 8 pairs a micro-batch.
-    no_pre = ["--precompute_ref_log_probs", "false"]
-    suites["speed5-dpo"] = [
-        dpo_adapter, dpo_base2, replace(dpo_tier2, note="env/h100/dpo.yaml: compile, precompute (32 pairs), 8 x 2",
-                                        estimate_s=110),
-        Run("dpo-tier-pre16", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed",
-            ["--precompute_ref_batch_size", "16"], max_steps=6, warmup=2, adapter_from="dpo-adapter",
-            group="speed-dpo", note="tier, precompute 16 pairs a batch", estimate_s=110),
-        Run("dpo-tier-nopre", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", no_pre, max_steps=6, warmup=2,
-            adapter_from="dpo-adapter", group="speed-dpo", note="tier without precompute", estimate_s=100),
+    dpo_var = [
         Run("dpo-var-baseline", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var", dpo_base, max_steps=12,
             warmup=2, adapter_from="dpo-adapter", group="speed-dpo-var", note="baseline, realistic lengths",
             estimate_s=70),
@@ -358,15 +309,23 @@ def runs_for(suite):
             adapter_from="dpo-adapter", group="speed-dpo-var", note="tier, realistic lengths (shapes vary)",
             estimate_s=120),
     ]
-    # Round 5: both steps compile in place (common/training.py); each tier as its YAML stands, against the baselines.
-    dpo_runs = {r.name: r for r in suites["speed5-dpo"]}
-    suites["speed6"] = [
-        replace(dpo_adapter, flags=dpo_adapter.flags + ["--torch_compile", "false"], estimate_s=40), sft_base,
-        Run("sft-tier-inplace", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK, warmup=4,
-            group="speed-sft", note="env/h100/sft.yaml (compile in place) on full-length rows", estimate_s=80),
-        dpo_base2, replace(dpo_tier2, max_steps=10, warmup=3, estimate_s=90,
-                           note="env/h100/dpo.yaml: compile in place, no Liger, no ckpt, 8 x 2"),
-        dpo_runs["dpo-var-baseline"], dpo_runs["dpo-var-tier"]]
+    packcheck = [Run("packcheck", "check", "", "", "", group="packing", estimate_s=90)]
+    sft_base, sft_tier, *sft_ablations = speed_sft
+    dpo_base_run, dpo_liger, dpo_tier = speed_dpo
+    t4_llama, t4_mistral = t4[:2], t4[2:]
+    # The DPO runs of the later rounds continue the 1-step adapter (copies: the round-1 suites keep theirs).
+    dpo_base2 = replace(dpo_base_run, adapter_from="dpo-adapter")
+    dpo_tier2 = replace(dpo_tier, adapter_from="dpo-adapter", max_steps=10, warmup=3, estimate_s=90)
+    suites = {  # in priority order: runs that would end past --deadline are skipped
+        "core": [*t4_llama, sft_base, sft_tier, dpo_base_run, dpo_tier, *t4_mistral, *packcheck],
+        "final": [*t4_mistral, pack[0], pack[2], pack[1], *h100_7b],
+        "extra": [*pack, *sft_ablations, *a100, *h100_7b, dpo_liger, *qwen],
+        "t4": [*t4, *packcheck, *qwen, t4_ref_check],
+        "speed2": [sft_base, sft_tier, *speed2],
+        "speed3-var": speed3_var,
+        "dpo-precompute": [dpo_adapter, dpo_base2, *dpo_precompute],
+        "speed6": [dpo_adapter, sft_base, sft_tier, dpo_base2, dpo_tier2, *dpo_var],  # the tiers as committed
+    }
     suites["speed"] = [sft_base, sft_tier, dpo_base_run, dpo_tier, *sft_ablations, dpo_liger, *pack, *a100]
     return suites[suite] if suite in suites else suites["core"] + suites["extra"]
 
@@ -382,8 +341,9 @@ def single_token_words(tokenizer, max_id=MIN_VOCAB):
     return words[:8000]
 
 
-def write_data(name, path, words, seed=0):
-    kind, n, (plo, phi), (clo, chi) = DATASETS[name]
+def write_data(name, path, words, seed=0, spec=None):
+    """Synthetic records of DATASETS[name] (or of `spec`, a tuple of the same form) into path."""
+    kind, n, (plo, phi), (clo, chi) = spec or DATASETS[name]
     rng = random.Random(seed)
 
     def text(lo, hi):
@@ -582,7 +542,7 @@ def execute(run, work, results, env):
             print(f"[{run.name}] no adapter from {run.adapter_from}: making one with a 1-step SFT", flush=True)
             execute(fallback, work, [], env)
         args += ["--sft_adapter", str(adapter)]
-    run_env = {**env, **run.env}
+    run_env = dict(env)
     if run.cap_gib:
         run_env["BENCH_MEM_CAP_GIB"] = str(run.cap_gib)
     cmd = [sys.executable, "-c", BOOT, str(REPO / "steps" / f"{run.step}.py"), str(result_path), *args]
@@ -632,18 +592,6 @@ def gpu_slug(name):
     return "gpu"
 
 
-def versions():
-    out = {}
-    for mod in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger_kernel",
-                "triton", "pyarrow"):
-        try:
-            import importlib.metadata as md
-            out[mod] = md.version(mod.replace("_", "-"))
-        except Exception:  # noqa: BLE001
-            out[mod] = None
-    return out
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="core", help="core, extra, t4, speed or all")
@@ -684,7 +632,8 @@ def main():
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_CACHE=str(work / "hf-datasets"), PYTHONUNBUFFERED="1")
     report = {"gpu": gpu, "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
-              "suite": a.suite, "versions": versions(), "peak_bf16_dense_flops": PEAK_BF16_DENSE,
+              "suite": a.suite, "versions": installed_versions(BENCH_PACKAGES),
+              "peak_bf16_dense_flops": PEAK_BF16_DENSE,
               "notes": [
                   "Randomly initialised models with the real architectures (bench/configs); SmolLM2's tokenizer "
                   "(vocab 49152) with the models' full vocabularies; synthetic text of set token lengths.",

@@ -110,7 +110,6 @@ def main(argv=None):
         "settings": {"dtype": args.dtype, "batch_size": args.batch_size, "max_gen_toks": args.max_gen_toks,
                      "chat_template": not args.no_chat_template, "device": device()},
         "punkt": punkt,
-        "lm_eval_version": lm_eval.__version__,
         "versions": installed_versions(),
     })
     print(f"wrote {args.out}")

@@ -24,7 +24,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from common import installed_versions, run_step
+from common import run_step
 from common.jsonl import DataError, atomic_path, read_jsonl, write_text
 
 STAGES = ("base", "sft", "dpo")
@@ -380,10 +380,6 @@ def settings_section(d, tier, model_name):
     generation = (d["generated"] or [{}])[0].get("settings", {})
     sft, dpo, lora, base = d["configs"]["sft"], d["configs"]["dpo"], d["lora"], d["evals"]["base"]
     eval_settings = base.get("settings", {})
-    versions = base.get("versions")
-    versions_source = "recorded by the eval step"
-    if not versions:
-        versions, versions_source = installed_versions(), "installed when the report was written"
 
     def steps(c):
         return f"max_steps {c['max_steps']}" if c.get("max_steps", -1) > 0 else f"epochs {c.get('num_train_epochs')}"
@@ -410,10 +406,10 @@ def settings_section(d, tier, model_name):
                                   f"limit {limit_text(base.get('limit'))}",
                                   *[f"{k.replace('_', ' ')} {v}" for k, v in eval_settings.items()]])),
     ]
-    rows += [(name, version) for name, version in versions.items()]
+    rows += [(name, version) for name, version in base["versions"].items()]
     rows.append(("python", sys.version.split()[0]))
     return [heading("Settings"), grid(["setting", "value"], rows),
-            para(f"Package versions: {versions_source}.")]
+            para("Package versions: recorded by the eval step of the base model.")]
 
 
 # ---- Rendering ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from common.jsonl import atomic_path
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,10 +93,8 @@ def main(argv=None):
     finally:
         driver.terminate()
         driver.wait(timeout=10)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(args.out)
+    with atomic_path(args.out) as tmp:
+        tmp.write_bytes(data)
     print(f"wrote {args.out} ({args.width} x {height} CSS pixels)")
 
 

@@ -69,12 +69,17 @@ def write_text(path, text):
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+def staging_path(path):
+    """Where atomic_path builds `path` before it takes the final name."""
+    return Path(path).with_name(Path(path).name + ".tmp")
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary sibling path (file or directory); it becomes `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = staging_path(path)
     _remove(tmp)
     try:
         yield tmp

@@ -10,7 +10,7 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import StepError
-from .jsonl import atomic_path
+from .jsonl import atomic_path, staging_path
 
 # What to turn down when training runs out of GPU memory (each is a flag and a key of the tier YAMLs).
 MEMORY_KNOBS = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "gradient_checkpointing")
@@ -101,6 +101,16 @@ def out_of_memory(args):
         "the same command resumes from the last one.")
 
 
+def require_weights(saved_dir, work):
+    """Trainer.save_model writes no weights in some setups (FSDP with a sharded state dict did) and says nothing:
+    fail the step instead of publishing an adapter directory without an adapter."""
+    saved = sorted(f.name for f in saved_dir.iterdir()) if saved_dir.is_dir() else []
+    if not [f for f in saved if f.endswith(".safetensors") or f.endswith("model.bin")]:
+        raise StepError(f"training finished but saving wrote no weights to {saved_dir} (only: "
+                        f"{', '.join(saved) or 'nothing'}); the checkpoints in {work} are kept, and rerunning the "
+                        "step saves again from the last one")
+
+
 def train_and_save(trainer, output_dir):
     """Train (resuming from the last checkpoint of an interrupted run), then write the adapter to output_dir.
 
@@ -126,16 +136,12 @@ def train_and_save(trainer, output_dir):
         # env/accelerate/fsdp.yaml's SHARDED_STATE_DICT suits checkpoints (each rank writes its shard); for a sharded
         # state dict Trainer.save_model writes no weights at all, and the adapter must be whole anyway.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    staging = Path(output_dir).with_name(Path(output_dir).name + ".tmp")
-    with atomic_path(output_dir) if main else nullcontext(staging) as tmp:
+    # Every process saves into the same staging directory; the main one alone owns it (clears it, renames it).
+    with atomic_path(output_dir) if main else nullcontext(staging_path(output_dir)) as tmp:
         trainer.accelerator.wait_for_everyone()  # the main process has cleared the staging directory
         trainer.save_model(str(tmp))  # writes on the main process only
-        saved = sorted(f.name for f in tmp.iterdir()) if main and tmp.is_dir() else []
-        if main and not [f for f in saved if f.endswith(".safetensors") or f.endswith("model.bin")]:
-            raise StepError(f"training finished but saving wrote no weights to {tmp} (only: "
-                            f"{', '.join(saved) or 'nothing'}); the checkpoints in {work} are kept, and rerunning "
-                            "the step saves again from the last one")
         if main:
+            require_weights(tmp, work)
             # to_json_string masks hub tokens; nothing secret is written.
             (tmp / "training_config.json").write_text(trainer.args.to_json_string())
             (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
