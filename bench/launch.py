@@ -3,10 +3,10 @@
 Multi-GPU machines are withheld, so this runs what one GPU can: the Makefile's sft and dpo targets with the training
 launcher that NPROC>1 makes (`accelerate launch --multi_gpu`, which starts torch.distributed.run: a distributed
 process group, DDP, the main process writing the adapter), here torch.distributed.run with one process; then
-again with FSDP (ACCELERATE_CONFIG=env/accelerate/fsdp.yaml).
+with FSDP (ACCELERATE_CONFIG=env/accelerate/fsdp.yaml), once with the a100 tier's settings and once with the h100's.
 The model is SmolLM2-135M's architecture, randomly initialised (no weights reach the GPU machine), with SmolLM2's
-tokenizer; the data is synthetic. It checks that each make run succeeds and writes the adapter, the resolved config
-and the curves, and that a second make has nothing to do.
+tokenizer; the data is synthetic. It checks that each make run succeeds and writes the adapter (with its LoRA
+tensors), the resolved config and the curves, and that a second make has nothing to do.
 
     python bench/launch.py --out OUT        # writes OUT/launch-<gpu>.json
 """
@@ -25,9 +25,13 @@ import train as bench  # noqa: E402  (bench/train.py: model building and synthet
 
 REPO = bench.REPO
 TRAIN_ARGS = "--logging_steps 1 --log_level info"
-RUNS = {  # name: extra make variables
+RUNS = {  # name: extra make variables (overriding --tier's)
     "ddp": {},
-    "fsdp": {"ACCELERATE_CONFIG": "env/accelerate/fsdp.yaml"},
+    # FSDP is for models whose activations don't fit without checkpointing either: the a100 tier's settings
+    # (gradient checkpointing, no compile).
+    "fsdp": {"ACCELERATE_CONFIG": "env/accelerate/fsdp.yaml", "GPU": "a100"},
+    # and with the h100 tier's (no checkpointing; each layer compiled in place, here by accelerate after sharding)
+    "fsdp-compiled": {"ACCELERATE_CONFIG": "env/accelerate/fsdp.yaml"},
 }
 
 
@@ -54,6 +58,19 @@ def make(targets, variables, log_path, dry=False):
     return {"cmd": " ".join(cmd), "rc": rc, "elapsed_s": round(time.time() - t, 1)}
 
 
+def adapter_tensors(path):
+    """What the saved adapter holds: a wrapper's name in a key (FSDP's checkpoint wrapper, torch.compile's _orig_mod)
+    would leave it unloadable, and an all-zero lora_B would mean nothing trained reached the file."""
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    pattern = re.compile(r"base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.lora_[AB]\.weight")
+    return {"tensors": len(tensors), "unexpected_names": sorted(k for k in tensors if not pattern.fullmatch(k))[:5],
+            "lora_B_nonzero": sum(int(v.abs().sum() > 0) for k, v in tensors.items() if ".lora_B." in k)}
+
+
 def outputs(run_dir, log_path):
     """What the run left: files of each adapter directory, its losses and margins, and the launcher's own lines."""
     found = {}
@@ -65,6 +82,7 @@ def outputs(run_dir, log_path):
         history = json.loads((d / "log_history.json").read_text()) if (d / "log_history.json").exists() else []
         found[step] = {
             "files": sorted(p.name for p in d.iterdir()),
+            "adapter": adapter_tensors(d / "adapter_model.safetensors"),
             "losses": [h["loss"] for h in history if "loss" in h],
             "margins": [h["rewards/margins"] for h in history if "rewards/margins" in h],
             "partial_left": (run_dir / f"{step}.partial").exists(),
@@ -113,7 +131,7 @@ def main():
         make_vars = {"GPU": a.tier, "MODEL": "llama", "MODEL_ID": str(model_dir), "RUN": str(run_dir),
                      "PY": sys.executable, "DEPS": str(deps), "LAUNCH_TRAINING": launcher,
                      "SFT_ARGS": step_args, "DPO_ARGS": step_args, **variables}
-        result = {"name": name, "launcher": launcher}
+        result = {"name": name, "tier": make_vars["GPU"], "launcher": launcher}
         result["make"] = make(["sft", "dpo"], make_vars, work / f"{name}.log")
         result.update(outputs(run_dir, work / f"{name}.log"))
         # A second make must find both adapters finished (make -q: exit 0 when everything is up to date).

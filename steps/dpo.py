@@ -11,10 +11,10 @@ handled as in the SFT step.
 
 from dataclasses import dataclass, field
 
-from common import run_step
+from common import StepError, run_step
 from common.jsonl import DataError, read_jsonl
 from common.models import load_for_training, load_tokenizer
-from common.training import checkpoint_dir, compile_layer_by_layer, train_and_save
+from common.training import checkpoint_dir, compile_layer_by_layer, sharded, train_and_save
 
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 
@@ -48,6 +48,12 @@ def main(argv=None):
 
     parser = TrlParser((DataArguments, DPOConfig, ModelConfig))
     data_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if training_args.torch_compile and training_args.gradient_checkpointing and sharded(training_args):
+        # Measured on one GPU (bench/README.md, "Multi-process launch"): the second step's backward failed with
+        # "CheckpointError: A different number of tensors was saved during the original forward and recomputation".
+        raise StepError("DPO under FSDP/DeepSpeed with both --torch_compile true and --gradient_checkpointing true "
+                        "fails in its second step (torch.utils.checkpoint.CheckpointError); pass one of them as false "
+                        "(DPO_ARGS=--torch_compile false keeps the memory saving)")
     pairs = read_jsonl(data_args.train_file, required=PAIR_FIELDS)
     if not pairs:
         raise DataError(f"{data_args.train_file}: no preference pairs (all under the margin?)")

@@ -129,20 +129,45 @@ def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path)
     must fail, name it, write no adapter directory and keep the checkpoints to resume from."""
     from common import StepError
     from common.training import train_and_save
+    from safetensors.torch import load_file, save_file
 
     def train(resume_from_checkpoint=None):
         (tmp_path / "adapter.partial" / "checkpoint-2").mkdir(parents=True)
 
     trainer = trainer_stub(tmp_path, train)
     trainer.save_model = lambda out: Path(out).mkdir() or (Path(out) / "training_args.bin").write_bytes(b"args")
-    with pytest.raises(StepError, match=r"saving wrote no weights .* \(only: training_args.bin\)"):
+    with pytest.raises(StepError, match=r"saving wrote no weights .* \(only: training_args.bin, no tensors\)"):
         train_and_save(trainer, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists() and (tmp_path / "adapter.partial" / "checkpoint-2").is_dir()
-    trainer.save_model = lambda out: Path(out).mkdir() or (Path(out) / "adapter_model.safetensors").write_bytes(b"w")
+
+    def save(tensors):  # PEFT under FSDP's activation-checkpoint wrapper wrote a safetensors file of no tensors
+        return lambda out: Path(out).mkdir() or save_file(tensors, str(Path(out) / "adapter_model.safetensors"))
+
+    trainer.save_model = save({})
+    with pytest.raises(StepError, match=r"saving wrote no weights .* \(only: adapter_model.safetensors, no tensors"):
+        train_and_save(trainer, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists() and (tmp_path / "adapter.partial" / "checkpoint-2").is_dir()
+    trainer.save_model = save({"lora_A.weight": torch.ones(2, 2)})
     trainer.args.to_json_string = lambda: "{}"
     trainer.state = SimpleNamespace(log_history=[{"loss": 1.0, "step": 1}])
     train_and_save(trainer, tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == b"w"
+    assert list(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == ["lora_A.weight"]
+
+
+def test_dpo_refuses_compile_with_checkpointing_under_fsdp(monkeypatch):
+    """Under FSDP that pair failed at DPO's second step on the GPU: the step says so before loading anything."""
+    from common import StepError
+    from dpo import main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = ["--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "x", "--sft_adapter", "x",
+            "--train_file", "missing.jsonl", "--output_dir", "x", "--torch_compile", "true",
+            "--gradient_checkpointing", "true"]
+    with pytest.raises(StepError, match=r"--torch_compile true and --gradient_checkpointing true .*DPO_ARGS=--torch_compile false"):
+        main(args)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # one process: the pair is fine, and the step goes on to read
+    with pytest.raises(Exception, match="missing.jsonl"):
+        main(args)
 
 
 def test_training_refuses_early_when_the_disk_is_too_small(tmp_path, monkeypatch):

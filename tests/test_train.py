@@ -36,16 +36,20 @@ def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol, monkeyp
                                   str(data), "--output_dir", str(tmp_path / "sft2")]))
     assert all(layer._compiled_call_impl is None for layer in plain.model.get_base_model().model.layers)
     # Under FSDP (accelerate launch --config_file env/accelerate/fsdp.yaml) the layers are sharded first: the step
-    # leaves compiling to accelerate, which does it after sharding.
+    # leaves compiling to accelerate, which does it after sharding, layer by layer in place, so the model stays a
+    # PeftModel (compiled whole, DPO under FSDP found no reference model).
+    from accelerate.utils import TorchDynamoPlugin
     from common.training import compile_layer_by_layer
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "False")  # as `accelerate launch` exports it
     args = parse(["--config", CPU_SFT, "--model_name_or_path", "x", "--train_file", "x", "--output_dir", "x",
                   "--torch_compile", "true"])[1]
     layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
     compile_layer_by_layer(args, layers)
     assert args.torch_compile and args.torch_compile_backend == "inductor"
     assert all(layer._compiled_call_impl is None for layer in layers)
+    assert TorchDynamoPlugin(backend="inductor").use_regional_compilation is True
 
 
 def test_adapters_have_the_seed_lora_config_and_load(chain_run, smol):

@@ -36,8 +36,16 @@ def compile_layer_by_layer(args, model):
     the trainer through accelerate, the DPO step ran ~1.25x faster and SFT the same (bench/README.md, round 3), and
     work done before training, such as DPO's precompute_ref_log_probs pass, runs compiled too.
     """
-    if not args.torch_compile or sharded(args):
-        return  # FSDP and DeepSpeed wrap the layers themselves: accelerate compiles them after that, as it should
+    if not args.torch_compile:
+        return
+    if sharded(args):
+        # FSDP and DeepSpeed wrap the layers themselves, so accelerate compiles them, after wrapping; regionally, which
+        # compiles each layer in place. Its default, torch.compile of the whole model, hides the PeftModel behind an
+        # OptimizedModule: under FSDP, TRL's DPO then no longer sees a PEFT model, has no reference and failed at
+        # its first step (bench/README.md, "Multi-process launch"). `accelerate launch` exports this variable as
+        # False unless its config says otherwise; the trainer's compile plugin reads it when the trainer is built.
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true"
+        return
     from accelerate.utils.other import compile_regions_deepspeed as compile_regions_in_place  # not DeepSpeed-only
 
     compile_regions_in_place(model)
@@ -102,13 +110,23 @@ def out_of_memory(args):
 
 
 def require_weights(saved_dir, work):
-    """Trainer.save_model writes no weights in some setups (FSDP with a sharded state dict did) and says nothing:
-    fail the step instead of publishing an adapter directory without an adapter."""
+    """Trainer.save_model can write no weights and say nothing: no file (FSDP with a sharded state dict) or a
+    safetensors file holding no tensors (PEFT 0.21 under FSDP's activation-checkpoint wrapper). Fail the step instead
+    of publishing an adapter directory without an adapter."""
+    from safetensors import safe_open
+
     saved = sorted(f.name for f in saved_dir.iterdir()) if saved_dir.is_dir() else []
-    if not [f for f in saved if f.endswith(".safetensors") or f.endswith("model.bin")]:
+    tensors = 0
+    for name in saved:
+        if name.endswith(".safetensors"):
+            with safe_open(str(saved_dir / name), framework="pt") as f:
+                tensors += len(f.keys())
+        elif name.endswith("model.bin"):
+            tensors += len(torch.load(saved_dir / name, map_location="cpu", weights_only=True))
+    if not tensors:
         raise StepError(f"training finished but saving wrote no weights to {saved_dir} (only: "
-                        f"{', '.join(saved) or 'nothing'}); the checkpoints in {work} are kept, and rerunning the "
-                        "step saves again from the last one")
+                        f"{', '.join(saved) or 'nothing'}, no tensors); the checkpoints in {work} are kept, and "
+                        "rerunning the step saves again from the last one")
 
 
 def train_and_save(trainer, output_dir):
