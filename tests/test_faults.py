@@ -157,16 +157,18 @@ def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path)
 def test_dpo_refuses_compile_with_checkpointing_under_fsdp(monkeypatch):
     """Under FSDP that pair failed at DPO's second step on the GPU: the step says so before loading anything."""
     from common import StepError
+    from common.jsonl import DataError
     from dpo import main
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     args = ["--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "x", "--sft_adapter", "x",
             "--train_file", "missing.jsonl", "--output_dir", "x", "--torch_compile", "true",
             "--gradient_checkpointing", "true"]
-    with pytest.raises(StepError, match=r"--torch_compile true and --gradient_checkpointing true .*DPO_ARGS=--torch_compile false"):
+    refusal = r"--torch_compile true and --gradient_checkpointing true .*DPO_ARGS=--torch_compile false"
+    with pytest.raises(StepError, match=refusal):
         main(args)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # one process: the pair is fine, and the step goes on to read
-    with pytest.raises(Exception, match="missing.jsonl"):
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
         main(args)
 
 
