@@ -22,11 +22,11 @@ def checkpoint_dir(output_dir):
     return output_dir.with_name(output_dir.name + ".partial")
 
 
-def sharded(args):
-    """Whether FSDP or DeepSpeed will wrap the model: from the training arguments or from `accelerate launch
-    --config_file`, which says so in the environment."""
-    return bool(args.fsdp or args.deepspeed) or any(
-        os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+def sharded(args, by=("fsdp", "deepspeed")):
+    """Whether FSDP or DeepSpeed (those of `by`) will wrap the model: from the training arguments or from
+    `accelerate launch --config_file`, which says so in the environment."""
+    return any(getattr(args, name) or os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true"
+               for name in by)
 
 
 def compile_layer_by_layer(args, model):
@@ -118,11 +118,9 @@ def require_weights(saved_dir, work):
     saved = sorted(f.name for f in saved_dir.iterdir()) if saved_dir.is_dir() else []
     tensors = 0
     for name in saved:
-        if name.endswith(".safetensors"):
+        if name.endswith(".safetensors"):  # transformers 5 saves nothing else
             with safe_open(str(saved_dir / name), framework="pt") as f:
                 tensors += len(f.keys())
-        elif name.endswith("model.bin"):
-            tensors += len(torch.load(saved_dir / name, map_location="cpu", weights_only=True))
     if not tensors:
         raise StepError(f"training finished but saving wrote no weights to {saved_dir} (only: "
                         f"{', '.join(saved) or 'nothing'}, no tensors); the checkpoints in {work} are kept, and "
