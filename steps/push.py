@@ -8,8 +8,7 @@ import argparse
 import os
 import sys
 
-from common import run_step
-from common.jsonl import DataError
+from common import SetupError, run_step
 
 UPLOADED = ["adapter_config.json", "adapter_model.safetensors", "tokenizer*", "chat_template.jinja",
             "special_tokens_map.json", "training_config.json", "log_history.json", "curves.*", "README.md"]
@@ -22,7 +21,7 @@ def main(argv=None):
     p.add_argument("--private", action="store_true")
     args = p.parse_args(argv)
     if not os.environ.get("HF_TOKEN"):
-        raise DataError("HF_TOKEN is not set: create a write token at https://huggingface.co/settings/tokens")
+        raise SetupError("HF_TOKEN is not set: create a write token at https://huggingface.co/settings/tokens")
     from huggingface_hub import HfApi
 
     api = HfApi()  # reads HF_TOKEN itself

@@ -24,8 +24,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from common import run_step
-from common.jsonl import DataError, atomic_path, read_jsonl, write_text
+from common import DataError, run_step
+from common.files import atomic_path, output_lock, write_text
+from common.jsonl import read_jsonl
 
 STAGES = ("base", "sft", "dpo")
 TOP = 10  # rows in the opening-word and verb tables
@@ -336,6 +337,19 @@ def eval_tasks(evaluation):
     return [t for t in evaluation.get("tasks") or results if t in results] or list(results)
 
 
+def template_note(evals):
+    """Which chat template prompted each model (eval.py records it): the model's own, or the project's default for a
+    base model without one, and whether base, SFT and DPO all had the same."""
+    used = {stage: (evals[stage].get("settings", {}).get("chat_template"),
+                    evals[stage].get("settings", {}).get("chat_template_sha256")) for stage in STAGES}
+    if len(set(used.values())) == 1:
+        source, digest = used["base"]
+        return f"Chat template for base, SFT and DPO alike: {source or 'not recorded'}" + (
+            f" (sha256 {digest})." if digest else ".")
+    return "Chat templates differ between the models, so their scores are not comparable: " + "; ".join(
+        f"{stage} {source} ({digest})" for stage, (source, digest) in used.items()) + "."
+
+
 def eval_section(d):
     evals = d["evals"]
     base = evals["base"]
@@ -358,6 +372,7 @@ def eval_section(d):
         notes.append(f"{subtasks} subtasks and subgroups of these are in eval/*.json, not listed here.")
     if any(t.startswith("ifeval") for t in eval_tasks(base)):
         notes.append(f"IFEval sentence checks used punkt: {base.get('punkt')}.")
+    notes.append(template_note(evals))
     fig, (ax,) = new_figure(1)
     fig.set_size_inches(min(12, max(6, 1.6 * len(bars))), 4.2)
     width = 0.27
@@ -482,11 +497,12 @@ def main(argv=None):
     blocks = [*funnel_section(d), *diversity_section(d), *reward_section(d), *training_section(d),
               *eval_section(d), *settings_section(d, args.tier, args.model_name)]
     plots_dir = args.out.with_name(args.out.stem + "_plots")
-    write_text(args.out, to_markdown(title, blocks, plots_dir))
-    print(f"wrote {args.out} (plots in {plots_dir})")
-    if args.html:
-        write_text(args.html, to_html(title, blocks))
-        print(f"wrote {args.html}")
+    with output_lock(args.out):  # (and the plots and the HTML page, written with it)
+        write_text(args.out, to_markdown(title, blocks, plots_dir))
+        print(f"wrote {args.out} (plots in {plots_dir})")
+        if args.html:
+            write_text(args.html, to_html(title, blocks))
+            print(f"wrote {args.html}")
 
 
 if __name__ == "__main__":

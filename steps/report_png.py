@@ -13,12 +13,12 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from common.jsonl import atomic_path
+from common import SetupError, run_step
+from common.files import atomic_path, output_lock
 
 
 def parse_args(argv=None):
@@ -50,21 +50,22 @@ def wait_ready(base, driver, deadline=20):
     start = time.time()
     while time.time() - start < deadline:
         if driver.poll() is not None:
-            sys.exit(f"chromedriver exited with status {driver.returncode}")
+            raise SetupError(f"chromedriver exited with status {driver.returncode}; run `chromedriver --version` to "
+                             "see why (chromium and chromium-driver must be the same version)")
         try:
             if call(base, "GET", "/status").get("ready"):
                 return
         except OSError:
             pass
         time.sleep(0.1)
-    sys.exit("chromedriver did not start")
+    raise SetupError(f"chromedriver did not answer within {deadline} s")
 
 
 def main(argv=None):
     args = parse_args(argv)
     for tool in (args.chromium, args.chromedriver):
         if not Path(tool).exists():
-            sys.exit(f"{tool} not found: install it with `apt-get install -y chromium chromium-driver`")
+            raise SetupError(f"{tool} not found: install it with `apt-get install -y chromium chromium-driver`")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     driver = subprocess.Popen([args.chromedriver, f"--port={port}"], stdout=subprocess.DEVNULL,
@@ -93,10 +94,10 @@ def main(argv=None):
     finally:
         driver.terminate()
         driver.wait(timeout=10)
-    with atomic_path(args.out) as tmp:
+    with output_lock(args.out), atomic_path(args.out) as tmp:
         tmp.write_bytes(data)
     print(f"wrote {args.out} ({args.width} x {height} CSS pixels)")
 
 
 if __name__ == "__main__":
-    main()
+    run_step(main)

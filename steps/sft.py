@@ -12,10 +12,12 @@ done, holding the adapter, the tokenizer (with the chat template and pad token u
 
 from dataclasses import dataclass, field
 
-from common import run_step
+from common import DataError, run_step
 from common.chat import prepare_tokenizer
-from common.jsonl import DataError, read_jsonl
+from common.files import output_lock
+from common.jsonl import read_jsonl
 from common.models import load_for_training, load_tokenizer
+from common.precision import training_flags
 from common.training import checkpoint_dir, compile_layer_by_layer, train_and_save
 
 
@@ -56,14 +58,15 @@ def build_trainer(data_args, training_args, model_args):
 def parse(argv=None):
     from trl import ModelConfig, SFTConfig, TrlParser
 
-    return TrlParser((DataArguments, SFTConfig, ModelConfig)).parse_args_and_config(argv)
+    return TrlParser((DataArguments, SFTConfig, ModelConfig)).parse_args_and_config(training_flags(argv))
 
 
 def main(argv=None):
     data_args, training_args, model_args = parse(argv)
     output_dir = training_args.output_dir
     training_args.output_dir = str(checkpoint_dir(output_dir))
-    train_and_save(build_trainer(data_args, training_args, model_args), output_dir)
+    with output_lock(output_dir):  # before loading anything: a second run on the same output stops at once
+        train_and_save(build_trainer(data_args, training_args, model_args), output_dir)
     print(f"wrote {output_dir}")
 
 

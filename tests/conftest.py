@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "steps"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach for the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread a process: the test chain runs in the background beside the tests (BackgroundChain), one core each, and
+# every run of a step does the same arithmetic, so outputs compared across runs match exactly.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from common.models import EMBEDDED_DEFAULT  # noqa: E402
 
@@ -29,17 +33,45 @@ def run_step(script, *args, check=True, env=None):
     return result
 
 
+def whole_lines(path):
+    """How many complete lines (ending in a newline) a file holds: a torn last line does not count."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+# Only for a step that hangs: far above any run of these tests, which wait on the process and its files.
+HUNG_STEP_SECONDS = 1800
+
+
 def kill_midway(script, args, partial, lines, torn=True):
-    """Start steps/<script>.py, SIGKILL it once `partial` holds `lines` lines, then (torn=True) append a torn line as
-    a crash in the middle of a write leaves. Returns how many whole lines the killed run had written."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and not (partial.exists() and len(partial.read_text().splitlines()) >= lines):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = len(partial.read_text().splitlines())
+    """Start steps/<script>.py, SIGKILL it once `partial` holds `lines` whole lines, then (torn=True) append a torn
+    line as a crash in the middle of a write leaves. Returns how many whole lines the killed run had written.
+
+    Fails, showing the step's stderr, when the step ends before the kill (it never wrote those lines, or finished
+    first: the kill would not land mid-run)."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+        def fail(why):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            stderr.seek(0)
+            pytest.fail(f"{script} {why}; its stderr ends:\n{stderr.read().decode(errors='replace')[-4000:]}")
+
+        started = time.monotonic()
+        while whole_lines(partial) < lines:
+            if proc.poll() is not None:
+                fail(f"exited with status {proc.returncode} before {partial} held {lines} whole lines")
+            if time.monotonic() - started > HUNG_STEP_SECONDS:
+                fail(f"wrote fewer than {lines} whole lines to {partial} in {HUNG_STEP_SECONDS} s (hung?)")
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            fail(f"had already exited (status {proc.returncode}) when {partial} held {lines} lines: nothing to kill")
+        proc.send_signal(signal.SIGKILL)
+        if proc.wait() != -signal.SIGKILL:  # it exited by itself between the check and the signal
+            fail(f"ended by itself (status {proc.returncode}) before the kill landed")
+    written = whole_lines(partial)
     if torn:
         with open(partial, "a") as f:
             f.write('{"id": "torn')
@@ -79,10 +111,48 @@ def make(target, run_dir, env=None, **overrides):
     )
 
 
+class BackgroundChain:
+    """`make all` at toy sizes, started when the session starts so that it runs beside the tests that don't need it
+    (those are run first: pytest_collection_modifyitems), on the other core. chain_run waits for it."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.log = run_dir, run_dir.parent / "make-all.log"
+        variables = {**CHAIN_VARS, "RUN": str(run_dir), "PY": sys.executable}
+        self.proc = subprocess.Popen(["make", "-C", str(REPO), "all", *[f"{k}={v}" for k, v in variables.items()]],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "HF_TOKEN": SENTINEL_TOKEN})
+
+    def wait(self):
+        if self.proc.wait() != 0:
+            pytest.fail(f"make all (the test chain) failed with status {self.proc.returncode}:\n"
+                        f"{self.log.read_text()[-6000:]}")
+        return self.run_dir
+
+
+def needs_chain(item):
+    return "chain_run" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m have deselected: start the chain only if a selected test needs it
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that don't read the chain's outputs first, while the chain runs in the background; stable otherwise."""
+    items.sort(key=needs_chain)
+    if any(needs_chain(item) for item in items) and (EMBEDDED_DEFAULT / "config.json").exists():
+        # Under pytest's base temp directory (kept for the last runs, like tmp_path), before any fixture exists.
+        base = Path(tempfile.mkdtemp(prefix="chain-", dir=config._tmp_path_factory.getbasetemp()))
+        config.background_chain = BackgroundChain(base / "run")
+
+
+def pytest_unconfigure(config):
+    chain = getattr(config, "background_chain", None)
+    if chain and chain.proc.poll() is None:  # the session ended early (-x, Ctrl-C): don't leave make running
+        chain.proc.terminate()
+        chain.proc.wait()
+
+
 @pytest.fixture(scope="session")
-def chain_run(tmp_path_factory, smol):
-    run_dir = tmp_path_factory.mktemp("chain") / "run"
-    result = make("all", run_dir, env={"HF_TOKEN": SENTINEL_TOKEN})
-    (run_dir.parent / "make-all.log").write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return run_dir
+def chain_run(request, smol):
+    chain = getattr(request.config, "background_chain", None)
+    if chain is None:
+        pytest.fail("the test chain was not started (no test that needs it was collected at the start?)")
+    return chain.wait()

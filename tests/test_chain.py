@@ -17,3 +17,21 @@ def test_bad_variables_list_the_valid_choices(tmp_path):
     assert result.returncode != 0 and "GPU=v100 is not a tier; choose one of: a100 cpu h100 t4" in result.stderr
     result = make("help", tmp_path, MODEL="gpt2")
     assert result.returncode != 0 and "choose one of: llama mistral qwen smol" in result.stderr
+
+
+def test_every_step_records_the_one_dtype_decision(chain_run):
+    """The cpu tier's DTYPE=auto is decided once (bf16 only on a CPU with native bf16) and each output says what it
+    ran in: generation and scoring settings, the trainers' mixed precision, eval settings."""
+    import json
+
+    from common.precision import dtype_name, resolve_dtype
+
+    decided = dtype_name(resolve_dtype("auto"))
+    first = lambda path: json.loads((chain_run / path).read_text().splitlines()[0])  # noqa: E731
+    assert first("generated.jsonl")["settings"]["dtype"] == decided
+    assert first("scored.jsonl")["dtype"] == decided
+    for adapter in ("sft", "dpo"):
+        config = json.loads((chain_run / adapter / "training_config.json").read_text())
+        assert (config["bf16"], config["fp16"]) == (decided == "bfloat16", False)
+    for model in ("base", "sft", "dpo"):
+        assert json.loads((chain_run / "eval" / f"{model}.json").read_text())["settings"]["dtype"] == decided

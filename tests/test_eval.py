@@ -1,5 +1,7 @@
-"""Evaluation: the offline tasks, task-name checks, results per model cached by make, and `make compare`."""
+"""Evaluation: the offline tasks, task-name checks, the chat template, adapters' effect on the scores, results per
+model cached by make, and `make compare`."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -62,7 +64,77 @@ def test_both_offline_tasks_ran_for_base_sft_and_dpo(chain_run):
             assert mc[key] * 4 == int(mc[key] * 4)
             assert mc[key.replace(",", "_stderr,")] >= 0
         assert result["versions"]["lm_eval"] == lm_eval.__version__  # the installed one
-        assert result["settings"]["chat_template"] is True
+        # SmolLM2 has its own template and training kept it: all three are prompted with the same one
+        assert result["settings"]["chat_template"] == "model's own"
+        assert result["settings"]["chat_template_sha256"] == sha256_16(smol_template())
+        assert result["requests"]["total"] == 4 + 4 * 4 and result["loglikelihoods"]["mc_local"]["count"] == 16
+
+
+def sha256_16(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def smol_template():
+    from common.models import load_tokenizer
+
+    return load_tokenizer("embedded:smollm2").chat_template
+
+
+def eval_args(run_dir, stage, out, tasks="mc_local"):
+    """The chain's eval command line for one stage (as recorded in its JSON), into `out` with a cache of its own."""
+    recorded = json.loads((run_dir / "eval" / f"{stage}.json").read_text())
+    settings = recorded["settings"]
+    args = ["--model", recorded["model"], "--tasks", tasks, "--batch-size", settings["batch_size"],
+            "--dtype", settings["dtype"], "--max-gen-toks", settings["max_gen_toks"], "--limit", int(recorded["limit"]),
+            "--out", out, "--cache-dir", out.parent / "cache"]
+    return args + (["--adapter", recorded["adapter"]] if recorded["adapter"] else [])
+
+
+def test_adapters_change_the_loglikelihoods_and_a_repeated_base_run_does_not(chain_run, tmp_path):
+    sums = {stage: json.loads((chain_run / "eval" / f"{stage}.json").read_text())["loglikelihoods"]["mc_local"]
+            for stage in ("base", "sft", "dpo")}
+    assert {s["count"] for s in sums.values()} == {16}  # 4 questions x 4 choices, each scored
+    assert len({s["sha256"] for s in sums.values()}) == 3  # SFT and DPO each moved the scores off the base's
+    run_step("eval", *eval_args(chain_run, "base", tmp_path / "base.json"))  # a fresh cache: recomputed
+    again = json.loads((tmp_path / "base.json").read_text())
+    assert again["requests"]["answered"] == 16 and again["loglikelihoods"]["mc_local"] == sums["base"]
+
+
+def test_a_base_model_without_a_chat_template_is_prompted_with_its_adapters_template(smol, tmp_path):
+    # A stand-in for Mistral-7B-v0.1: the embedded model with its chat template removed (weights linked, not copied).
+    base = tmp_path / "no-template"
+    base.mkdir()
+    for f in smol.iterdir():
+        if f.name != "chat_template.jinja":
+            (base / f.name).symlink_to(f)
+    config = json.loads((smol / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").unlink()
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+
+    from common.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
+    from common.models import load_tokenizer
+
+    assert load_tokenizer(str(base)).chat_template is None
+    adapter = tmp_path / "adapter"  # what SFT saves next to the adapter: the tokenizer as training prepared it
+    prepare_tokenizer(load_tokenizer(str(base))).save_pretrained(adapter)
+
+    import eval as eval_step
+
+    def template(adapter_dir):
+        args = eval_step.parse_args(["--model", str(base), "--out", str(tmp_path / "x.json")]
+                                    + (["--adapter", str(adapter_dir)] if adapter_dir else []))
+        return eval_step.eval_tokenizer(args)[1]
+
+    expected = {"chat_template": "project default", "chat_template_sha256": sha256_16(DEFAULT_CHAT_TEMPLATE)}
+    assert template(None) == template(adapter) == expected
+
+    out = tmp_path / "eval" / "base.json"  # and lm-eval prompts the base model with it
+    run_step("eval", "--model", base, "--tasks", "mc_local", "--limit", 1, "--batch-size", 4, "--dtype", "float32",
+             "--out", out)
+    result = json.loads(out.read_text())
+    assert {k: result["settings"][k] for k in expected} == expected
+    assert result["results"]["mc_local"]["acc,none"] in (0.0, 1.0)
 
 
 def test_a_second_make_eval_runs_nothing(chain_run):

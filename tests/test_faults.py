@@ -5,6 +5,7 @@ Kills of generate, preference and sft mid-run are in their own test files; here 
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,44 +17,42 @@ import torch
 from conftest import CHAIN_VARS, REPO, SENTINEL_TOKEN, kill_midway, make, run_step
 
 
-def kill_after(script, args, seconds):
-    """Start steps/<script>.py and SIGKILL it after `seconds`; return its exit status (-9 when it was killed)."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        return proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        return proc.wait()
-
-
 def files_under(path):
     return sorted(p.relative_to(path) for p in Path(path).rglob("*") if p.is_file())
 
 
-def test_filter_killed_at_any_moment_then_rerun_gives_the_uninterrupted_output(chain_run, tmp_path):
-    out = tmp_path / "run"
+def kill_at_stage(script, args, stage):
+    """Start steps/<script>.py and SIGKILL it as soon as it says `stage` on stderr. Fails, showing its stderr, if it
+    ends before saying it (the kill would not land mid-work)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = []
+    for line in proc.stderr:  # ends when the process closes stderr, so this waits on the process
+        said.append(line)
+        if stage in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    status = proc.wait()
+    proc.stderr.close()
+    assert status == -signal.SIGKILL, f"{script} ended ({status}) before saying {stage!r}:\n{''.join(said)[-3000:]}"
 
-    def args():
-        return ["--in", chain_run / "generated.jsonl", "--out", out / "filtered.jsonl", "--dropped",
-                out / "dropped.jsonl", "--summary", out / "filter_summary.json", "--tokenizer", "embedded:smollm2",
-                "--embedder", "embedded:minilm", *CHAIN_VARS["FILTER_ARGS"].split()]
 
-    run_step("filter", *args())  # the first run reads the models from a cold disk cache: time the second
-    for f in files_under(out):
-        (out / f).unlink()
-    started = time.time()
-    run_step("filter", *args())
-    whole = time.time() - started
+def test_filter_killed_mid_work_then_rerun_gives_the_uninterrupted_output(tmp_path, smol):
+    from test_filter import CASES  # one record for each rule: every stage has work to do
+
+    src, out = tmp_path / "gen.jsonl", tmp_path / "run"
+    src.write_text("".join(json.dumps(r) + "\n" for r, _ in CASES))
+    args = ["--in", src, "--out", out / "filtered.jsonl", "--dropped", out / "dropped.jsonl", "--summary",
+            out / "filter_summary.json", "--tokenizer", "embedded:smollm2", "--embedder", "embedded:minilm"]
+    run_step("filter", *args)
     uninterrupted = {f: (out / f).read_bytes() for f in ("filtered.jsonl", "dropped.jsonl", "filter_summary.json")}
-    for fraction in (0.3, 0.6, 0.85):  # while loading the models, filtering, and writing or exiting
+    for stage in ("loading the tokenizer", "applying the rules", "writing the outputs"):  # filter.py's stage lines
         for f in files_under(out):
             (out / f).unlink()
-        assert kill_after("filter", args(), whole * fraction) == -signal.SIGKILL
-        target = out / "filtered.jsonl"  # make's target is written last, and only whole
-        assert not target.exists() or target.read_bytes() == uninterrupted["filtered.jsonl"]
-        run_step("filter", *args())
-        assert {f: (out / f).read_bytes() for f in uninterrupted} == uninterrupted
+        kill_at_stage("filter", args, f"filter: {stage}")
+        assert not (out / "filtered.jsonl").exists(), f"killed at {stage!r}, yet the step had finished"
+        run_step("filter", *args)
+        assert {f: (out / f).read_bytes() for f in uninterrupted} == uninterrupted, f"killed at {stage!r}"
 
 
 def test_dpo_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(chain_run, tmp_path):
@@ -75,21 +74,58 @@ def test_dpo_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(chai
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-4) for k in whole)
 
 
-def test_eval_killed_midway_writes_nothing_and_the_rerun_matches(chain_run, tmp_path):
-    def args(out):
-        return ["--model", "embedded:smollm2", "--tasks", "ifeval_local,mc_local", "--batch-size",
-                CHAIN_VARS["EVAL_BATCH"], "--dtype", "bfloat16", "--max-gen-toks", CHAIN_VARS["MAX_GEN_TOKS"],
-                "--limit", CHAIN_VARS["LIMIT"], "--out", out]
+def cached_answers(folder):
+    """Rows (answered requests) in the one lm-eval request cache under `folder`; 0 before it exists."""
+    dbs = list(Path(folder).glob("*.db"))
+    assert len(dbs) <= 1, dbs
+    if not dbs:
+        return 0
+    try:
+        with sqlite3.connect(f"file:{dbs[0]}?mode=ro", uri=True, timeout=10) as db:
+            return db.execute("SELECT COUNT(*) FROM unnamed").fetchone()[0]
+    except sqlite3.OperationalError:  # the file exists but its table is not made yet
+        return 0
 
-    started = time.time()
-    run_step("eval", *args(tmp_path / "whole.json"))
-    whole = time.time() - started
-    out = tmp_path / "eval" / "base.json"
-    assert kill_after("eval", args(out), whole * 0.6) == -signal.SIGKILL  # the model is loaded and answering
-    assert not out.exists()
-    run_step("eval", *args(out))
-    results = [json.loads(p.read_text())["results"] for p in (out, tmp_path / "whole.json", chain_run / "eval" / "base.json")]
-    assert results[0] == results[1] == results[2]
+
+def test_eval_killed_mid_work_reuses_its_cached_answers_and_matches_the_uninterrupted_run(tmp_path, smol):
+    def args(name):
+        # Batch 1: every request is computed alone, so the answers cannot depend on which ones the cache held.
+        return ["--model", "embedded:smollm2", "--tasks", "ifeval_local,mc_local", "--batch-size", "1", "--dtype",
+                "float32", "--max-gen-toks", CHAIN_VARS["MAX_GEN_TOKS"], "--limit", CHAIN_VARS["LIMIT"],
+                "--out", tmp_path / name / "base.json", "--cache-dir", tmp_path / name / "cache"]
+
+    run_step("eval", *args("whole"))
+    whole = json.loads((tmp_path / "whole" / "base.json").read_text())
+    total = whole["requests"]["total"]
+    assert whole["requests"] == {**whole["requests"], "from_cache": 0, "answered": total}
+    assert total == cached_answers(tmp_path / "whole" / "cache") == 4 + 4 * 4  # 4 IFEval prompts, 4 x 4 choices
+
+    # Kill as soon as the first answer is committed to the cache: the model is loaded and answering.
+    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / "eval.py"), *map(str, args("killed"))], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and cached_answers(tmp_path / "killed" / "cache") == 0:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"eval ended (status {proc.returncode}) before any answer reached the cache"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = cached_answers(tmp_path / "killed" / "cache")
+    assert 0 < done < total  # the kill landed mid-work
+    assert not (tmp_path / "killed" / "base.json").exists()
+
+    run_step("eval", *args("killed"))
+    rerun = json.loads((tmp_path / "killed" / "base.json").read_text())
+    assert (rerun["requests"]["from_cache"], rerun["requests"]["answered"]) == (done, total - done)  # the rest only
+    assert cached_answers(tmp_path / "killed" / "cache") == total
+    assert rerun["results"] == whole["results"] and rerun["loglikelihoods"] == whole["loglikelihoods"]
+
+
+def test_a_missing_tool_is_reported_like_any_step_error(tmp_path):
+    """report_png.py used to sys.exit past run_step: it now ends like every step, one 'error:' line and status 2."""
+    missing = tmp_path / "no-chromium"
+    result = run_step("report_png", tmp_path / "report.html", tmp_path / "report.png", "--chromium", missing,
+                      check=False)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {missing} not found: install it with `apt-get install -y chromium chromium-driver`\n"
 
 
 def test_gpu_tier_without_a_gpu_stops_before_installing_or_loading(tmp_path):
@@ -109,13 +145,13 @@ def trainer_stub(tmp_path, train):
 
 
 def test_out_of_memory_while_training_names_the_tier_knobs(tmp_path):
-    from common import StepError
+    from common import SetupError
     from common.training import train_and_save
 
     def train(resume_from_checkpoint=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    with pytest.raises(StepError) as error:
+    with pytest.raises(SetupError) as error:
         train_and_save(trainer_stub(tmp_path, train), tmp_path / "adapter")
     message = str(error.value)
     for knob in ("per_device_train_batch_size=8", "gradient_accumulation_steps=2", "max_length=1024",
@@ -127,7 +163,7 @@ def test_out_of_memory_while_training_names_the_tier_knobs(tmp_path):
 def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path):
     """Trainer.save_model silently writes no weights for some setups (FSDP with a sharded state dict did): the step
     must fail, name it, write no adapter directory and keep the checkpoints to resume from."""
-    from common import StepError
+    from common import SetupError
     from common.training import train_and_save
     from safetensors.torch import load_file, save_file
 
@@ -136,7 +172,7 @@ def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path)
 
     trainer = trainer_stub(tmp_path, train)
     trainer.save_model = lambda out: Path(out).mkdir() or (Path(out) / "training_args.bin").write_bytes(b"args")
-    with pytest.raises(StepError, match=r"saving wrote no weights .* \(only: training_args.bin, no tensors\)"):
+    with pytest.raises(SetupError, match=r"saving wrote no weights .* \(only: training_args.bin, no tensors\)"):
         train_and_save(trainer, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists() and (tmp_path / "adapter.partial" / "checkpoint-2").is_dir()
 
@@ -144,7 +180,7 @@ def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path)
         return lambda out: Path(out).mkdir() or save_file(tensors, str(Path(out) / "adapter_model.safetensors"))
 
     trainer.save_model = save({})
-    with pytest.raises(StepError, match=r"saving wrote no weights .* \(only: adapter_model.safetensors, no tensors"):
+    with pytest.raises(SetupError, match=r"saving wrote no weights .* \(only: adapter_model.safetensors, no tensors"):
         train_and_save(trainer, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists() and (tmp_path / "adapter.partial" / "checkpoint-2").is_dir()
     trainer.save_model = save({"lora_A.weight": torch.ones(2, 2)})
@@ -156,8 +192,7 @@ def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path)
 
 def test_dpo_refuses_compile_with_checkpointing_under_fsdp(monkeypatch):
     """Under FSDP that pair failed at DPO's second step on the GPU: the step says so before loading anything."""
-    from common import StepError
-    from common.jsonl import DataError
+    from common import DataError, OptionError
     from dpo import main
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -165,7 +200,7 @@ def test_dpo_refuses_compile_with_checkpointing_under_fsdp(monkeypatch):
             "--train_file", "missing.jsonl", "--output_dir", "x", "--torch_compile", "true",
             "--gradient_checkpointing", "true"]
     refusal = r"--torch_compile true and --gradient_checkpointing true .*DPO_ARGS=--torch_compile false"
-    with pytest.raises(StepError, match=refusal):
+    with pytest.raises(OptionError, match=refusal):
         main(args)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # one process: the pair is fine, and the step goes on to read
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
@@ -175,12 +210,12 @@ def test_dpo_refuses_compile_with_checkpointing_under_fsdp(monkeypatch):
 def test_training_refuses_early_when_the_disk_is_too_small(tmp_path, monkeypatch):
     import shutil
 
-    from common import StepError
+    from common import SetupError
     from common.training import train_and_save
 
     calls = []
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 * 2**20, used=0, free=10 * 2**20))
-    with pytest.raises(StepError, match=r"10 MiB free, checkpoints and the adapter of 1,001,000 trainable"):
+    with pytest.raises(SetupError, match=r"10 MiB free, checkpoints and the adapter of 1,001,000 trainable"):
         train_and_save(trainer_stub(tmp_path, lambda **kw: calls.append(kw)), tmp_path / "adapter")
     assert calls == []  # refused before training
 

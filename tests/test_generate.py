@@ -4,10 +4,11 @@ import sys
 
 import pytest
 from conftest import REPO, kill_midway, read_lines, run_step
+from common.chat import pre_query_template
 from generate import reject_reason, template_markers
 
 ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2", "--max-instruction-tokens", "48",
-        "--max-response-tokens", "24", "--checkpoint-every", "2", "--dtype", "bfloat16", "--seed", "3"]
+        "--max-response-tokens", "24", "--checkpoint-every", "2", "--dtype", "auto", "--seed", "3"]
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -79,8 +80,9 @@ def test_gated_error_names_the_license_page_and_token():
 
 
 def test_multi_turn_records_are_well_formed_conversations(tmp_path, smol):
+    """The real model through the script: whatever it writes, records are alternating, whole conversations."""
     out = tmp_path / "multi.jsonl"
-    run_step("generate", *ARGS, "--turns", "3", "--max-instruction-tokens", "64", "--max-response-tokens", "96",
+    run_step("generate", *ARGS, "--turns", "3", "--max-instruction-tokens", "32", "--max-response-tokens", "32",
              "--out", out)
     records = read_lines(out)
     assert len(records) == 6
@@ -90,7 +92,56 @@ def test_multi_turn_records_are_well_formed_conversations(tmp_path, smol):
         assert 2 <= len(conversation) <= 6
         assert conversation[0]["content"] == r["instruction"] and conversation[1]["content"] == r["response"]
         assert all(m["content"].strip() for m in conversation[2:])  # later turns are kept only when whole
-    assert any(len(r["conversation"]) > 2 for r in records)  # some conversations did go on
+
+
+class ScriptedEngine:
+    """An engine whose samples the test chooses (what a model writes differs with the CPU's arithmetic): each call
+    pops the next script entry, a list of (text, finished) per prompt; the prompts it got are kept."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script, self.prompts = tokenizer, list(script), []
+
+    def sample(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
+        self.prompts.append(prompts)
+        answers = self.script.pop(0)
+        assert len(answers) == len(prompts)
+        return [{"text": text, "finished": finished, "tokens": 3} for text, finished in answers]
+
+
+def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_whole(smol):
+    from types import SimpleNamespace
+
+    from common.models import load_tokenizer
+    from generate import generate_batch, parse_args
+
+    tokenizer = load_tokenizer("embedded:smollm2")
+    args = parse_args(["--model", "m", "--out", "o", "--turns", "3"])
+    engine = ScriptedEngine(tokenizer, [
+        [("Name a prime.", True), ("Name a colour.", True), ("Name a", False)],  # turn 1 instructions
+        [("Seven.", True), ("Blue.", True)],  # its responses (the cut-off instruction is not answered)
+        [("Why is it prime?", True), ("Sure! Here is one.", True)],  # turn 2: the second answers instead of asking
+        [("It has no divisors but 1 and itself.", False)],  # the response is cut off: the turn is not kept
+    ])
+    conversations, status, tokens = generate_batch(engine, args, 3, seed=1, markers=template_markers(tokenizer))
+    assert [[m["content"] for m in c] for c in conversations] == [
+        ["Name a prime.", "Seven."], ["Name a colour.", "Blue."], ["Name a"]]
+    assert [s["instruction_finished"] for s in status] == [True, True, False]
+    assert [s["response_finished"] for s in status] == [True, True, False]
+    assert engine.script == []  # the conversation ended when no turn came out whole
+
+    engine = ScriptedEngine(tokenizer, [
+        [("Name a prime.", True)], [("Seven.", True)],
+        [("Why is it prime?", True)], [("No divisors but 1 and 7.", True)],
+        [("And 9?", True)], [("9 is 3 times 3.", True)],
+    ])
+    conversations, _, _ = generate_batch(engine, args, 1, seed=1, markers=template_markers(tokenizer))
+    assert [m["content"] for m in conversations[0]] == [
+        "Name a prime.", "Seven.", "Why is it prime?", "No divisors but 1 and 7.", "And 9?", "9 is 3 times 3."]
+    # A follow-up instruction is sampled from the conversation so far, cut at the next user turn (Magpie).
+    follow_up_query = engine.prompts[2][0]
+    assert follow_up_query == pre_query_template(tokenizer, None, conversations[0][:2])
+    assert "Seven." in follow_up_query and follow_up_query.endswith("<|im_start|>user\n")
+    assert "Why is it prime?" in engine.prompts[3][0] and "Seven." in engine.prompts[3][0]
 
 
 def test_instruction_only_mode_feeds_the_filter(tmp_path, smol):

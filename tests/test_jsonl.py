@@ -1,7 +1,12 @@
 import json
+import threading
+import time
 
 import pytest
-from common.jsonl import DataError, ResumableWriter, atomic_path, read_jsonl, write_jsonl
+from common import DataError, SetupError
+from common.files import atomic_path
+from common.jsonl import ResumableWriter, read_jsonl, write_jsonl
+from common.shards import merge_shards, shard_paths
 
 
 def test_read_names_file_line_and_field(tmp_path):
@@ -48,3 +53,36 @@ def test_resumable_writer_drops_torn_line_and_keeps_whole_batches(tmp_path):
     resumed.finish()
     assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == list(range(6))
     assert not resumed.partial.exists()
+
+
+def test_merge_names_the_missing_shard_when_no_process_makes_progress(tmp_path):
+    out = tmp_path / "gen.jsonl"
+    first, second = shard_paths(out, 2)
+    write_jsonl(first, [{"i": 0}])
+    (second.with_name(second.name + ".partial")).write_text('{"i": 1}\n')  # its process died after one batch
+    with pytest.raises(SetupError, match=r"waited 0 s without progress for .*gen\.jsonl\.shard1of2: .*SHARD_TIMEOUT"):
+        merge_shards(out, 2, order=lambda r: r["i"], timeout=0.3, poll=0.05)
+    assert not out.exists() and first.exists()
+
+
+def test_merge_waits_as_long_as_the_other_shards_grow(tmp_path):
+    """No fixed end: a slow process that keeps writing is waited for beyond the stall timeout."""
+    out = tmp_path / "gen.jsonl"
+    first, second = shard_paths(out, 2)
+    write_jsonl(first, [{"i": 0}])
+
+    def slow_process():
+        writer = ResumableWriter(second)
+        for i in range(1, 40):  # 2 s of writing, the stall timeout is 1 s
+            writer.write([{"i": 2 * i - 1}])
+            time.sleep(0.05)
+        writer.finish()
+
+    thread = threading.Thread(target=slow_process)
+    thread.start()
+    try:
+        records = merge_shards(out, 2, order=lambda r: r["i"], timeout=1.0, poll=0.05)
+    finally:
+        thread.join()
+    assert [r["i"] for r in records] == [0] + [2 * i - 1 for i in range(1, 40)] == [r["i"] for r in read_jsonl(out)]
+    assert not first.exists() and not second.exists()

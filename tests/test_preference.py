@@ -71,7 +71,7 @@ def test_preference_step_with_a_classifier_reward_model(tmp_path, tiny_deberta):
     src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": t}) + "\n" for k, t in enumerate(INSTRUCTIONS)))
     scored, out = tmp_path / "scored.jsonl", tmp_path / "pref.jsonl"
     args = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", tiny_deberta, "--scored", scored,
-            "--num-responses", "3", "--max-response-tokens", "48", "--batch-size", "2", "--dtype", "bfloat16"]
+            "--num-responses", "3", "--max-response-tokens", "48", "--batch-size", "2", "--dtype", "auto"]
     run_step("preference", *args, "--out", out)
 
     rows = read_lines(scored)
@@ -110,7 +110,7 @@ def test_preference_resumes_after_a_kill(tmp_path, smol):
 
     def args(name):
         return ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "embedded:minilm", "--num-responses",
-                "2", "--max-response-tokens", "16", "--batch-size", "2", "--dtype", "bfloat16",
+                "2", "--max-response-tokens", "16", "--batch-size", "2", "--dtype", "auto",
                 "--scored", tmp_path / f"{name}-scored.jsonl", "--out", tmp_path / f"{name}.jsonl"]
 
     run_step("preference", *args("whole"))
@@ -140,7 +140,7 @@ def test_two_processes_score_the_same_pairs_as_one(tmp_path, smol):
 
     def run(name, launcher):
         args = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "embedded:minilm", "--num-responses",
-                "2", "--max-response-tokens", "12", "--batch-size", "2", "--dtype", "bfloat16",
+                "2", "--max-response-tokens", "12", "--batch-size", "2", "--dtype", "auto",
                 "--scored", tmp_path / f"{name}-scored.jsonl", "--out", tmp_path / f"{name}.jsonl"]
         result = subprocess.run([*launcher, str(REPO / "steps" / "preference.py"), *map(str, args)], cwd=REPO,
                                 env=env, capture_output=True, text=True)
@@ -160,6 +160,6 @@ def test_on_policy_responses_from_the_sft_adapter(tmp_path, chain_run):
     scored = tmp_path / "scored.jsonl"
     result = run_step("preference", "--in", src, "--policy", "embedded:smollm2", "--policy-adapter", chain_run / "sft",
                       "--reward-model", "embedded:minilm", "--num-responses", "2", "--max-response-tokens", "12",
-                      "--dtype", "bfloat16", "--scored", scored, "--out", tmp_path / "pairs.jsonl")
+                      "--dtype", "auto", "--scored", scored, "--out", tmp_path / "pairs.jsonl")
     rows = read_lines(scored)
     assert len(rows) == 1 and len(rows[0]["responses"]) == 2, result.stderr[-2000:]

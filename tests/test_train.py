@@ -94,7 +94,7 @@ def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol):
     def args(name):
         return ["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file", data,
                 "--output_dir", tmp_path / name, "--per_device_train_batch_size", "2", "--max_steps", "6",
-                "--save_steps", "2", "--logging_steps", "1", "--bf16", "false"]
+                "--save_steps", "2", "--logging_steps", "1", "--dtype", "float32"]
 
     run_step("sft", *args("whole"))
     # Kill once the first checkpoint is complete (its trainer_state.json is written last).
@@ -127,7 +127,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, smol):
                for i in range(16)]
     (run / "filtered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     os.utime(run / "generated.jsonl", (0, 0))  # older than filtered.jsonl: make won't regenerate
-    flags = "--max_steps 3 --logging_steps 1 --bf16 false --save_steps 10"
+    flags = "--max_steps 3 --logging_steps 1 --dtype float32 --save_steps 10"
     result = make("sft", run, NPROC="2", SFT_ARGS=f"--per_device_train_batch_size 2 {flags}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate.commands.launch --num_processes 2" in result.stdout
@@ -180,10 +180,10 @@ def test_merge_refuses_early_when_the_disk_is_too_small(chain_run, tmp_path, mon
 
     import merge
     import pytest
-    from common.jsonl import DataError
+    from common import SetupError
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
-    with pytest.raises(DataError, match=r"GiB free, the merged model needs 0\.\d+ GiB"):
+    with pytest.raises(SetupError, match=r"GiB free, the merged model needs 0\.\d+ GiB"):
         merge.main(["--model", "embedded:smollm2", "--adapter", str(chain_run / "sft"), "--out", str(tmp_path / "m")])
     assert not (tmp_path / "m").exists()
 

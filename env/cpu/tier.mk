@@ -3,7 +3,8 @@
 MODEL ?= smol
 GENERATOR ?= embedded:smollm2
 REWARD_MODEL ?= embedded:minilm
-DTYPE ?= bfloat16
+# auto: bf16 where the CPU has it natively (AVX512-BF16/AMX), else fp32 (steps/common/precision.py)
+DTYPE ?= auto
 NUM_SAMPLES ?= 128
 GEN_BATCH ?= 32
 MAX_INSTRUCTION_TOKENS ?= 96

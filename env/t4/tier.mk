@@ -2,6 +2,7 @@
 MODEL ?= llama
 GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
 REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
+# fp16 everywhere: also the 4-bit compute dtype; LoRA weights stay fp32 for fp16's GradScaler
 DTYPE ?= float16
 LOAD_IN_4BIT ?= --load-in-4bit
 NUM_SAMPLES ?= 1000
@@ -11,6 +12,21 @@ MAX_RESPONSE_TOKENS ?= 512
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 4
 PREF_MAX_TOKENS ?= 512
+# Eval sized for one Colab session (bench/README.md "Eval"; estimates for a T4 from H100 measurements): at most 1000
+# examples a task (each MMLU subject; HellaSwag 1000 of 10,042; all of TruthfulQA-MC2 and IFEval), batch 32 (generation
+# is per-step overhead-bound: 32 costs what 16 does), answers capped at 512 tokens (the SFT data's MAX_RESPONSE_TOKENS;
+# IFEval's own 1280 at batch 4 was ~8 h a model). Expected per model, generation run to the cap: 3B ~47 min, 7B ~82 min;
+# base+sft+dpo ~2.3 h and ~4.1 h. A killed eval resumes from its request cache (RUN/eval/cache).
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
-EVAL_BATCH ?= 4
-MAX_GEN_TOKS ?= 1280
+LIMIT ?= 1000
+EVAL_BATCH ?= 32
+MAX_GEN_TOKS ?= 512
+# 4-bit NF4 for every size: the t4 SFT/DPO configs train QLoRA, so the adapters are evaluated on the quantised
+# weights they were trained on; and a 7B in fp16 (14.5 GB) does not fit 16 GB. Peaks under a 15 GiB cap: generation
+# at batch 32, 7B 6.9 GiB, 3B 4.6; log-likelihood at 16, 7B 6.5, 3B 7.8 (Llama's 128k vocabulary: logits), so about
+# 12 GiB at 32 for a 3B (not measured): EVAL_BATCH=16 if a T4 runs out of memory.
+EVAL_4BIT ?= --load-in-4bit
+# Seconds per log-likelihood model pass (mean over the tasks' mix) and per generated token of a request at
+# EVAL_BATCH, per MODEL_SIZE: the time the eval step prints before it starts (bench/results/eval-h100.json).
+EVAL_COST_3b ?= 0.061,0.005
+EVAL_COST_7b ?= 0.118,0.0078

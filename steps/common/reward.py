@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .models import device, hub_load, load_tokenizer, resolve, resolve_dtype, trust_remote_code
+from .models import device, hub_load, load_tokenizer, resolve, trust_remote_code
+from .precision import resolve_dtype
 
 
 class ClassifierReward:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import StepError
-from .jsonl import atomic_path, staging_path
+from . import SetupError
+from .files import atomic_path, staging_path
 
 # What to turn down when training runs out of GPU memory (each is a flag and a key of the tier YAMLs).
 MEMORY_KNOBS = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "gradient_checkpointing")
@@ -93,15 +93,15 @@ def check_disk(trainer, output_dir):
     where.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(where).free
     if need > free:
-        raise StepError(f"{where}: {free / 2**20:.0f} MiB free, checkpoints and the adapter of {params:,} trainable "
-                        f"parameters need about {need / 2**20:.0f} MiB; free some space, point RUN at a larger disk, "
-                        "or keep fewer checkpoints (--save_total_limit)")
+        raise SetupError(f"{where}: {free / 2**20:.0f} MiB free, checkpoints and the adapter of {params:,} trainable "
+                         f"parameters need about {need / 2**20:.0f} MiB; free some space, point RUN at a larger disk, "
+                         "or keep fewer checkpoints (--save_total_limit)")
 
 
 def out_of_memory(args):
     """The error for a training step that ran out of GPU memory: which knobs, set how, and what to do."""
     now = ", ".join(f"{k}={getattr(args, k)}" for k in MEMORY_KNOBS if hasattr(args, k))
-    return StepError(
+    return SetupError(
         f"out of GPU memory while training ({now}). Turn a knob down, in the tier's YAML (SFT_CONFIG / DPO_CONFIG) or "
         "as a flag (make SFT_ARGS=... / DPO_ARGS=...): halve --per_device_train_batch_size and double "
         "--gradient_accumulation_steps (the same global batch), lower --max_length, set --gradient_checkpointing true, "
@@ -122,9 +122,9 @@ def require_weights(saved_dir, work):
             with safe_open(str(saved_dir / name), framework="pt") as f:
                 tensors += len(f.keys())
     if not tensors:
-        raise StepError(f"training finished but saving wrote no weights to {saved_dir} (only: "
-                        f"{', '.join(saved) or 'nothing'}, no tensors); the checkpoints in {work} are kept, and "
-                        "rerunning the step saves again from the last one")
+        raise SetupError(f"training finished but saving wrote no weights to {saved_dir} (only: "
+                         f"{', '.join(saved) or 'nothing'}, no tensors); the checkpoints in {work} are kept, and "
+                         "rerunning the step saves again from the last one")
 
 
 def train_and_save(trainer, output_dir):
