@@ -177,8 +177,10 @@ push: $(RUN)/$(MERGE_FROM)
 	$(PY) steps/push.py --adapter $< --repo-id $(HUB_REPO)
 
 # ---- Housekeeping --------------------------------------------------------------------------------------------
+# pytest-xdist workers, one thread each (tests/conftest.py); the test chain runs beside them from the start.
+TEST_WORKERS ?= auto
 test: | $(DEPS) $(DEFAULT_MODEL_DIR)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(RUN)
@@ -208,7 +210,8 @@ help:
 	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
 	@echo "  TASKS=$(TASKS) (lm-eval names; offline: ifeval_local, mc_local) EVAL_BATCH=$(EVAL_BATCH)" \
 	  "MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT) (examples per task; empty = all) EVAL_4BIT=$(EVAL_4BIT)"
-	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS PYTEST_ARGS"
+	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS"
+	@echo "  test: TEST_WORKERS=$(TEST_WORKERS) (pytest-xdist processes; auto: one a core)  PYTEST_ARGS=$(PYTEST_ARGS)"
 	@echo "Tier settings: env/$(GPU)/ (tier.mk, sft*.yaml, dpo*.yaml); models: env/models/."
 	@echo "Setup (needs GNU make >= 4.3, Python >= 3.11 with venv; installs at the versions in $(CONSTRAINTS)):"
 	@echo "  PY=$(PY) (the Python that runs the steps; Colab: the notebook's)  VENV=$(VENV) (made by PYTHON=$(PYTHON))"

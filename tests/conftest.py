@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -112,21 +113,44 @@ def make(target, run_dir, env=None, **overrides):
 
 
 class BackgroundChain:
-    """`make all` at toy sizes, started when the session starts so that it runs beside the tests that don't need it
-    (those are run first: pytest_collection_modifyitems), on the other core. chain_run waits for it."""
+    """`make all` at toy sizes, started once a session, by the first pytest process (or xdist worker) that collects a
+    test needing it, so that it runs beside the tests that don't (those run first: pytest_collection_modifyitems).
+    Every worker shares it through `root`; chain_run waits for the exit status that the shell writes at the end."""
 
-    def __init__(self, run_dir):
-        self.run_dir, self.log = run_dir, run_dir.parent / "make-all.log"
-        variables = {**CHAIN_VARS, "RUN": str(run_dir), "PY": sys.executable}
-        self.proc = subprocess.Popen(["make", "-C", str(REPO), "all", *[f"{k}={v}" for k, v in variables.items()]],
-                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_TOKEN": SENTINEL_TOKEN})
+    def __init__(self, root):
+        self.root, self.proc = root, None
+        self.run_dir, self.log, self.status = root / "run", root / "make-all.log", root / "make-all.status"
+
+    def start_once(self):
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / "start.lock"):
+            if (self.root / "started").exists():
+                return
+            (self.root / "started").write_text(str(os.getpid()))
+            variables = {**CHAIN_VARS, "RUN": str(self.run_dir), "PY": sys.executable}
+            command = shlex.join(["make", "-C", str(REPO), "all", *[f"{k}={v}" for k, v in variables.items()]])
+            status = shlex.quote(str(self.status))
+            self.proc = subprocess.Popen(["sh", "-c", f"{command}; echo $? > {status}.tmp; mv {status}.tmp {status}"],
+                                         stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "HF_TOKEN": SENTINEL_TOKEN})
 
     def wait(self):
-        if self.proc.wait() != 0:
-            pytest.fail(f"make all (the test chain) failed with status {self.proc.returncode}:\n"
+        started = time.monotonic()
+        while not self.status.exists():
+            if time.monotonic() - started > HUNG_STEP_SECONDS:
+                pytest.fail(f"the test chain wrote no exit status in {HUNG_STEP_SECONDS} s; see {self.log}")
+            time.sleep(0.5)
+        if self.status.read_text().strip() != "0":
+            pytest.fail(f"make all (the test chain) failed with status {self.status.read_text().strip()}:\n"
                         f"{self.log.read_text()[-6000:]}")
         return self.run_dir
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:  # the session ended early (-x, Ctrl-C)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait()
 
 
 def needs_chain(item):
@@ -135,24 +159,24 @@ def needs_chain(item):
 
 @pytest.hookimpl(trylast=True)  # after -k/-m have deselected: start the chain only if a selected test needs it
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that don't read the chain's outputs first, while the chain runs in the background; stable otherwise."""
+    """Tests that don't read the chain's outputs first, while the chain runs in the background; stable otherwise
+    (every xdist worker must collect the same order)."""
     items.sort(key=needs_chain)
     if any(needs_chain(item) for item in items) and (EMBEDDED_DEFAULT / "config.json").exists():
-        # Under pytest's base temp directory (kept for the last runs, like tmp_path), before any fixture exists.
-        base = Path(tempfile.mkdtemp(prefix="chain-", dir=config._tmp_path_factory.getbasetemp()))
-        config.background_chain = BackgroundChain(base / "run")
+        # Under pytest's base temp directory (kept for the last few sessions), which xdist's workers share the parent of.
+        base = Path(config._tmp_path_factory.getbasetemp())
+        config.background_chain = BackgroundChain((base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "chain")
+        config.background_chain.start_once()
 
 
 def pytest_unconfigure(config):
-    chain = getattr(config, "background_chain", None)
-    if chain and chain.proc.poll() is None:  # the session ended early (-x, Ctrl-C): don't leave make running
-        chain.proc.terminate()
-        chain.proc.wait()
+    if getattr(config, "background_chain", None):
+        config.background_chain.stop()
 
 
 @pytest.fixture(scope="session")
 def chain_run(request, smol):
     chain = getattr(request.config, "background_chain", None)
     if chain is None:
-        pytest.fail("the test chain was not started (no test that needs it was collected at the start?)")
+        pytest.fail("the test chain was not started (is the embedded model missing? run `make prepare`)")
     return chain.wait()

@@ -12,10 +12,16 @@ ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2"
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-def test_records_are_instruction_response_pairs(tmp_path, smol):
-    out = tmp_path / "gen.jsonl"
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, smol):
+    """One uninterrupted run with ARGS, which the tests below read and compare against."""
+    out = tmp_path_factory.mktemp("whole") / "gen.jsonl"
     run_step("generate", *ARGS, "--out", out)
-    records = read_lines(out)
+    return out
+
+
+def test_records_are_instruction_response_pairs(whole, tmp_path):
+    records = read_lines(whole)
     assert [r["id"] for r in records] == [f"s3-{i:07d}" for i in range(6)]
     for r in records:
         assert r["instruction"].strip()
@@ -27,13 +33,10 @@ def test_records_are_instruction_response_pairs(tmp_path, smol):
         assert r["settings"]["model"] == "embedded:smollm2" and r["settings"]["response_temperature"] == 0.0
     assert any(r["instruction_finished"] for r in records)
     assert len({r["instruction"] for r in records}) > 1  # sampled, not one instruction repeated
-    assert not (tmp_path / "gen.jsonl.partial").exists()
+    assert not whole.with_name("gen.jsonl.partial").exists()
 
 
-def test_killed_run_resumes_to_the_same_records(tmp_path, smol):
-    whole = tmp_path / "whole.jsonl"
-    run_step("generate", *ARGS, "--out", whole)
-
+def test_killed_run_resumes_to_the_same_records(whole, tmp_path):
     out = tmp_path / "killed.jsonl"
     written = kill_midway("generate", [*ARGS, "--out", out], tmp_path / "killed.jsonl.partial", lines=2)
     assert 2 <= written < 6, "the kill should land mid-run"
@@ -50,9 +53,9 @@ def test_killed_run_resumes_to_the_same_records(tmp_path, smol):
     assert "generate:" not in again.stderr and read_lines(out) == read_lines(whole)
 
 
-def test_partial_file_from_other_settings_is_refused(tmp_path, smol):
+def test_partial_file_from_other_settings_is_refused(whole, tmp_path):
     out = tmp_path / "gen.jsonl"
-    run_step("generate", *ARGS, "--out", out)
+    out.write_bytes(whole.read_bytes())  # a finished output is resumed like a partial one
     result = run_step("generate", *ARGS[:-1], "4", "--out", out, check=False)  # another seed
     assert result.returncode == 2 and "other settings" in result.stderr and "Traceback" not in result.stderr
 
@@ -88,9 +91,12 @@ def test_multi_turn_records_are_well_formed_conversations(tmp_path, smol):
     assert len(records) == 6
     for r in records:
         conversation = r["conversation"]
+        assert conversation[0] == {"role": "user", "content": r["instruction"]}
+        if not r["instruction_finished"] or r["rejected"]:  # kept for the filter to judge, never answered
+            assert conversation == conversation[:1] and r["response"] == ""
+            continue
         assert [m["role"] for m in conversation] == ["user", "assistant"] * (len(conversation) // 2)
-        assert 2 <= len(conversation) <= 6
-        assert conversation[0]["content"] == r["instruction"] and conversation[1]["content"] == r["response"]
+        assert 2 <= len(conversation) <= 6 and conversation[1]["content"] == r["response"]
         assert all(m["content"].strip() for m in conversation[2:])  # later turns are kept only when whole
 
 

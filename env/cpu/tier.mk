@@ -5,13 +5,16 @@ GENERATOR ?= embedded:smollm2
 REWARD_MODEL ?= embedded:minilm
 # auto: bf16 where the CPU has it natively (AVX512-BF16/AMX), else fp32 (steps/common/precision.py)
 DTYPE ?= auto
-NUM_SAMPLES ?= 128
+# Sized to finish `make all` in under 15 minutes on a 2-core AVX2 CPU in fp32 (README: measured times). Generation,
+# scoring and IFEval answers dominate, each costing about rows x tokens (a batch runs to its longest row, and the
+# embedded model often loops to the cap): 64 samples, shorter caps.
+NUM_SAMPLES ?= 64
 GEN_BATCH ?= 32
-MAX_INSTRUCTION_TOKENS ?= 96
-MAX_RESPONSE_TOKENS ?= 256
+MAX_INSTRUCTION_TOKENS ?= 64
+MAX_RESPONSE_TOKENS ?= 192
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 8
-PREF_MAX_TOKENS ?= 192
+PREF_MAX_TOKENS ?= 128
 TASKS ?= ifeval_local,mc_local
 EVAL_BATCH ?= 16
-MAX_GEN_TOKS ?= 128
+MAX_GEN_TOKS ?= 96
