@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import sync_time as timed
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "steps"))
@@ -71,14 +72,6 @@ def requests(kind, n_docs, vocab, seed=0, max_gen_toks=1280):
         out += [Instance(request_type="generate_until" if kind == "gen" else "loglikelihood", doc={},
                          arguments=p, idx=i, metadata=(kind, doc, None)) for i, p in enumerate(pairs)]
     return out
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def ceilings():

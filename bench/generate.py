@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "steps"))
 
+from timing import sync_time  # noqa: E402
 from common.generation import StaticGenerator, grouped_sdpa_attention, use_grouped_sdpa  # noqa: E402
 
 EOS, PAD = 128009, 128004  # <|eot_id|>, <|finetune_right_pad_id|>: never in the random prompts (ids < 128000)
@@ -50,14 +51,6 @@ def parse_args():
     p.add_argument("--budget-s", type=float, default=480, help="skip the extras once this much time has passed")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     return p.parse_args()
-
-
-def sync_time(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - start
 
 
 def build_model(config_path):
