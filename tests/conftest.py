@@ -104,12 +104,15 @@ CHAIN_VARS = dict(
 SENTINEL_TOKEN = "hf_SENTINEL0secret0token0do0not0write"
 
 
-def make(target, run_dir, env=None, **overrides):
+def make_command(target, run_dir, **overrides):
+    """`make TARGET` in the repository with the test chain's variables (CHAIN_VARS), RUN and this Python."""
     variables = {**CHAIN_VARS, "RUN": str(run_dir), "PY": sys.executable, **overrides}
-    return subprocess.run(
-        ["make", "-C", str(REPO), target, *[f"{k}={v}" for k, v in variables.items()]],
-        capture_output=True, text=True, env={**os.environ, **(env or {})},
-    )
+    return ["make", "-C", str(REPO), target, *[f"{k}={v}" for k, v in variables.items()]]
+
+
+def make(target, run_dir, env=None, **overrides):
+    return subprocess.run(make_command(target, run_dir, **overrides), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 class BackgroundChain:
@@ -129,8 +132,7 @@ class BackgroundChain:
             if (self.root / "started").exists():
                 return
             (self.root / "started").write_text(str(os.getpid()))
-            variables = {**CHAIN_VARS, "RUN": str(self.run_dir), "PY": sys.executable}
-            command = shlex.join(["make", "-C", str(REPO), "all", *[f"{k}={v}" for k, v in variables.items()]])
+            command = shlex.join(make_command("all", self.run_dir))
             status = shlex.quote(str(self.status))
             self.proc = subprocess.Popen(["sh", "-c", f"{command}; echo $? > {status}.tmp; mv {status}.tmp {status}"],
                                          stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
