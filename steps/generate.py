@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import DataError, run_step
 from common.chat import end_of_turn, pre_query_template, prompt_text
 from common.files import output_lock
-from common.generation import ENGINES, load_engine, process_device_map
+from common.generation import ENGINES, Sampling, load_engine, process_device_map
 from common.jsonl import ResumableWriter
 from common.precision import dtype_name
 from common.shards import merge_shards, process_rank, shard_lock, shard_paths
@@ -101,8 +101,9 @@ def generate_batch(engine, args, n, seed, markers):
         if not active:
             break
         queries = [pre_query_template(tokenizer, args.system, conversations[k]) for k in active]
-        instructions = engine.sample(queries, args.max_instruction_tokens, args.instruction_temperature,
-                                     args.instruction_top_p, [user_end], seed * 1009 + turn)
+        instructions = engine.sample(queries, Sampling(
+            args.max_instruction_tokens, args.instruction_temperature, args.instruction_top_p,
+            stop_token_ids=engine.stop_token_ids, stop_strings=(user_end,)), seed * 1009 + turn)
         tokens += sum(i["tokens"] for i in instructions)
         asked = {}
         for k, ins in zip(active, instructions):
@@ -116,8 +117,9 @@ def generate_batch(engine, args, n, seed, markers):
             break
         prompts = [prompt_text(tokenizer, text, args.system, history=conversations[k][: 2 * turn])
                    for k, text in asked.items()]
-        responses = engine.sample(prompts, args.max_response_tokens, args.response_temperature,
-                                  args.response_top_p, [assistant_end], seed * 1009 + turn) if prompts else []
+        responses = engine.sample(prompts, Sampling(
+            args.max_response_tokens, args.response_temperature, args.response_top_p,
+            stop_token_ids=engine.stop_token_ids, stop_strings=(assistant_end,)), seed * 1009 + turn) if prompts else []
         tokens += sum(r["tokens"] for r in responses)
         active = []
         for (k, text), res in zip(asked.items(), responses):

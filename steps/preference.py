@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common import DataError, run_step
 from common.chat import end_of_turn, prompt_text
 from common.files import output_lock
-from common.generation import ENGINES, load_engine, process_device_map
+from common.generation import ENGINES, Sampling, load_engine, process_device_map
 from common.jsonl import ResumableWriter, read_jsonl, write_jsonl
 from common.precision import dtype_name
 from common.reward import load_reward, score_in_batches
@@ -94,15 +94,15 @@ def score_batches(args, batches, target, rank=0, world=1):
                              adapter=args.policy_adapter, device_map=process_device_map(rank, world))
         tokenizer = policy.tokenizer
         reward = load_reward(args.reward_model, args.dtype)
-        stop = [end_of_turn(tokenizer, "assistant")]
+        sampling = Sampling(max_new_tokens=args.max_response_tokens, temperature=args.temperature, top_p=args.top_p,
+                            stop_token_ids=policy.stop_token_ids, stop_strings=(end_of_turn(tokenizer, "assistant"),))
         k = args.num_responses
         bar = tqdm(total=len(share), initial=len(writer.done), desc=f"preference[{rank}]" if world > 1 else "preference",
                    unit="instruction", position=rank)
         start, tokens = time.time(), 0
         for b, batch in todo:
             prompts = [prompt_text(tokenizer, r["instruction"]) for r in batch for _ in range(k)]
-            samples = policy.sample(prompts, args.max_response_tokens, args.temperature, args.top_p, stop,
-                                    args.seed * 1_000_003 + b)
+            samples = policy.sample(prompts, sampling, args.seed * 1_000_003 + b)
             texts = [s["text"] for s in samples]
             scores = score_in_batches(reward, [r["instruction"] for r in batch for _ in range(k)], texts,
                                       args.reward_batch_size)

@@ -107,7 +107,9 @@ class ScriptedEngine:
     def __init__(self, tokenizer, script):
         self.tokenizer, self.script, self.prompts = tokenizer, list(script), []
 
-    def sample(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
+    stop_token_ids = ()
+
+    def sample(self, prompts, sampling, seed):
         self.prompts.append(prompts)
         answers = self.script.pop(0)
         assert len(answers) == len(prompts)

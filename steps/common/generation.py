@@ -1,25 +1,99 @@
-"""Generation engines behind one interface: `engine.sample(prompts, ...)` -> one dict per prompt.
+"""Generation engines behind one interface: `engine.sample(prompts, sampling, seed)` -> one dict per prompt.
 
-- `transformers` (default): batched `generate` on a Hugging Face model; on a recent GPU with a static KV cache and a
-  decoding step compiled into CUDA graphs (`StaticGenerator`), elsewhere plain `generate`.
+- `transformers` (default): on a GPU the fast path in common/fastgen.py (rows that stop free their slot for the next
+  prompt; KV cache sized from free memory; CUDA graphs), elsewhere or where it can't run plain batched `generate`.
 - `vllm`: used when installed and asked for (ENGINE=vllm); produces the same records.
 
-Each result is {"text": continuation cut at the first stop string, "finished": whether a stop (or EOS) was reached
-before max_new_tokens, "tokens": generated tokens}. For a given engine and hardware the result depends only on
-(prompts, settings, seed), so a resumed run reproduces an uninterrupted one.
+`Sampling` holds every setting a call samples with, and both engines apply all of them: nothing is left for a
+library or a model's generation_config to fill in (transformers would add top_k=50, Qwen's repetition penalty...).
+Each result is {"text": continuation cut at the first stop, "finished": it ended on a stop token or string,
+"stop_reason": "stop" | "length" (ran to max_new_tokens) | "loop" (stopped early by the repetition rule),
+"tokens": generated tokens}. For a given engine and hardware the result depends only on (prompts, sampling, seed),
+so a resumed run reproduces an uninterrupted one.
 """
 
+import dataclasses
 import os
-from collections import deque
+import sys
+from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from .chat import prepare_tokenizer
 from .models import load_causal_lm, load_tokenizer, resolve, trust_remote_code
 from .precision import dtype_name
 
 ENGINES = ("transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Everything one engine call samples with. `record()` is what output records store as the settings used."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off (transformers' rule: logits of tokens already in the row shrink)
+    stop_token_ids: tuple = ()  # a row is finished at any of these (the model's end-of-turn/end tokens)
+    stop_strings: tuple = ()  # ... or at any of these strings (cut from the text)
+    suppress_at_start: tuple = ()  # token ids never sampled as a row's first token (Magpie: no markdown openers)
+    loop_window: int = 0  # >0: stop a row early (stop_reason "loop") when it ends in a repeating loop (looping())
+
+    def record(self):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def looping(window, min_repeats=3, min_span=None):
+    """Which rows of `window` (rows x the last W generated tokens, -1 where a row has fewer) end in a loop: a block
+    of p <= W/min_repeats tokens repeated back to back, covering at least min_span (default W/2) tokens and at
+    least min_repeats periods. Greedy decoding of a small model falls into such loops and stays there to the cap,
+    so stopping them early only saves the tokens; the filter drops them either way."""
+    rows, width = window.shape
+    min_span = width // 2 if min_span is None else min_span
+    found = torch.zeros(rows, dtype=torch.bool, device=window.device)
+    for period in range(1, width // min_repeats + 1):
+        same = (window[:, period:] == window[:, :-period]) & (window[:, period:] >= 0)
+        # length of the run of matches that ends at the last token
+        run = torch.cumprod(same.flip(1).to(torch.int32), dim=1).sum(1) + period
+        found |= run >= max(min_span, min_repeats * period)
+    return found
+
+
+class LoopCriterion(StoppingCriteria):
+    """`looping()` as a stopping criterion for `generate` (checked on the last `window` tokens of each row)."""
+
+    def __init__(self, window, prompt_length):
+        self.window, self.prompt_length = window, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        generated = input_ids[:, self.prompt_length:]
+        if generated.shape[1] < self.window:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return looping(generated[:, -self.window:])
+
+
+def logits_processors(sampling):
+    """transformers' processors for a Sampling, in generate's order, first-token suppression excepted (its index
+    depends on the prompt's length: engines apply it themselves)."""
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if sampling.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if sampling.temperature > 0:
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k > 0:
+            processors.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+    return processors
 
 
 def process_device_map(rank, world):
@@ -41,62 +115,106 @@ def load_engine(kind, model, dtype="auto", load_in_4bit=False, device_map=None, 
     raise ValueError(f"unknown engine {kind!r}; choose one of: {', '.join(ENGINES)}")
 
 
-def stop_list(stop, tokenizer):
-    """The stop strings of a call plus the tokenizer's EOS, each once, in order."""
-    return [s for s in dict.fromkeys([*stop, tokenizer.eos_token]) if s]
+def stop_ids(tokenizer, model=None):
+    """The token ids that end a generation by default: the tokenizer's EOS and the model's generation_config EOS
+    ids (Llama-3.1: <|eot_id|>, <|eom_id|>, <|end_of_text|>)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
-def cut_at_stop(raw, stops):
-    """(text before the first stop string, whether one was found)."""
-    cut = min((raw.find(s) for s in stops if s in raw), default=-1)
-    return (raw[:cut] if cut >= 0 else raw).strip(), cut >= 0
+def finish(tokenizer, row, sampling, looped=False):
+    """The result dict of one generated row (token ids, stop token included, padding after it allowed)."""
+    ids = [int(t) for t in row]
+    stop = next((k for k, t in enumerate(ids) if t in sampling.stop_token_ids), None)
+    if stop is not None:
+        ids = ids[:stop]
+    raw = tokenizer.decode(ids, skip_special_tokens=False)
+    cut = min((raw.find(s) for s in sampling.stop_strings if s and s in raw), default=-1)
+    finished = stop is not None or cut >= 0
+    reason = "stop" if finished else ("loop" if looped else "length")
+    text = raw[:cut] if cut >= 0 else raw
+    return {"text": text.strip(), "finished": finished, "stop_reason": reason,
+            "tokens": len(ids) + (stop is not None)}
+
+
+def say_once(message, _said=set()):
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 class TransformersEngine:
-    """Batched `generate` on a Hugging Face model.
+    """A Hugging Face model behind `sample()`: the fast path of common/fastgen.py where it runs (a CUDA GPU, an
+    unquantized model on one device, full attention, the transformers internals it was written for), plain batched
+    `generate` otherwise, said once. SIT_FAST_GENERATE=0 forces the plain path."""
 
-    On a GPU (compute capability 8.0 or newer, unquantized model) the work goes through `StaticGenerator`: a static
-    KV cache whose decoding step torch.compile turns into CUDA graphs. Elsewhere (CPU, T4, 4-bit) it is plain
-    `generate` with a dynamic cache, as before. SIT_STATIC_GENERATE=0 forces the plain path.
-    """
+    def __init__(self, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None, slots=None):
+        from . import fastgen
 
-    def __init__(self, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None):
         self.tokenizer = prepare_tokenizer(load_tokenizer(adapter or model))
         self.model = load_causal_lm(model, dtype=dtype, load_in_4bit=load_in_4bit, device_map=device_map,
                                     adapter=adapter)
-        self.static = StaticGenerator(self.model) if StaticGenerator.suits(self.model) else None
+        self.stop_token_ids = stop_ids(self.tokenizer, self.model)
+        self.fast, why_not = fastgen.make_generator(self.model, self.tokenizer.pad_token_id, slots=slots)
+        if self.fast is None:
+            say_once(f"generation: plain transformers generate ({why_not})")
         self.stop_criteria = {}
 
-    def sample(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
-        tokenizer, model = self.tokenizer, self.model
-        stops = stop_list(stop, tokenizer)
-        # What generate(stop_strings=..., tokenizer=...) would build at every call, built once: building it reads the
-        # whole vocabulary (about 1 s a call with a 128k vocabulary in bench/generate.py)
-        if tuple(stops) not in self.stop_criteria:
-            self.stop_criteria[tuple(stops)] = StopStringCriteria(tokenizer=tokenizer, stop_strings=stops)
-        options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                       stopping_criteria=StoppingCriteriaList([self.stop_criteria[tuple(stops)]]),
-                       **sampling_options(temperature, top_p))
-        tokenizer.padding_side = "left"
+    def sample(self, prompts, sampling, seed):
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         torch.manual_seed(seed)
-        if self.static is None:
-            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.inference_mode():
-                output = model.generate(**batch, **options)
-            rows = output[:, batch["input_ids"].shape[1] :]
+        if self.fast is not None:
+            rows, looped = self.fast.generate(ids, sampling)
         else:
-            rows = self.static.generate(tokenizer(prompts, add_special_tokens=False)["input_ids"], **options)
-        results = []
-        for row in rows:
-            text, finished = cut_at_stop(tokenizer.decode(row, skip_special_tokens=False), stops)
-            results.append({"text": text, "finished": finished, "tokens": int((row != tokenizer.pad_token_id).sum())})
-        return results
+            rows, looped = self._generate(ids, sampling)
+        return [finish(self.tokenizer, row, sampling, loop) for row, loop in zip(rows, looped)]
+
+    def _generate(self, ids, sampling):
+        """Plain `generate` on a left-padded batch; every option explicit (a neutral GenerationConfig plus our own
+        processors), so the model's generation_config adds nothing."""
+        from transformers import GenerationConfig, SuppressTokensAtBeginLogitsProcessor
+
+        tokenizer, model = self.tokenizer, self.model
+        tokenizer.padding_side = "left"
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
+        width = batch["input_ids"].shape[1]
+        processors = logits_processors(sampling)
+        if sampling.suppress_at_start:
+            processors.insert(0, SuppressTokensAtBeginLogitsProcessor(list(sampling.suppress_at_start), width,
+                                                                      device=model.device))
+        criteria = StoppingCriteriaList()
+        if sampling.stop_strings:  # built once per set of strings: building reads the whole vocabulary
+            key = tuple(sampling.stop_strings)
+            if key not in self.stop_criteria:
+                self.stop_criteria[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(key))
+            criteria.append(self.stop_criteria[key])
+        loop = LoopCriterion(sampling.loop_window, width) if sampling.loop_window else None
+        if loop:
+            criteria.append(loop)
+        config = GenerationConfig(do_sample=sampling.temperature > 0, temperature=1.0, top_p=1.0, top_k=0,
+                                  repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens,
+                                  eos_token_id=list(sampling.stop_token_ids) or None,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        with torch.inference_mode():
+            output = model.generate(**batch, generation_config=config, logits_processor=processors,
+                                    stopping_criteria=criteria)
+        rows = output[:, width:]
+        looped = [False] * len(rows)
+        if loop:
+            gen = rows.clone()
+            looped = [bool(x) for x in _ends_in_loop(gen, tokenizer.pad_token_id, sampling)]
+        return list(rows.cpu()), looped
 
 
-def sampling_options(temperature, top_p):
-    if temperature > 0:
-        return dict(do_sample=True, temperature=temperature, top_p=top_p)
-    return dict(do_sample=False)
+def _ends_in_loop(rows, pad, sampling):
+    """For rows padded after their end: whether each stopped in a loop (its last loop_window tokens loop)."""
+    lengths = (rows != pad).sum(1)
+    window = sampling.loop_window
+    idx = (lengths[:, None] - window + torch.arange(window, device=rows.device)).clamp(min=0)
+    tail = rows.gather(1, idx).masked_fill(lengths[:, None] < window, -1)
+    return looping(tail) & (lengths < sampling.max_new_tokens)
 
 
 def _round_up(n, multiple):
@@ -324,7 +442,12 @@ def use_grouped_sdpa(model):
 
 
 class VLLMEngine:
-    """vLLM's offline LLM; per-prompt seeds keep results independent of how vLLM schedules the batch."""
+    """vLLM's offline LLM; per-prompt seeds keep results independent of how vLLM schedules the batch.
+
+    Every Sampling field is passed on: first-token suppression as a one-token call restricted to the other tokens
+    (vLLM has no per-position processors), then the rest from there; the loop rule can only label rows afterwards
+    (vLLM runs them to the cap), so it saves no time here. Special tokens are kept in the text so that stop strings
+    and the template-echo check see them."""
 
     def __init__(self, model, dtype="auto", load_in_4bit=False, adapter=None):
         from vllm import LLM
@@ -336,16 +459,40 @@ class VLLMEngine:
         self.llm = LLM(model=name, dtype=dtype, trust_remote_code=trust_remote_code(), seed=0,
                        quantization="bitsandbytes" if load_in_4bit else None, enable_lora=adapter is not None)
         self.lora = LoRARequest("adapter", 1, adapter) if adapter else None
+        self.stop_token_ids = stop_ids(self.tokenizer, self.llm.llm_engine.get_model_config().hf_config)
 
-    def sample(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
-        from vllm import SamplingParams, TokensPrompt
+    def _params(self, sampling, seed, i, **changes):
+        from vllm import SamplingParams
 
-        stops = stop_list(stop, self.tokenizer)
-        params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                 max_tokens=max_new_tokens, stop=stops, seed=seed * 100_003 + i)
-                  for i in range(len(prompts))]
-        inputs = [TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"])
-                  for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora)
-        return [{"text": o.outputs[0].text.strip(), "finished": o.outputs[0].finish_reason == "stop",
-                 "tokens": len(o.outputs[0].token_ids)} for o in outputs]
+        greedy = sampling.temperature == 0
+        options = dict(temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+                       top_k=0 if greedy or sampling.top_k <= 0 else sampling.top_k,
+                       repetition_penalty=sampling.repetition_penalty, max_tokens=sampling.max_new_tokens,
+                       stop=list(sampling.stop_strings), stop_token_ids=list(sampling.stop_token_ids),
+                       ignore_eos=True, skip_special_tokens=False, seed=seed * 100_003 + i)
+        return SamplingParams(**{**options, **changes})
+
+    def sample(self, prompts, sampling, seed):
+        from vllm import TokensPrompt
+
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        first = [[] for _ in ids]
+        if sampling.suppress_at_start:
+            banned = set(sampling.suppress_at_start)
+            allowed = [t for t in range(len(self.tokenizer)) if t not in banned]
+            params = [self._params(sampling, seed, i, max_tokens=1, allowed_token_ids=allowed) for i in range(len(ids))]
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False,
+                                    lora_request=self.lora)
+            first = [list(o.outputs[0].token_ids) for o in out]
+        todo = [i for i, f in enumerate(first) if not (f and f[0] in sampling.stop_token_ids)]
+        rest = {i: [] for i in range(len(ids))}
+        if todo:
+            params = [self._params(sampling, seed + 1, i, max_tokens=sampling.max_new_tokens - len(first[i]))
+                      for i in todo]
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i] + first[i]) for i in todo], params,
+                                    use_tqdm=False, lora_request=self.lora)
+            rest.update({i: list(o.outputs[0].token_ids) for i, o in zip(todo, out)})
+        rows = [first[i] + rest[i] for i in range(len(ids))]
+        looped = [bool(sampling.loop_window) and len(r) >= sampling.loop_window
+                  and bool(looping(torch.tensor([r[-sampling.loop_window:]]))[0]) for r in rows]
+        return [finish(self.tokenizer, row, sampling, loop) for row, loop in zip(rows, looped)]
