@@ -69,8 +69,8 @@ $(DEFAULT_MODEL_DIR): | $(DEPS)
 
 $(RUN)/generated.jsonl: | $(DEPS) $(NEEDS_DEFAULT)
 	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
-	  --max-instruction-tokens $(MAX_INSTRUCTION_TOKENS) --max-response-tokens $(MAX_RESPONSE_TOKENS) \
-	  --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
+	  --decode-rows $(GEN_ROWS) $(if $(MAX_INSTRUCTION_TOKENS),--max-instruction-tokens $(MAX_INSTRUCTION_TOKENS)) \
+	  $(if $(MAX_RESPONSE_TOKENS),--max-response-tokens $(MAX_RESPONSE_TOKENS)) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
 
 $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 	$(PY) steps/filter.py --in $< --out $@ --dropped $(RUN)/dropped.jsonl --summary $(RUN)/filter_summary.json \
@@ -78,7 +78,7 @@ $(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
 
 $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY)),$(RUN)/sft)
 	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/preference.py --in $< $(POLICY_ARGS) --reward-model $(REWARD_MODEL) \
-	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) \
+	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) --decode-rows $(PREF_ROWS) \
 	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) \
 	  $(PREFERENCE_ARGS)
 
@@ -154,14 +154,18 @@ help:
 	  "ACCELERATE_CONFIG=$(ACCELERATE_CONFIG)"
 	@echo "  MERGE_FROM=$(MERGE_FROM) (adapter that merge/push use)  HUB_REPO=$(HUB_REPO) (push; token from HF_TOKEN)"
 	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  EMBEDDER=$(EMBEDDER) (dedup)  DTYPE=$(DTYPE)"
-	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS)" \
+	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) (samples a batch) GEN_ROWS=$(GEN_ROWS) (decoded at once)" \
+	  "MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS) (empty: the recipe's)" \
 	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"
-	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)" \
+	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) (instructions a batch) PREF_ROWS=$(PREF_ROWS)" \
+	  "PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)" \
 	  "PREF_POLICY=$(PREF_POLICY) (generator or sft)"
 	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
 	@echo "  TASKS=$(TASKS) (lm-eval names; offline: ifeval_local, mc_local) EVAL_BATCH=$(EVAL_BATCH)" \
 	  "MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT) (examples per task; empty = all) EVAL_4BIT=$(EVAL_4BIT)"
 	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS"
+	@echo "    e.g. GENERATE_ARGS=\"--response-temperature 0 --system-prompts tasks.yaml\" (generator recipes:" \
+	  "env/generators/; every flag: $(PY) steps/generate.py -h)"
 	@echo "  test: TEST_WORKERS=$(TEST_WORKERS) (pytest-xdist processes; auto: one a core)  PYTEST_ARGS=$(PYTEST_ARGS)"
 	@echo "Tier settings: env/$(GPU)/ (tier.mk, sft*.yaml, dpo*.yaml); models: env/models/."
 	@echo "Setup (needs GNU make >= 4.3, Python >= 3.11 with venv; installs at the versions in $(CONSTRAINTS)):"

@@ -15,19 +15,17 @@ With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
 
 import argparse
 import sys
-import time
-from pathlib import Path
-
-from tqdm import tqdm
 
 from common import DataError, run_step
-from common.chat import end_of_turn, prompt_text
+from common.batches import run_batches
+from common.chat import end_of_turn, prepare_tokenizer, prompt_text
 from common.files import output_lock
-from common.generation import ENGINES, Sampling, load_engine, process_device_map
-from common.jsonl import ResumableWriter, read_jsonl, write_jsonl
+from common.generation import ENGINES, Sampling, declared_stop_ids, load_engine, process_device_map
+from common.jsonl import read_jsonl, write_jsonl
+from common.models import load_tokenizer
 from common.precision import dtype_name
 from common.reward import load_reward, score_in_batches
-from common.shards import merge_shards, process_rank, shard_lock, shard_paths
+from common.shards import process_rank
 
 
 def parse_args(argv=None):
@@ -43,7 +41,13 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-response-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8, help="instructions per generation batch")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    p.add_argument("--loop-window", type=int, default=0, help="N > 0: stop a response that loops in its last N tokens")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="instructions per batch (each batch's records are appended to --scored's partial file)")
+    p.add_argument("--decode-rows", type=int, default=32,
+                   help="responses the engine decodes at once (on a GPU reduced to what free memory holds)")
     p.add_argument("--reward-batch-size", type=int, default=16)
     p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs whose chosen-rejected margin is below")
     p.add_argument("--ties", choices=["drop", "keep"], default="drop",
@@ -80,45 +84,52 @@ def pair(record, responses, scores, finished=None):
     }
 
 
-def score_batches(args, batches, target, rank=0, world=1):
-    """Sample and score these (batch number, instructions) pairs into `target`, resuming what an earlier run wrote;
-    returns every scored record of the batches."""
-    share = [r for _, batch in batches for r in batch]
-    writer = ResumableWriter(target, keep=lambda n: n if n >= len(share) else n - n % args.batch_size)
-    if [r["id"] for r in writer.done] != [r["id"] for r in share[: len(writer.done)]]:
-        writer.close()
-        raise DataError(f"{writer.partial}: holds other instructions than {args.inp}; delete it to start over")
-    todo = batches[len(writer.done) // args.batch_size :] if len(writer.done) < len(share) else []
-    if todo:
-        policy = load_engine(args.engine, args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-                             adapter=args.policy_adapter, device_map=process_device_map(rank, world))
-        tokenizer = policy.tokenizer
-        reward = load_reward(args.reward_model, args.dtype)
-        sampling = Sampling(max_new_tokens=args.max_response_tokens, temperature=args.temperature, top_p=args.top_p,
-                            stop_token_ids=policy.stop_token_ids, stop_strings=(end_of_turn(tokenizer, "assistant"),))
-        k = args.num_responses
-        bar = tqdm(total=len(share), initial=len(writer.done), desc=f"preference[{rank}]" if world > 1 else "preference",
-                   unit="instruction", position=rank)
-        start, tokens = time.time(), 0
-        for b, batch in todo:
-            prompts = [prompt_text(tokenizer, r["instruction"]) for r in batch for _ in range(k)]
-            samples = policy.sample(prompts, sampling, args.seed * 1_000_003 + b)
-            texts = [s["text"] for s in samples]
-            scores = score_in_batches(reward, [r["instruction"] for r in batch for _ in range(k)], texts,
-                                      args.reward_batch_size)
-            writer.write([
-                {"id": r["id"], "instruction": r["instruction"], "responses": texts[j * k : (j + 1) * k],
+def settings_of(args, sampling):
+    """What every scored record was made with (a resumed --scored partial file must match)."""
+    return {"policy": args.policy, "policy_adapter": args.policy_adapter, "reward_model": args.reward_model,
+            "num_responses": args.num_responses, "seed": args.seed, "dtype": dtype_name(args.dtype),
+            "sampling": sampling.record()}
+
+
+def sampling_of(args):
+    """(the policy's tokenizer, how its responses are sampled): needs no weights, so a partial file written with
+    other settings is refused before the models load."""
+    tokenizer = prepare_tokenizer(load_tokenizer(args.policy_adapter or args.policy))
+    return tokenizer, Sampling(max_new_tokens=args.max_response_tokens, temperature=args.temperature, top_p=args.top_p,
+                               top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                               stop_token_ids=declared_stop_ids(args.policy, tokenizer),
+                               stop_strings=(end_of_turn(tokenizer, "assistant"),), loop_window=args.loop_window)
+
+
+def score(args, records):
+    """Sample and score every instruction into --scored (resuming what an earlier run wrote); returns the scored
+    records on process 0, None on the others."""
+    k = args.num_responses
+    tokenizer, sampling = sampling_of(args)
+    settings = settings_of(args, sampling)
+    models = {}
+
+    def work(b, first, n):
+        if not models:  # loaded only when there is work left
+            models["policy"] = load_engine(args.engine, args.policy, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+                                           adapter=args.policy_adapter, device_map=process_device_map(*process_rank()),
+                                           batch_size=args.decode_rows)
+            models["reward"] = load_reward(args.reward_model, args.dtype)
+        batch = records[first : first + n]
+        prompts = [prompt_text(tokenizer, r["instruction"]) for r in batch for _ in range(k)]
+        samples = models["policy"].sample(prompts, sampling, args.seed * 1_000_003 + b)
+        texts = [s["text"] for s in samples]
+        scores = score_in_batches(models["reward"], [r["instruction"] for r in batch for _ in range(k)], texts,
+                                  args.reward_batch_size)
+        return [{"id": r["id"], "instruction": r["instruction"], "responses": texts[j * k : (j + 1) * k],
                  "finished": [s["finished"] for s in samples[j * k : (j + 1) * k]],
                  "scores": scores[j * k : (j + 1) * k], "reward_model": args.reward_model,
-                 "dtype": dtype_name(args.dtype)}
-                for j, r in enumerate(batch)
-            ])
-            tokens += sum(s["tokens"] for s in samples)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{tokens / (time.time() - start):.0f}")
-        bar.close()
-    writer.finish()
-    return writer.done
+                 "dtype": dtype_name(args.dtype), "settings": settings}
+                for j, r in enumerate(batch)], sum(s["tokens"] for s in samples)
+
+    position = {r["id"]: i for i, r in enumerate(records)}
+    return run_batches(args.scored, [r["id"] for r in records], args.batch_size, work, settings, desc="preference",
+                       unit="instruction", order=lambda r: position[r["id"]])
 
 
 def main(argv=None):
@@ -126,28 +137,13 @@ def main(argv=None):
     records = read_jsonl(args.inp, required={"id": str, "instruction": str})
     if not records:
         raise DataError(f"{args.inp}: no instructions")
-    rank, world = process_rank()
-    shard = shard_paths(args.scored, world)[rank] if world > 1 else None
-    with output_lock(args.out), shard_lock(shard):  # a second run stops here, at once
-        score_and_pair(args, records, rank, world)
+    with output_lock(args.out):  # a second run stops here, at once
+        scored = score(args, records)
+        if scored is not None:  # process 0 makes the pairs
+            write_pairs(args, scored)
 
 
-def score_and_pair(args, records, rank, world):
-    batches = [(b, records[first : first + args.batch_size]) for b, first in enumerate(range(0, len(records),
-                                                                                          args.batch_size))]
-    # Under torchrun (NPROC > 1) each process takes every world-th batch, on its own GPU, into a shard of --scored;
-    # process 0 merges the shards in input order and makes the pairs. Batch b has the same seed either way.
-    if world == 1:
-        scored = score_batches(args, batches, args.scored)
-    elif Path(args.scored).exists():  # finished by an earlier run: only the pairs are left
-        scored = read_jsonl(args.scored) if rank == 0 else None
-    else:
-        score_batches(args, batches[rank::world], shard_paths(args.scored, world)[rank], rank, world)
-        position = {r["id"]: i for i, r in enumerate(records)}
-        scored = merge_shards(args.scored, world, lambda r: position[r["id"]]) if rank == 0 else None
-    if rank:
-        return
-
+def write_pairs(args, scored):
     pairs = [pair(r, r["responses"], r["scores"], None if args.allow_truncated_chosen else r["finished"])
              for r in scored]
     kept = [p for p in pairs if p and p["margin"] >= args.min_margin and (p["margin"] > 0 or args.ties == "keep")]

@@ -391,6 +391,15 @@ def eval_section(d):
     ]
 
 
+def sampling_text(sampling):
+    """One generate record's Sampling.record() in words."""
+    if not sampling:
+        return "not used"
+    return (f"temperature {sampling['temperature']}, top-p {sampling['top_p']}, top-k {sampling['top_k']}, "
+            f"repetition penalty {sampling['repetition_penalty']}, max {sampling['max_new_tokens']} tokens"
+            + (f", loop window {sampling['loop_window']}" if sampling.get("loop_window") else ""))
+
+
 def settings_section(d, tier, model_name):
     generation = (d["generated"] or [{}])[0].get("settings", {})
     sft, dpo, lora, base = d["configs"]["sft"], d["configs"]["dpo"], d["lora"], d["evals"]["base"]
@@ -407,11 +416,9 @@ def settings_section(d, tier, model_name):
         ("target model", base.get("model")), ("generator", generation.get("model")),
         ("reward model", (d["scored"] or [{}])[0].get("reward_model")),
         ("generation seed", generation.get("seed")),
-        ("instruction sampling", f"temperature {generation.get('instruction_temperature')}, "
-                                 f"top-p {generation.get('instruction_top_p')}, "
-                                 f"max {generation.get('max_instruction_tokens')} tokens"),
-        ("response sampling", f"temperature {generation.get('response_temperature')}, max "
-                              f"{generation.get('max_response_tokens')} tokens"),
+        ("generator recipe", generation.get("recipe")),
+        ("instruction sampling", sampling_text(generation.get("instruction_sampling"))),
+        ("response sampling", sampling_text(generation.get("response_sampling"))),
         ("SFT", f"lr {sft.get('learning_rate')}, {steps(sft)}, {batch(sft)}, seed {sft.get('seed')}"),
         ("LoRA", f"r {lora.get('r')}, alpha {lora.get('lora_alpha')}, dropout {lora.get('lora_dropout')}, "
                  f"modules {', '.join(sorted(lora.get('target_modules') or []))}"),

@@ -8,7 +8,7 @@ from common.chat import pre_query_template
 from generate import reject_reason, template_markers
 
 ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2", "--max-instruction-tokens", "48",
-        "--max-response-tokens", "24", "--checkpoint-every", "2", "--dtype", "auto", "--seed", "3"]
+        "--max-response-tokens", "24", "--dtype", "auto", "--seed", "3"]
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -30,7 +30,8 @@ def test_records_are_instruction_response_pairs(whole, tmp_path):
             assert r["response"].strip()
         else:  # an instruction cut off at the token limit, or rejected, is not answered
             assert r["response"] == "" and r["response_finished"] is False
-        assert r["settings"]["model"] == "embedded:smollm2" and r["settings"]["response_temperature"] == 0.0
+        assert r["settings"]["model"] == "embedded:smollm2" and r["settings"]["recipe"] == "smollm2"
+        assert r["settings"]["response_sampling"]["max_new_tokens"] == 24  # the flag over the recipe's 512
     assert any(r["instruction_finished"] for r in records)
     assert len({r["instruction"] for r in records}) > 1  # sampled, not one instruction repeated
     assert not whole.with_name("gen.jsonl.partial").exists()
@@ -119,18 +120,21 @@ class ScriptedEngine:
 def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_whole(smol):
     from types import SimpleNamespace
 
+    from common import recipes
     from common.models import load_tokenizer
     from generate import generate_batch, parse_args
 
     tokenizer = load_tokenizer("embedded:smollm2")
     args = parse_args(["--model", "m", "--out", "o", "--turns", "3"])
+    recipe = recipes.resolve(recipes.find("embedded:smollm2", tokenizer), tokenizer)
     engine = ScriptedEngine(tokenizer, [
         [("Name a prime.", True), ("Name a colour.", True), ("Name a", False)],  # turn 1 instructions
         [("Seven.", True), ("Blue.", True)],  # its responses (the cut-off instruction is not answered)
         [("Why is it prime?", True), ("Sure! Here is one.", True)],  # turn 2: the second answers instead of asking
         [("It has no divisors but 1 and itself.", False)],  # the response is cut off: the turn is not kept
     ])
-    conversations, status, tokens = generate_batch(engine, args, 3, seed=1, markers=template_markers(tokenizer))
+    conversations, status, tokens = generate_batch(engine, args, recipe, 3, seed=1,
+                                                   markers=template_markers(tokenizer))
     assert [[m["content"] for m in c] for c in conversations] == [
         ["Name a prime.", "Seven."], ["Name a colour.", "Blue."], ["Name a"]]
     assert [s["instruction_finished"] for s in status] == [True, True, False]
@@ -142,7 +146,7 @@ def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_
         [("Why is it prime?", True)], [("No divisors but 1 and 7.", True)],
         [("And 9?", True)], [("9 is 3 times 3.", True)],
     ])
-    conversations, _, _ = generate_batch(engine, args, 1, seed=1, markers=template_markers(tokenizer))
+    conversations, _, _ = generate_batch(engine, args, recipe, 1, seed=1, markers=template_markers(tokenizer))
     assert [m["content"] for m in conversations[0]] == [
         "Name a prime.", "Seven.", "Why is it prime?", "No divisors but 1 and 7.", "And 9?", "9 is 3 times 3."]
     # A follow-up instruction is sampled from the conversation so far, cut at the next user turn (Magpie).

@@ -4,11 +4,15 @@ GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
 REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
 DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
-GEN_BATCH ?= 64
-MAX_INSTRUCTION_TOKENS ?= 128
-MAX_RESPONSE_TOKENS ?= 512
+# Samples a batch and rows decoded at once (the fast path fits the rows to free memory); empty token caps: the
+# generator recipe's (Magpie's 1,024 / 4,096 for Llama-3.1).
+GEN_BATCH ?= 512
+GEN_ROWS ?= 64
+MAX_INSTRUCTION_TOKENS ?=
+MAX_RESPONSE_TOKENS ?=
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 16
+PREF_ROWS ?= 64
 PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
 EVAL_BATCH ?= 16

@@ -10,10 +10,12 @@ DTYPE ?= auto
 # embedded model often loops to the cap): 64 samples, shorter caps.
 NUM_SAMPLES ?= 64
 GEN_BATCH ?= 32
+GEN_ROWS ?= 32
 MAX_INSTRUCTION_TOKENS ?= 64
 MAX_RESPONSE_TOKENS ?= 192
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 8
+PREF_ROWS ?= 32
 PREF_MAX_TOKENS ?= 128
 TASKS ?= ifeval_local,mc_local
 # The first 32 items of each task: three evals were 43% of `make all` on the AVX2 CPU with all of them (57 and 48).

@@ -4,11 +4,16 @@ GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
 REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
 DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
-GEN_BATCH ?= 128
-MAX_INSTRUCTION_TOKENS ?= 128
-MAX_RESPONSE_TOKENS ?= 512
+# Samples a batch (the unit a resumed run restarts from) and rows decoded at once. The fast path refills a row's
+# slot when it ends and sizes its KV cache from free memory (fewer rows, said, where 4,096-token responses don't fit).
+# Empty token caps: the generator recipe's (Magpie's 1,024 / 4,096 for Llama-3.1).
+GEN_BATCH ?= 512
+GEN_ROWS ?= 256
+MAX_INSTRUCTION_TOKENS ?=
+MAX_RESPONSE_TOKENS ?=
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 32
+PREF_ROWS ?= 128
 PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
 EVAL_BATCH ?= 32

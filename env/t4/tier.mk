@@ -6,11 +6,15 @@ REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
 DTYPE ?= float16
 LOAD_IN_4BIT ?= --load-in-4bit
 NUM_SAMPLES ?= 1000
-GEN_BATCH ?= 16
-MAX_INSTRUCTION_TOKENS ?= 128
-MAX_RESPONSE_TOKENS ?= 512
+# 4-bit generator: plain generate, GEN_ROWS rows at a time. Caps below Magpie's 1,024 / 4,096: 16 rows of a
+# 5k-token KV cache would not fit beside the weights in 16 GB.
+GEN_BATCH ?= 64
+GEN_ROWS ?= 16
+MAX_INSTRUCTION_TOKENS ?= 256
+MAX_RESPONSE_TOKENS ?= 1024
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 4
+PREF_ROWS ?= 16
 PREF_MAX_TOKENS ?= 512
 # Eval sized for one Colab session (bench/README.md "Eval"; estimates for a T4 from H100 measurements): at most 1000
 # examples a task (each MMLU subject; HellaSwag 1000 of 10,042; all of TruthfulQA-MC2 and IFEval), batch 32 (generation
