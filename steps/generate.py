@@ -154,7 +154,9 @@ def generate_batch(engine, args, recipe, n, seed, markers, systems=None):
     tokenizer = engine.tokenizer
     systems = systems or [None] * n
     conversations = [[] for _ in range(n)]
-    status = [{"instruction_finished": False, "response_finished": False, "rejected": None} for _ in range(n)]
+    # *_stop: how the engine ended the first turn's text ("stop", "length": the cap, "loop": the loop rule)
+    status = [{"instruction_finished": False, "response_finished": False, "rejected": None, "instruction_stop": None,
+               "response_stop": None} for _ in range(n)]
     tokens, active = 0, list(range(n))
     for turn in range(args.turns):
         if not active:
@@ -168,7 +170,8 @@ def generate_batch(engine, args, recipe, n, seed, markers, systems=None):
             reason = reject_reason(text, markers)
             if turn == 0:
                 conversations[k].append({"role": "user", "content": text})
-                status[k].update(instruction_finished=finished, rejected=reason, **(sanitized or {}))
+                status[k].update(instruction_finished=finished, rejected=reason, instruction_stop=ins["stop_reason"],
+                                 **(sanitized or {}))
             if finished and not reason:  # a cut-off or rejected instruction is not worth answering
                 asked[k] = text
         if args.instruction_only:
@@ -181,7 +184,7 @@ def generate_batch(engine, args, recipe, n, seed, markers, systems=None):
         for (k, text), res in zip(asked.items(), responses):
             if turn == 0:
                 conversations[k].append({"role": "assistant", "content": res["text"]})
-                status[k]["response_finished"] = res["finished"]
+                status[k].update(response_finished=res["finished"], response_stop=res["stop_reason"])
             elif res["finished"]:
                 conversations[k] += [{"role": "user", "content": text}, {"role": "assistant", "content": res["text"]}]
             if res["finished"]:

@@ -194,6 +194,7 @@ def funnel_section(d):
     return [
         heading("Data funnel"),
         grid(["stage", "samples", "of generated"], rows),
+        *generation_yield(d["generated"], summary),
         para(f"{total - summary['kept']} samples were dropped by the filters. {responses} responses to "
              f"{len(scored)} instructions were sampled and scored; {len(scored) - len(pairs)} instructions gave no "
              "pair (tied scores, margin under the minimum, or no finished response to choose)."),
@@ -201,6 +202,28 @@ def funnel_section(d):
         grid(["rule", "dropped", "of generated"], [(rule, n, share(n, total)) for rule, n in dropped]),
         plot("funnel", fig, "Samples at each stage of the chain, and what each filter rule dropped."),
     ]
+
+
+def generation_yield(generated, summary):
+    """Yield (kept / generated) and how the generator ended its texts: at the length cap, or stopped as a loop."""
+    total = len(generated)
+    answered = [r for r in generated if r.get("response_stop")]
+
+    def count(records, key, value):
+        return sum(r.get(key) == value for r in records)
+
+    rows = [("yield: kept by the filters", summary["kept"], share(summary["kept"], total)),
+            ("instructions cut at the length cap", count(generated, "instruction_stop", "length"),
+             share(count(generated, "instruction_stop", "length"), total)),
+            ("instructions stopped as loops", count(generated, "instruction_stop", "loop"),
+             share(count(generated, "instruction_stop", "loop"), total))]
+    if answered:
+        rows += [(f"responses cut at the length cap (of {len(answered)} answered)", count(answered, "response_stop",
+                                                                                         "length"),
+                  share(count(answered, "response_stop", "length"), len(answered))),
+                 ("responses stopped as loops", count(answered, "response_stop", "loop"),
+                  share(count(answered, "response_stop", "loop"), len(answered)))]
+    return [heading("Generation yield", 3), grid(["", "samples", "share"], rows)]
 
 
 def words(text):

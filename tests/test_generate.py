@@ -114,7 +114,8 @@ class ScriptedEngine:
         self.prompts.append(prompts)
         answers = self.script.pop(0)
         assert len(answers) == len(prompts)
-        return [{"text": text, "finished": finished, "tokens": 3} for text, finished in answers]
+        return [{"text": text, "finished": finished, "stop_reason": "stop" if finished else "length", "tokens": 3}
+                for text, finished in answers]
 
 
 def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_whole(smol):

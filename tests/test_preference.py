@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import kill_midway, read_lines, run_step
 from common.reward import ClassifierReward, load_reward
+from preference import main as preference_main
 from preference import pair
 
 INSTRUCTIONS = ["Give me a tip for sleeping better.", "Name two primary colours.", "What is a noun?"]
@@ -40,19 +42,28 @@ def test_pair_takes_highest_as_chosen_and_lowest_as_rejected():
 
 def test_ties_are_dropped_unless_kept(tmp_path):
     """A scored file whose instructions tie (all responses score the same) or not: --ties decides."""
+    import preference
+
     scored = tmp_path / "scored.jsonl"
-    rows = [{"id": "tie", "instruction": "Say hi.", "responses": ["hi", "hello"], "finished": [True, True],
-             "scores": [0.5, 0.5]},
-            {"id": "gap", "instruction": "Say bye.", "responses": ["bye", "no"], "finished": [True, True],
-             "scores": [0.9, 0.1]}]
-    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
     src = tmp_path / "filtered.jsonl"
+    common = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "unused", "--scored", scored,
+              "--batch-size", "2"]
+    # A finished scored file, as a run with these settings writes it (a file of other settings is refused)
+    args = preference.parse_args(list(map(str, common)) + ["--out", "x"])
+    settings = preference.settings_of(args, preference.sampling_of(args)[1])
+    rows = [{"id": "tie", "instruction": "Say hi.", "responses": ["hi", "hello"], "finished": [True, True],
+             "scores": [0.5, 0.5], "settings": settings},
+            {"id": "gap", "instruction": "Say bye.", "responses": ["bye", "no"], "finished": [True, True],
+             "scores": [0.9, 0.1], "settings": settings}]
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
     src.write_text("".join(json.dumps({"id": r["id"], "instruction": r["instruction"]}) + "\n" for r in rows))
-    common = ["--in", src, "--policy", "unused", "--reward-model", "unused", "--scored", scored, "--batch-size", "2"]
     run_step("preference", *common, "--out", tmp_path / "dropped.jsonl")
     assert [p["id"] for p in read_lines(tmp_path / "dropped.jsonl")] == ["gap"]
     run_step("preference", *common, "--out", tmp_path / "kept.jsonl", "--ties", "keep")
     assert [p["id"] for p in read_lines(tmp_path / "kept.jsonl")] == ["tie", "gap"]
+    # The same scored file under other sampling settings is refused, naming what differs
+    other = run_step("preference", *common, "--out", tmp_path / "other.jsonl", "--temperature", "0.3", check=False)
+    assert other.returncode == 2 and "other settings (sampling differ" in other.stderr
 
 
 def test_classifier_reward_scores_text_pairs_with_the_head_logit(tiny_deberta):
@@ -71,7 +82,8 @@ def test_preference_step_with_a_classifier_reward_model(tmp_path, tiny_deberta):
     src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": t}) + "\n" for k, t in enumerate(INSTRUCTIONS)))
     scored, out = tmp_path / "scored.jsonl", tmp_path / "pref.jsonl"
     args = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", tiny_deberta, "--scored", scored,
-            "--num-responses", "3", "--max-response-tokens", "48", "--batch-size", "2", "--dtype", "auto"]
+            "--num-responses", "3", "--max-response-tokens", "96", "--batch-size", "2", "--dtype", "auto",
+            "--temperature", "0.3", "--repetition-penalty", "1.2"]  # the cpu tier's response sampling: answers end
     run_step("preference", *args, "--out", out)
 
     rows = read_lines(scored)
@@ -155,11 +167,36 @@ def test_two_processes_score_the_same_pairs_as_one(tmp_path, smol):
 
 
 def test_on_policy_responses_from_the_sft_adapter(tmp_path, chain_run):
+    """--policy-adapter (PREF_POLICY=sft) samples from the base model with the adapter merged. The chain's adapter,
+    trained for two steps, moves the weights too little to show; the same adapter with its LoRA B matrices scaled
+    up must change the responses of the same instructions and seed, so the adapter is really what samples."""
+    from safetensors.torch import load_file, save_file
+
     src = tmp_path / "filtered.jsonl"
-    src.write_text(json.dumps({"id": "i0", "instruction": "Name a planet."}) + "\n")
-    scored = tmp_path / "scored.jsonl"
-    result = run_step("preference", "--in", src, "--policy", "embedded:smollm2", "--policy-adapter", chain_run / "sft",
-                      "--reward-model", "embedded:minilm", "--num-responses", "2", "--max-response-tokens", "12",
-                      "--dtype", "auto", "--scored", scored, "--out", tmp_path / "pairs.jsonl")
-    rows = read_lines(scored)
-    assert len(rows) == 1 and len(rows[0]["responses"]) == 2, result.stderr[-2000:]
+    src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": t}) + "\n" for k, t in enumerate(
+        ["Name a planet.", *INSTRUCTIONS])))
+
+    def responses(name, *policy):  # the step in this process: three runs, loading the models is most of each
+        scored = tmp_path / f"{name}-scored.jsonl"
+        preference_main(["--in", str(src), "--policy", "embedded:smollm2", *map(str, policy), "--reward-model",
+                         "embedded:minilm", "--num-responses", "2", "--max-response-tokens", "12", "--dtype",
+                         "float32", "--seed", "5", "--scored", str(scored), "--out", str(tmp_path / f"{name}.jsonl")])
+        rows = read_lines(scored)
+        assert [r["id"] for r in rows] == [f"i{k}" for k in range(4)]
+        assert all(len(r["responses"]) == 2 and len(r["scores"]) == 2 for r in rows)
+        return [r["responses"] for r in rows]
+
+    sft = responses("sft", "--policy-adapter", chain_run / "sft")
+    assert any(text.strip() for pair in sft for text in pair)
+
+    scaled = tmp_path / "scaled-sft"
+    shutil.copytree(chain_run / "sft", scaled, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = load_file(scaled / "adapter_model.safetensors")
+    lora_b = [k for k in weights if "lora_B" in k]
+    assert lora_b and any(weights[k].abs().max() > 0 for k in lora_b)  # trained: B starts at zero
+    save_file({k: v * 50 if k in lora_b else v for k, v in weights.items()}, scaled / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+
+    bare = responses("bare")
+    print("unscaled adapter == bare:", sft == bare)
+    assert responses("scaled", "--policy-adapter", scaled) != bare

@@ -6,17 +6,20 @@ REWARD_MODEL ?= embedded:minilm
 # auto: bf16 where the CPU has it natively (AVX512-BF16/AMX), else fp32 (steps/common/precision.py)
 DTYPE ?= auto
 # Sized to finish `make all` in under 15 minutes on a 2-core AVX2 CPU in fp32 (README: measured times). Generation,
-# scoring and IFEval answers dominate, each costing about rows x tokens (a batch runs to its longest row, and the
-# embedded model often loops to the cap): 64 samples, shorter caps.
+# scoring and IFEval answers dominate, each costing about rows x tokens: 64 samples in one batch of 32 rows at a time
+# (a row that ends gives its slot to the next), short caps. The smollm2 recipe (env/generators/) samples so that
+# most answers end within 384 tokens (yield: README).
 NUM_SAMPLES ?= 64
-GEN_BATCH ?= 32
+GEN_BATCH ?= 64
 GEN_ROWS ?= 32
 MAX_INSTRUCTION_TOKENS ?= 64
-MAX_RESPONSE_TOKENS ?= 192
+MAX_RESPONSE_TOKENS ?= 384
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 8
 PREF_ROWS ?= 32
 PREF_MAX_TOKENS ?= 128
+# the recipe's response sampling, for the policy's responses too
+PREFERENCE_ARGS ?= --temperature 0.5 --top-p 0.9 --repetition-penalty 1.15 --loop-window 64
 TASKS ?= ifeval_local,mc_local
 # The first 32 items of each task: three evals were 43% of `make all` on the AVX2 CPU with all of them (57 and 48).
 LIMIT ?= 32

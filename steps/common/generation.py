@@ -1,7 +1,8 @@
 """Generation engines behind one interface: `engine.sample(prompts, sampling, seed)` -> one dict per prompt.
 
-- `transformers` (default): on a GPU the fast path in common/fastgen.py (rows that stop free their slot for the next
-  prompt; KV cache sized from free memory; CUDA graphs), elsewhere or where it can't run plain batched `generate`.
+- `transformers` (default): the fast path in common/fastgen.py (rows that stop free their slot for the next prompt;
+  on a GPU a KV cache sized from free memory, flash attention and CUDA graphs), or plain batched `generate` where it
+  can't run (4-bit models, sliding-window attention, a transformers version it does not work on).
 - `vllm`: used when installed and asked for (ENGINE=vllm); produces the same records.
 
 `Sampling` holds every setting a call samples with, and both engines apply all of them: nothing is left for a
@@ -77,15 +78,31 @@ class LoopCriterion(StoppingCriteria):
         return looping(generated[:, -self.window:])
 
 
+class PenaltySparingStops:
+    """transformers' repetition penalty, except on the stop tokens: the prompt holds the template's end-of-turn
+    token, and penalising it would make every answer run longer (into the length cap)."""
+
+    def __init__(self, penalty, stop_token_ids):
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        self.penalty = RepetitionPenaltyLogitsProcessor(penalty)
+        self.stops = list(stop_token_ids)
+
+    def __call__(self, input_ids, scores):
+        penalised = self.penalty(input_ids, scores)
+        if self.stops:
+            penalised[:, self.stops] = scores[:, self.stops]
+        return penalised
+
+
 def logits_processors(sampling):
     """transformers' processors for a Sampling, in generate's order, first-token suppression excepted (its index
     depends on the prompt's length: engines apply it themselves)."""
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     processors = LogitsProcessorList()
     if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        processors.append(PenaltySparingStops(sampling.repetition_penalty, sampling.stop_token_ids))
     if sampling.temperature > 0:
         if sampling.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(sampling.temperature))
@@ -160,9 +177,9 @@ def say_once(message, _said=set()):
 
 
 class TransformersEngine:
-    """A Hugging Face model behind `sample()`: the fast path of common/fastgen.py where it runs (a CUDA GPU, an
-    unquantized model on one device, full attention, the transformers internals it was written for), plain batched
-    `generate` otherwise, said once. SIT_FAST_GENERATE=0 forces the plain path."""
+    """A Hugging Face model behind `sample()`: the fast path of common/fastgen.py where it runs (an unquantized model
+    on one device, full attention, the transformers internals it was written for), plain batched `generate`
+    otherwise, said once. SIT_FAST_GENERATE=0 forces the plain path."""
 
     def __init__(self, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None, batch_size=64):
         from . import fastgen
@@ -185,10 +202,22 @@ class TransformersEngine:
         else:  # batches of similar lengths (less padding), results back in prompt order
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
             rows, looped = [None] * len(ids), [None] * len(ids)
-            for first in range(0, len(order), self.batch_size):
+            first = 0
+            while first < len(order):
                 chunk = order[first : first + self.batch_size]
-                for i, row, loop in zip(chunk, *self._generate([ids[i] for i in chunk], sampling)):
+                try:
+                    done = self._generate([ids[i] for i in chunk], sampling)
+                except torch.cuda.OutOfMemoryError:
+                    if self.batch_size == 1:
+                        raise
+                    self.batch_size //= 2  # a batch too large for the GPU: fewer rows from here on, said once
+                    torch.cuda.empty_cache()
+                    say_once(f"generation: out of GPU memory at {2 * self.batch_size} rows; {self.batch_size} rows "
+                             "at a time from now on (GEN_ROWS / PREF_ROWS set the most)")
+                    continue
+                for i, row, loop in zip(chunk, *done):
                     rows[i], looped[i] = row, loop
+                first += len(chunk)
         return [finish(self.tokenizer, row, sampling, loop) for row, loop in zip(rows, looped)]
 
     def _generate(self, ids, sampling):
@@ -204,37 +233,55 @@ class TransformersEngine:
         if sampling.suppress_at_start:
             processors.insert(0, SuppressTokensAtBeginLogitsProcessor(list(sampling.suppress_at_start), width,
                                                                       device=model.device))
-        criteria = StoppingCriteriaList()
+        criteria = {}
         if sampling.stop_strings:  # built once per set of strings: building reads the whole vocabulary
             key = tuple(sampling.stop_strings)
             if key not in self.stop_criteria:
                 self.stop_criteria[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(key))
-            criteria.append(self.stop_criteria[key])
-        loop = LoopCriterion(sampling.loop_window, width) if sampling.loop_window else None
-        if loop:
-            criteria.append(loop)
+            criteria["string"] = self.stop_criteria[key]
+        if sampling.loop_window:
+            criteria["loop"] = LoopCriterion(sampling.loop_window, width)
+        recorder = StopRecorder(criteria, width)
         config = GenerationConfig(do_sample=sampling.temperature > 0, temperature=1.0, top_p=1.0, top_k=0,
                                   repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens,
                                   eos_token_id=list(sampling.stop_token_ids) or None,
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
         with torch.inference_mode():
             output = model.generate(**batch, generation_config=config, logits_processor=processors,
-                                    stopping_criteria=criteria)
-        rows = output[:, width:]
-        looped = [False] * len(rows)
-        if loop:
-            gen = rows.clone()
-            looped = [bool(x) for x in _ends_in_loop(gen, tokenizer.pad_token_id, sampling)]
-        return list(rows.cpu()), looped
+                                    stopping_criteria=StoppingCriteriaList([recorder]))
+        return recorder.cut(output[:, width:].cpu(), sampling.stop_token_ids)
 
 
-def _ends_in_loop(rows, pad, sampling):
-    """For rows padded after their end: whether each stopped in a loop (its last loop_window tokens loop)."""
-    lengths = (rows != pad).sum(1)
-    window = sampling.loop_window
-    idx = (lengths[:, None] - window + torch.arange(window, device=rows.device)).clamp(min=0)
-    tail = rows.gather(1, idx).masked_fill(lengths[:, None] < window, -1)
-    return looping(tail) & (lengths < sampling.max_new_tokens)
+class StopRecorder(StoppingCriteria):
+    """The stopping criteria of one `generate` call, noting after how many tokens each first fired for each row:
+    generate pads a stopped row to the batch's length, and the pad can be a stop token (SmolLM2's <|endoftext|>),
+    so a row's end must come from here, not from its tokens."""
+
+    def __init__(self, criteria, width):
+        self.criteria, self.width, self.fired = criteria, width, {}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        length = input_ids.shape[1] - self.width
+        stop = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for name, criterion in self.criteria.items():
+            hit = criterion(input_ids, scores)
+            first = self.fired.setdefault(name, torch.full_like(stop, -1, dtype=torch.long))
+            first[(first < 0) & hit] = length
+            stop |= hit
+        return stop
+
+    def cut(self, rows, stop_token_ids):
+        """(each row up to where it ended: its first stop token included, or where a criterion fired), (whether the
+        loop rule ended it)."""
+        out, looped = [], []
+        for r, row in enumerate(rows):
+            ids = row.tolist()
+            ends = {"token": next((k + 1 for k, t in enumerate(ids) if t in stop_token_ids), len(ids))}
+            ends.update({name: int(first[r]) for name, first in self.fired.items() if first[r] >= 0})
+            end = min(ends.values())
+            out.append(row[:end])
+            looped.append(ends.get("loop") == end and ends["token"] > end)
+        return out, looped
 
 
 class VLLMEngine:

@@ -1,0 +1,343 @@
+"""The fast generation path (common/fastgen.py) on the CPU, against transformers' own `generate`.
+
+SlotGenerator runs eagerly on the CPU (no CUDA graphs, masked SDPA instead of flash), so its scheduling (slots
+refilled, empty slots, tail compaction, rows ending mid-batch), sampling and loop rule are checked here, in CI, and
+so is the engine's choice between it and plain `generate` (SIT_FAST_GENERATE=0, or a fast path that cannot run);
+tests/test_gpu.py runs it with CUDA graphs and flash attention."""
+
+import math
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+from common import fastgen, generation
+from common.chat import end_of_turn, prepare_tokenizer, prompt_text
+from common.generation import LoopCriterion, Sampling, TransformersEngine, looping, stop_ids
+from common.models import load_causal_lm, load_tokenizer
+
+MAX_NEW = 32
+# Greedy SmolLM2 answers (checked in `reference` below): the first three end on <|im_end|> well before MAX_NEW
+# tokens, the last two run to the cap. Prompts of different lengths, so prefill pads.
+INSTRUCTIONS = {
+    "sum": "What is 2+2?",
+    "yes": "Reply with just the word yes.",
+    "hi": "Say hi.",
+    "story": "Write a long story about a dragon who learns to cook pasta in a small Italian village by the sea.",
+    "photo": "Explain in detail how photosynthesis works in plants.",
+}
+SHORT, LONG = ("sum", "yes", "hi"), ("story", "photo")
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smol):
+    return prepare_tokenizer(load_tokenizer("embedded:smollm2"))
+
+
+@pytest.fixture(scope="module")
+def reference_model(smol):
+    """The model as transformers loads it (stock attention): what plain `generate` runs."""
+    return load_causal_lm("embedded:smollm2", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def fast_model(smol):
+    """A second copy for SlotGenerator, which switches its model's attention to the slot attention."""
+    return load_causal_lm("embedded:smollm2", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def stops(tokenizer, reference_model):
+    return stop_ids(tokenizer, reference_model)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    ids = {k: tokenizer(prompt_text(tokenizer, text), add_special_tokens=False)["input_ids"]
+           for k, text in INSTRUCTIONS.items()}
+    assert len({len(p) for p in ids.values()}) == len(ids)  # all lengths differ
+    return ids
+
+
+def greedy_generate(model, tokenizer, prompt, stops, max_new):
+    """One prompt through plain greedy `generate`, nothing added by any config: the generated ids (stop included)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=list(stops),
+                              pad_token_id=tokenizer.pad_token_id, top_k=None, top_p=None, temperature=None)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             generation_config=config)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_model, tokenizer, prompts, stops):
+    rows = {k: greedy_generate(reference_model, tokenizer, p, stops, MAX_NEW) for k, p in prompts.items()}
+    # What the tests below rely on: short rows stop mid-batch, long rows run to the cap.
+    for k in SHORT:
+        assert rows[k][-1] in stops and len(rows[k]) < MAX_NEW, (k, tokenizer.decode(rows[k]))
+    for k in LONG:
+        assert len(rows[k]) == MAX_NEW and not set(rows[k]) & set(stops), (k, tokenizer.decode(rows[k]))
+    return rows
+
+
+def greedy(stops, **changes):
+    return Sampling(max_new_tokens=MAX_NEW, temperature=0, stop_token_ids=stops).replace(**changes)
+
+
+def spy(generator):
+    """Record every decoding step's slot count and every prefill's slots on the generator."""
+    steps, prefills = [], []
+    step, prefill = generator.step, generator.prefill
+
+    def spy_step(slots, length):
+        steps.append(slots)
+        return step(slots, length)
+
+    def spy_prefill(assignments):
+        prefills.append([s for s, _ in assignments])
+        return prefill(assignments)
+
+    generator.step, generator.prefill = spy_step, spy_prefill
+    return steps, prefills
+
+
+# ---- greedy: the same tokens as generate -------------------------------------------------------------------------
+
+def test_fewer_slots_than_prompts_refill_slots_and_match_generate(fast_model, tokenizer, prompts, reference, stops):
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2)
+    steps, prefills = spy(generator)
+    keys = list(INSTRUCTIONS)
+    rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys]
+    assert looped == [False] * len(keys)
+    assert max(steps) == 2 and sum(map(len, prefills)) == len(keys)
+    assert len(prefills) > 1  # ended rows freed their slot for the prompts still pending
+
+
+def test_empty_slots_beside_the_prompts_change_nothing(fast_model, tokenizer, prompts, reference, stops):
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
+    steps, _ = spy(generator)
+    keys = ["hi", "story", "sum"]
+    rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys] and looped == [False] * 3
+    assert steps and set(steps) == {4}  # one slot never held a prompt, yet decoded along
+
+
+def test_tail_compaction_moves_live_rows_to_the_lowest_slots(fast_model, tokenizer, prompts, reference, stops,
+                                                            monkeypatch):
+    """The long row sits in the highest slot and outlives the others: without compaction every step would run all
+    four slots; compacted, it moves to slot 0 and the tail steps run on fewer."""
+    monkeypatch.setattr(fastgen, "MIN_SLOT_BUCKET", 1)
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
+    steps, _ = spy(generator)
+    keys = ["sum", "yes", "hi", "story"]
+    rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys] and looped == [False] * 4
+    assert steps[0] == 4 and min(steps) < 4
+
+
+# ---- sampling ----------------------------------------------------------------------------------------------------
+
+def test_sampling_is_reproducible_for_a_seed_and_differs_for_another(fast_model, tokenizer, prompts, stops):
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
+    sampling = Sampling(max_new_tokens=16, temperature=1.0, top_p=0.9, repetition_penalty=1.1, stop_token_ids=stops)
+    batch = [prompts[k] for k in ("hi", "story", "photo")]
+
+    def run(seed):
+        torch.manual_seed(seed)
+        rows, _ = generator.generate(batch, sampling)
+        assert all(rows) and all(len(r) <= 16 for r in rows)
+        return rows
+
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+
+
+def test_first_token_suppression_is_honoured(fast_model, reference_model, tokenizer, prompts, reference, stops):
+    """The tokens greedy decoding starts with are suppressed: each row starts with its next best token instead."""
+    keys = ["sum", "hi", "story"]
+    banned = tuple(sorted({reference[k][0] for k in keys}))
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
+    batch = [prompts[k] for k in keys]
+    control, _ = generator.generate(batch, greedy(stops, max_new_tokens=3))
+    assert [r[0] for r in control] == [reference[k][0] for k in keys]  # unsuppressed, they do come first
+    rows, _ = generator.generate(batch, greedy(stops, max_new_tokens=3, suppress_at_start=banned))
+    with torch.no_grad():
+        for k, row in zip(keys, rows):
+            logits = reference_model(input_ids=torch.tensor([prompts[k]])).logits[0, -1]
+            logits[list(banned)] = -math.inf
+            assert row[0] not in banned and row[0] == int(logits.argmax())
+    torch.manual_seed(0)
+    sampled, _ = generator.generate(batch * 3, Sampling(max_new_tokens=2, temperature=1.0, stop_token_ids=stops,
+                                                        suppress_at_start=banned))
+    assert not {r[0] for r in sampled} & set(banned)
+
+
+# ---- the loop rule -----------------------------------------------------------------------------------------------
+
+def test_looping_finds_rows_that_end_in_a_repeated_block():
+    phrase = [11, 12, 13, 14, 15]
+    window = torch.tensor([
+        [9, 8] + [7] * 13,  # period 1
+        phrase * 3,  # a 5-token phrase three times
+        list(range(100, 115)),  # no repetition
+        [1, 2, 3] * 4 + [20, 21, 22],  # a loop that ended: not at the end of the row
+        phrase * 2 + [30, 31, 32, 33, 34],  # a phrase only twice
+        [-1] * 10 + [7] * 5,  # a short row: its 5 tokens are less than half the window
+        [-1] * 7 + [7] * 8,  # a short row that loops over more than half the window
+        [-1] * 15,  # nothing generated yet
+    ])
+    assert looping(window).tolist() == [True, True, False, False, False, False, True, False]
+    # The criterion for `generate` looks only at the generated part, and only once it fills the window.
+    criterion = LoopCriterion(window=15, prompt_length=4)
+    ids = torch.tensor([[5, 6, 7, 8] + [7] * 15, [5, 6, 7, 8] + list(range(100, 115))])
+    assert criterion(ids, None).tolist() == [True, False]
+    assert criterion(ids[:, :-1], None).tolist() == [False, False]
+
+
+class ForceCycle:
+    """A logits processor that makes every row holding `trigger` write `cycle` over and over (the number of cycle
+    tokens already in the row picks the next), and leaves the other rows alone."""
+
+    def __init__(self, trigger, cycle):
+        self.trigger, self.cycle = trigger, torch.tensor(cycle)
+
+    def __call__(self, input_ids, scores):
+        cycle = self.cycle.to(input_ids.device)
+        following = cycle[torch.isin(input_ids, cycle).sum(1) % len(cycle)]
+        forced = torch.full_like(scores, -math.inf).scatter_(1, following[:, None], 0.0)
+        return torch.where((input_ids == self.trigger).any(1, keepdim=True), forced, scores)
+
+
+LOOP_INSTRUCTION = "Name a zebra."  # " zebra": the trigger
+
+
+@pytest.fixture(scope="module")
+def cycle(tokenizer, prompts):
+    words = [" apple", " pear", " plum"]
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    assert all(len(i) == 1 for i in ids)
+    (trigger,) = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
+    loop_prompt = tokenizer(prompt_text(tokenizer, LOOP_INSTRUCTION), add_special_tokens=False)["input_ids"]
+    assert trigger in loop_prompt and trigger not in prompts["sum"]
+    assert not {i[0] for i in ids} & set(loop_prompt + prompts["sum"])
+    return trigger, [i[0] for i in ids], loop_prompt
+
+
+def test_the_slot_generator_stops_a_looping_row_early(fast_model, tokenizer, prompts, reference, stops, cycle):
+    trigger, words, loop_prompt = cycle
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2)
+    sampling = greedy(stops, loop_window=12)
+    rows, looped = generator.generate([loop_prompt, prompts["sum"]], sampling,
+                                      extra_processors=[ForceCycle(trigger, words)])
+    assert looped == [True, False]
+    assert 12 <= len(rows[0]) < MAX_NEW and rows[0] == (words * MAX_NEW)[: len(rows[0])]
+    assert rows[1] == reference["sum"]  # the row beside it is untouched
+    record = generation.finish(tokenizer, rows[0], sampling, looped[0])
+    assert record["stop_reason"] == "loop" and not record["finished"] and record["tokens"] == len(rows[0])
+    # Without the window the forced row runs to the cap.
+    rows, looped = generator.generate([loop_prompt], greedy(stops), extra_processors=[ForceCycle(trigger, words)])
+    assert looped == [False] and len(rows[0]) == MAX_NEW
+
+
+# ---- the engine: fast path or plain generate ---------------------------------------------------------------------
+
+PLAIN_MESSAGE = "generation: plain transformers generate ("
+
+
+@pytest.fixture
+def fresh_say_once(monkeypatch):
+    """say_once prints each message once a process: forget what earlier tests printed."""
+    monkeypatch.setattr(generation.say_once, "__defaults__", (set(),))
+
+
+@pytest.fixture(scope="module")
+def plain_engine(smol):
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SIT_FAST_GENERATE", "0")
+        engine = TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4)
+    assert engine.fast is None
+    return engine
+
+
+@pytest.fixture(scope="module")
+def fast_engine(smol):
+    with pytest.MonkeyPatch.context() as m:
+        m.delenv("SIT_FAST_GENERATE", raising=False)
+        engine = TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4)
+    assert isinstance(engine.fast, fastgen.SlotGenerator)
+    return engine
+
+
+def engine_sampling(engine, **changes):
+    return Sampling(max_new_tokens=24, temperature=0, stop_token_ids=engine.stop_token_ids,
+                    stop_strings=(end_of_turn(engine.tokenizer, "assistant"),)).replace(**changes)
+
+
+def test_sit_fast_generate_0_uses_plain_generate_and_says_so_once(smol, fast_model, monkeypatch, capfd,
+                                                                  fresh_say_once):
+    monkeypatch.setenv("SIT_FAST_GENERATE", "0")
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)  # the weights do not matter here
+    first, second = (TransformersEngine("embedded:smollm2", dtype="float32") for _ in range(2))
+    assert first.fast is None and second.fast is None
+    err = capfd.readouterr().err
+    assert err.count(PLAIN_MESSAGE) == 1 and f"{PLAIN_MESSAGE}SIT_FAST_GENERATE=0)" in err
+
+
+@pytest.mark.parametrize("setting", [None, "1"])
+def test_the_fast_path_runs_on_the_cpu(setting, fast_model, tokenizer, monkeypatch, capfd, fresh_say_once):
+    if setting is None:
+        monkeypatch.delenv("SIT_FAST_GENERATE", raising=False)
+    else:
+        monkeypatch.setenv("SIT_FAST_GENERATE", setting)
+    generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
+    assert why is None and isinstance(generator, fastgen.SlotGenerator)
+    assert not generator.graphs_on and not generator.flash  # eager, masked SDPA
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    assert isinstance(TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4).fast, fastgen.SlotGenerator)
+    assert PLAIN_MESSAGE not in capfd.readouterr().err
+
+
+def test_engine_falls_back_when_the_fast_path_cannot_run(smol, fast_model, tokenizer, monkeypatch, capfd,
+                                                         fresh_say_once):
+    """A transformers whose forward takes the cache under another keyword: the check fails, plain generate runs."""
+    monkeypatch.setenv("SIT_FAST_GENERATE", "1")
+    monkeypatch.setattr(fastgen, "cache_argument", lambda model: "kv_cache_under_another_name")
+    generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
+    assert generator is None
+    assert "does not run on this model" in why or "disagrees with a plain forward" in why, why
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    engines = [TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4) for _ in range(2)]
+    assert all(e.fast is None for e in engines)
+    err = capfd.readouterr().err
+    assert err.count(PLAIN_MESSAGE) == 1 and f"{PLAIN_MESSAGE}{why})" in err
+
+
+def test_fast_engine_writes_the_records_of_plain_generate(plain_engine, fast_engine):
+    texts = [INSTRUCTIONS["sum"], INSTRUCTIONS["story"], INSTRUCTIONS["hi"], INSTRUCTIONS["yes"], "Name a planet."]
+    prompts = [prompt_text(plain_engine.tokenizer, t) for t in texts]
+    plain = plain_engine.sample(prompts, engine_sampling(plain_engine), seed=0)
+    fast = fast_engine.sample(prompts, engine_sampling(fast_engine), seed=0)
+    assert fast == plain
+    assert {r["stop_reason"] for r in plain} == {"stop", "length"}  # rows ending mid-batch and rows at the cap
+    assert all(r["text"] and not any(t in r["text"] for t in TEMPLATE_TOKENS) for r in plain)
+
+
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_engine_marks_a_looping_row(path, request, cycle, monkeypatch):
+    """The loop rule through the engine: LoopCriterion in plain generate, the slot loop's check in the fast path."""
+    engine = request.getfixturevalue(f"{path}_engine")
+    trigger, words, _ = cycle
+    make = generation.logits_processors
+    monkeypatch.setattr(generation, "logits_processors",
+                        lambda s: LogitsProcessorList([*make(s), ForceCycle(trigger, words)]))
+    prompts = [prompt_text(engine.tokenizer, LOOP_INSTRUCTION), prompt_text(engine.tokenizer, INSTRUCTIONS["story"])]
+    looping_row, other = engine.sample(prompts, engine_sampling(engine, loop_window=12), seed=0)
+    assert looping_row["stop_reason"] == "loop" and not looping_row["finished"]
+    assert 12 <= looping_row["tokens"] < 24
+    # the text is the cycle the row wrote, as many tokens as it counts, and nothing after it
+    assert looping_row["text"] == engine.tokenizer.decode((words * 24)[: looping_row["tokens"]]).strip()
+    assert other["stop_reason"] == "length" and other["tokens"] == 24  # the row beside it runs on
