@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from conftest import make, read_lines, run_step
 
-SECTIONS = ["Data funnel", "Dropped by each filter rule", "Instruction diversity", "Most common opening words",
+SECTIONS = ["Data funnel", "Generation yield", "Dropped by each filter rule", "Instruction diversity", "Most common opening words",
             "Most common first verbs", "Lengths (words)", "Reward scores", "Training",
             "Evaluation (lm-evaluation-harness)", "Settings"]
 PLOTS = ["funnel", "lengths", "rewards", "training", "eval"]
@@ -53,7 +53,7 @@ def test_html_is_self_contained_with_the_plots_embedded(chain_run):
     for name, data in zip(PLOTS, images):
         assert base64.b64decode(data) == (chain_run / "report_plots" / f"{name}.png").read_bytes()
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
-    assert page.count("<table>") == 9
+    assert page.count("<table>") == 10
 
 
 def test_funnel_counts_match_the_run_files(chain_run, report):
@@ -68,6 +68,13 @@ def test_funnel_counts_match_the_run_files(chain_run, report):
     assert row(report, "preference pairs")[1] == str(len(pairs))
     for rule, n in summary["dropped"].items():
         assert row(report, rule)[1] == str(n)
+    generated = read_lines(chain_run / "generated.jsonl")
+    assert row(report, "yield: kept by the filters")[1] == str(summary["kept"])
+    capped = sum(r["instruction_stop"] == "length" for r in generated)
+    assert row(report, "instructions cut at the length cap")[1] == str(capped)
+    answered = [r for r in generated if r["response_stop"]]
+    assert row(report, f"responses cut at the length cap (of {len(answered)} answered)")[1] == str(
+        sum(r["response_stop"] == "length" for r in answered))
     assert f"{sum(len(r['scores']) for r in scored)} responses to {len(scored)} instructions" in report
 
 

@@ -170,8 +170,13 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(chain_run, smol, tmp_pa
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32),
                                         chain_run / "sft")
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    base = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32)
     with torch.inference_mode():
-        assert torch.allclose(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=2e-3)  # fp32 rounding
+        merged_logits, adapted_logits = merged(ids).logits, adapted(ids).logits
+        change = (adapted_logits - base(ids).logits).abs().max()
+    # fp32 rounding of W + BA, amplified by this model's large activations (up to ~1e-2 in logits of ~20); the
+    # adapter itself moves the logits far more, so a merge that dropped or doubled it would fail
+    assert torch.allclose(merged_logits, adapted_logits, rtol=1e-4, atol=2e-2) and change > 0.2, change
     assert (out / "chat_template.jinja").exists() or "chat_template" in (out / "tokenizer_config.json").read_text()
 
 
