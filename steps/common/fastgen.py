@@ -29,6 +29,7 @@ and one decoding step against a plain forward) and returns why not where it fail
 import inspect
 import math
 import os
+import sys
 
 import torch
 
@@ -99,9 +100,6 @@ class SlotCache:
         self.base = torch.arange(slots, device=device)[:, None] * (length * kv_heads) + torch.arange(kv_heads,
                                                                                                      device=device)
 
-    def bytes(self):
-        return 2 * sum(k.numel() * k.element_size() for k in self.keys)
-
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         flat_k, flat_v = keys.view(-1, self.head_dim), values.view(-1, self.head_dim)
@@ -156,8 +154,6 @@ class SlotGenerator:
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         if self.memory_limit is not None:
             free = min(free, self.memory_limit - torch.cuda.memory_allocated(self.device))
-        if self.cache is not None:
-            free += self.cache.bytes()
         config = self.model.config.get_text_config(decoder=True)
         intermediate = getattr(config, "intermediate_size", 4 * config.hidden_size)
         # prefill activations of PREFILL_TOKENS tokens (a few hidden-size and MLP-size tensors live at once), a margin
@@ -174,7 +170,7 @@ class SlotGenerator:
             print(f"generation: {slots} rows at a time instead of {self.requested_slots} (GEN_BATCH / PREF_BATCH): the "
                   f"KV cache of {self.requested_slots} rows of {length} tokens needs "
                   f"{self.requested_slots * self.slot_bytes(length) / 2**30:.1f} GiB and "
-                  f"{(free - workspace) / 2**30:.1f} GiB is free", flush=True)
+                  f"{(free - workspace) / 2**30:.1f} GiB is free", file=sys.stderr, flush=True)
         return slots
 
     def ensure_cache(self, length):
@@ -509,7 +505,7 @@ def make_generator(model, pad_token_id, slots=None):
             except Exception as e:  # flash's varlen kernel missing or refusing this model: masked SDPA instead
                 error = f"{type(e).__name__}: {e}"
             if error is not None:
-                print(f"generation: flash varlen decoding off ({error}); masked SDPA instead", flush=True)
+                print(f"generation: flash varlen decoding off ({error}); masked SDPA instead", file=sys.stderr, flush=True)
                 generator.flash, generator.graphs = False, {}
         if error is not None:
             error = generator.check()
