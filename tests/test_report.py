@@ -38,7 +38,7 @@ def section(report, title):
 def test_every_section_is_there_in_both_forms(chain_run, report):
     page = (chain_run / "report.html").read_text()
     for title in SECTIONS:
-        level = "###" if title.startswith(("Dropped", "Most", "Lengths")) else "##"
+        level = "###" if title.startswith(("Generation", "Dropped", "Most", "Lengths")) else "##"
         assert f"\n{level} {title}\n" in report
         assert f">{title}</h{len(level)}>" in page.replace("&#x27;", "'")
     for name in PLOTS:
