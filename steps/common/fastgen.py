@@ -406,8 +406,8 @@ class SlotGenerator:
             scores = processors(history[:slots], self.logits[:slots])
             token = torch.where(active[:slots], choose(scores), self.pad)
             live = active[:slots]
-            history[rows[:slots], hist_len[:slots].clamp(max=L)] = torch.where(
-                live, token, history[rows[:slots], hist_len[:slots].clamp(max=L)])
+            at = (rows[:slots], hist_len[:slots].clamp(max=L))
+            history[at] = torch.where(live, token, history[at])
             hist_len[:slots] += live
             generated[:slots] += live
             ended = live & (torch.isin(token, stop_ids) | (generated[:slots] >= max_new))

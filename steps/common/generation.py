@@ -302,7 +302,7 @@ class VLLMEngine:
         self.llm = LLM(model=name, dtype=dtype, trust_remote_code=trust_remote_code(), seed=0,
                        quantization="bitsandbytes" if load_in_4bit else None, enable_lora=adapter is not None)
         self.lora = LoRARequest("adapter", 1, adapter) if adapter else None
-        self.stop_token_ids = stop_ids(self.tokenizer, self.llm.llm_engine.get_model_config().hf_config)
+        self.stop_token_ids = declared_stop_ids(name, self.tokenizer)  # hf_config has no generation_config
 
     def _params(self, sampling, seed, i, **changes):
         from vllm import SamplingParams
