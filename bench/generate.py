@@ -11,8 +11,10 @@ row's end over the wall time of the whole workload; `fixed` rows give every requ
 - baseline: `model.generate` (dynamic cache, eager), on the first --baseline-requests requests in one batch;
 - static: `StaticGenerator` (static cache, compiled step, CUDA graphs), requests handed over --static-batch at a
   time as the step did; its first call (compile) is timed apart;
-- fast: `SlotGenerator`, all requests in one call at --slots rows at a time (the tier's GEN_BATCH); the capture
-  of its CUDA graphs happens in a first warm-up run, timed apart.
+- fast: `SlotGenerator`, all requests in one call at --slots rows at a time (the tier's GEN_BATCH); the capture of
+  its CUDA graphs happens in a first warm-up run, timed apart. fast-compiled: the same with its norms and MLPs
+  compiled (SIT_COMPILE_DECODE=1), compiled in the warm-up run. Each records its steps per slot bucket and each
+  bucket's step time, so the JSON says where the decoding time went.
 
     python bench/generate.py [--requests 512] [--slots 128] [--cap 1024]
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT / "steps"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from timing import sync_time  # noqa: E402
-from common.fastgen import SlotGenerator  # noqa: E402
+from common.fastgen import SlotGenerator, uncompile_pointwise  # noqa: E402
 from common.generation import Sampling  # noqa: E402
 
 EOS, PAD = 128009, 128004  # <|eot_id|>, <|finetune_right_pad_id|>: never in the random prompts (ids < 128000)
@@ -166,19 +168,30 @@ def run_static(model, prompts, targets, cap, batch, variant):
 
 
 def run_fast(model, prompts, targets, cap, slots, variant, memory_gib):
-    generator = SlotGenerator(model, PAD, slots=slots, memory_limit=int(memory_gib * 2**30))
+    compiled = variant.startswith("fast-compiled")
+    uncompile_pointwise(model)
+    generator = SlotGenerator(model, PAD, slots=slots, memory_limit=int(memory_gib * 2**30), compiled=compiled)
     sampling = Sampling(max_new_tokens=cap, temperature=0, stop_token_ids=(EOS,))
-    # warm-up on a share of the requests: CUDA graph captures (any left happen, timed, in the measured run)
+    # warm-up on a share of the requests: compile, CUDA graph captures (any left happen, timed, in the measured run)
     _, warm = sync_time(lambda: generator.generate(prompts[: 2 * slots], sampling, extra_processors=[EndAt()]))
     torch.cuda.reset_peak_memory_stats()
+    generator.stats.clear()
     (rows, _), wall = sync_time(lambda: generator.generate(prompts, sampling, extra_processors=[EndAt()]))
-    full = (generator.cache.slots, generator.cache.length)  # one decoding step of every slot, alone
-    forward_ms = None
-    if full in generator.graphs:
-        _, t = sync_time(lambda: [generator.graphs[full].replay() for _ in range(20)])
-        forward_ms = round(1000 * t / 20, 2)
+    stats = dict(generator.stats)
+    # Where the decoding time went: each slot bucket's step (its CUDA graph replayed alone) x the steps run at it.
+    step_ms = {}
+    for (bucket, length), graph in generator.graphs.items():
+        if length == generator.cache.length:
+            _, t = sync_time(lambda: [graph.replay() for _ in range(10)])
+            step_ms[bucket] = round(100 * t, 2)
+    forward_ms = step_ms.get(generator.cache.slots)  # one decoding step of every slot
+    steps = {str(b): n for b, n in sorted((k, v) for k, v in stats.items() if isinstance(k, int))}
+    replay_s = sum(n * step_ms.get(int(b), 0) for b, n in steps.items()) / 1000
+    uncompile_pointwise(model)  # the other engines run the model as it was
     return result(variant, rows, targets, wall, torch.cuda.max_memory_allocated(), requested_slots=slots,
-                  full_step_forward_ms=forward_ms,
+                  full_step_forward_ms=forward_ms, compiled=generator.compiled, steps_per_slot_bucket=steps,
+                  step_ms_per_slot_bucket={str(k): v for k, v in sorted(step_ms.items())},
+                  decode_replay_s=round(replay_s, 1), prefills=stats.get("prefills", 0),
                   slots=generator.cache.slots,
                   cache_length=generator.cache.length, graphs=len(generator.graphs), flash=generator.flash,
                   warm_up_run_s=round(warm, 1), check=generator.check())
@@ -225,8 +238,8 @@ def main():
                 p, t = (prompts, targets) if variant == "static" else (fixed_prompts, fixed_targets)
                 n = args.static_requests
                 save(run_static(model, p[:n], t[:n], args.cap, args.static_batch, variant))
-            elif variant in ("fast", "fast-fixed"):
-                p, t = (prompts, targets) if variant == "fast" else (fixed_prompts, fixed_targets)
+            elif variant in ("fast", "fast-fixed", "fast-compiled", "fast-compiled-fixed"):
+                p, t = (fixed_prompts, fixed_targets) if variant.endswith("fixed") else (prompts, targets)
                 for slots in map(int, str(args.slots).split(",")):
                     save(run_fast(model, p, t, args.cap, slots, variant, args.memory_gib))
         except Exception as e:  # one variant must not cost the others

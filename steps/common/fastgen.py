@@ -30,6 +30,7 @@ import inspect
 import math
 import os
 import sys
+from collections import Counter
 
 import torch
 
@@ -123,7 +124,7 @@ class SlotGenerator:
 
     `slots`: how many rows decode at once (the tier's GEN_BATCH), reduced to what fits in free GPU memory."""
 
-    def __init__(self, model, pad_token_id, slots=128, graphs=None, memory_limit=None):
+    def __init__(self, model, pad_token_id, slots=128, graphs=None, memory_limit=None, compiled=None):
         self.model, self.pad = model, pad_token_id
         config = model.config.get_text_config(decoder=True)
         self.layers = config.num_hidden_layers
@@ -140,6 +141,10 @@ class SlotGenerator:
         self.graphs, self.pool = {}, None
         use_slot_attention(model)
         self.flash = self.device.type == "cuda" and flash_varlen_available()
+        if compiled is None:  # opt-in: faster steps, but no faster at realistic lengths (bench/README.md)
+            compiled = self.graphs_on and os.environ.get("SIT_COMPILE_DECODE", "0") == "1"
+        self.compiled = compiled and compile_pointwise(model)
+        self.stats = Counter()  # decoding steps per slot bucket, prefills: where a run's time went (bench)
 
     # ---- memory -------------------------------------------------------------------------------------------------
     def slot_bytes(self, length):
@@ -201,6 +206,7 @@ class SlotGenerator:
         self.logits[:slots].copy_(out.logits[:, -1])
 
     def step(self, slots, length):
+        self.stats[slots] += 1
         if not self.graphs_on:
             with torch.no_grad():
                 self._forward_step(slots, length)
@@ -227,6 +233,7 @@ class SlotGenerator:
         """Prefill prompts into slots: assignments = [(slot, prompt ids)]; returns the last-position logits, one
         row per assignment (identical prompts share one forward row)."""
         unique = list(dict.fromkeys(tuple(p) for _, p in assignments))
+        self.stats["prefills"] += 1
         row_of = {p: i for i, p in enumerate(unique)}
         width = max(len(p) for p in unique)
         ids = torch.full((len(unique), width), self.pad, dtype=torch.long)
@@ -419,6 +426,34 @@ class SlotGenerator:
 
 
 SLOT_ATTENTION = "sit_slots"
+POINTWISE_MODULES = ("RMSNorm", "MLP")  # class-name endings: Llama, Qwen2, Mistral, SmolLM2 (Llama) all have them
+
+
+def compile_pointwise(model):
+    """Compile the model's norms and MLPs in place, with dynamic shapes: each class compiles once and serves every
+    layer, every slot bucket and every prefill. A decoding step is ~45 small kernels a layer when eager (RMSNorm
+    alone is seven), which the CUDA graph replays but still runs one by one; compiled, a norm or the SiLU gate is
+    one fused kernel. Attention, with the cache's Python-side bookkeeping, stays eager. True where anything was
+    compiled (nothing without `torch.compile` support, e.g. no triton)."""
+    try:
+        import triton  # noqa: F401  (inductor's GPU backend)
+    except ImportError:
+        return False
+    compiled = 0
+    for module in model.modules():
+        if type(module).__name__.endswith(POINTWISE_MODULES) and not hasattr(module, "_sit_compiled"):
+            module.compile(dynamic=True)
+            module._sit_compiled = True
+            compiled += 1
+    return compiled > 0
+
+
+def uncompile_pointwise(model):
+    """Undo compile_pointwise: the modules run eagerly again."""
+    for module in model.modules():
+        if hasattr(module, "_sit_compiled"):
+            module._compiled_call_impl = None
+            del module._sit_compiled
 
 
 def flash_varlen_available():
@@ -483,6 +518,25 @@ def use_slot_attention(model):
     model.set_attn_implementation(SLOT_ATTENTION)
 
 
+def checked(generator):
+    """generator.check(); where it raises with the norms and MLPs compiled, the check again without them, and the
+    compile stays off only if that one passes (else compiling was not the cause: restored, and the error raised)."""
+    try:
+        return generator.check()
+    except Exception as e:
+        if not generator.compiled:
+            raise
+        uncompile_pointwise(generator.model)
+        generator.compiled, generator.graphs = False, {}
+        try:
+            error = generator.check()
+        except Exception:
+            generator.compiled = compile_pointwise(generator.model)
+            raise
+        print(f"generation: compiled decoding off ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr, flush=True)
+        return error
+
+
 def make_generator(model, pad_token_id, slots=None):
     """(SlotGenerator, None) where the fast path runs for this model, else (None, why not): SIT_FAST_GENERATE=0, a
     quantized or multi-device model, sliding-window attention, or a check of the mechanism against a plain forward
@@ -501,16 +555,18 @@ def make_generator(model, pad_token_id, slots=None):
         error = "off"
         if generator.flash:
             try:
-                error = generator.check()
+                error = checked(generator)
             except Exception as e:  # flash's varlen kernel missing or refusing this model: masked SDPA instead
                 error = f"{type(e).__name__}: {e}"
             if error is not None:
                 print(f"generation: flash varlen decoding off ({error}); masked SDPA instead", file=sys.stderr, flush=True)
                 generator.flash, generator.graphs = False, {}
         if error is not None:
-            error = generator.check()
+            error = checked(generator)
     except Exception as e:  # what the mechanism needs is missing or changed in this transformers version
+        uncompile_pointwise(model)
         return None, f"the fast path does not run on this model or transformers version ({type(e).__name__}: {e})"
     if error is not None:
+        uncompile_pointwise(model)
         return None, f"the fast path disagrees with a plain forward on this model ({error})"
     return generator, None
