@@ -100,12 +100,12 @@ def describe(lengths):
             "max": int(t.max()), "sum": int(t.sum())}
 
 
-def build_model(config_path):
+def build_model(config_path, device="cuda"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**json.loads(Path(config_path).read_text()))
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.eval()
     model.generation_config.eos_token_id = EOS

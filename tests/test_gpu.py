@@ -121,3 +121,20 @@ def test_greedy_texts_agree_between_the_fast_and_plain_paths(engines):
     first = fast.sample(prompts, sampled, seed=1)
     assert fast.sample(prompts, sampled, seed=1) == first and fast.sample(prompts, sampled, seed=2) != first
     assert all(r["text"] and not any(t in r["text"] for t in TEMPLATE_TOKENS) for r in first)
+
+
+def test_a_longer_call_after_graphs_were_captured_regrows_the_cache(engines):
+    """A later call whose prompts need a longer KV cache drops the captured graphs and their memory pool: capturing
+    into the pool of freed graphs failed inside PyTorch's allocator (the judge's long prompts after the check)."""
+    from common.chat import prompt_text
+    from common.generation import Sampling
+
+    fast, plain = engines
+    sampling = Sampling(max_new_tokens=8, temperature=0, stop_token_ids=fast.stop_token_ids)
+    short = [prompt_text(fast.tokenizer, t) for t in INSTRUCTIONS[:2]]
+    fast.sample(short, sampling, seed=0)
+    length = fast.fast.cache.length
+    long = [prompt_text(fast.tokenizer, "Repeat this: " + "word " * (length + 50))]
+    got = fast.sample(long, sampling, seed=0)
+    assert fast.fast.cache.length > length and fast.fast.graphs
+    assert got == plain.sample(long, sampling, seed=0)

@@ -182,7 +182,8 @@ class SlotGenerator:
         if self.cache is not None and self.cache.length >= length:
             return
         length = _round_up(length, LENGTH_BUCKET)
-        self.cache, self.graphs = None, {}
+        self.cache = None
+        self.drop_graphs()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         slots = self.fit_slots(length)
@@ -191,6 +192,11 @@ class SlotGenerator:
         self.tokens = torch.full((S, 1), self.pad, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(S, self.vocab, dtype=torch.float32, device=self.device)
         self.index = torch.arange(length, device=self.device)
+
+    def drop_graphs(self):
+        """Forget the captured graphs, and their memory pool with them: a later capture into the pool of graphs that
+        are gone fails inside PyTorch's allocator (an internal assert, seen when the cache grew for longer prompts)."""
+        self.graphs, self.pool = {}, None
 
     # ---- one decoding step ----------------------------------------------------------------------------------------
     def _forward_step(self, slots, length):
@@ -527,7 +533,8 @@ def checked(generator):
         if not generator.compiled:
             raise
         uncompile_pointwise(generator.model)
-        generator.compiled, generator.graphs = False, {}
+        generator.compiled = False
+        generator.drop_graphs()
         try:
             error = generator.check()
         except Exception:
@@ -560,7 +567,8 @@ def make_generator(model, pad_token_id, slots=None):
                 error = f"{type(e).__name__}: {e}"
             if error is not None:
                 print(f"generation: flash varlen decoding off ({error}); masked SDPA instead", file=sys.stderr, flush=True)
-                generator.flash, generator.graphs = False, {}
+                generator.flash = False
+                generator.drop_graphs()
         if error is not None:
             error = checked(generator)
     except Exception as e:  # what the mechanism needs is missing or changed in this transformers version
