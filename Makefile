@@ -1,8 +1,8 @@
 # Synthetic Instruction Tuner: the whole pipeline as one make DAG; each target is a file or directory that a
 # step writes atomically, so finished outputs are skipped and an interrupted run resumes. `make help` for more.
 #
-#   generate -> filter -> preference --------> dpo -> eval (base, sft, dpo) -> report
-#                    \--> sft ---------------/
+#   generate -> judge -> filter -> preference --------> dpo -> eval (base, sft, dpo) -> report
+#                               \--> sft ---------------/       \--> dataset (SFT + pairs, train/test, card)
 
 SHELL := bash
 
@@ -28,9 +28,14 @@ DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GP
 RUNS_DIR ?= data/runs
 RUN ?= $(RUNS_DIR)/$(MODEL)-$(GPU)
 SEED ?= 0
+# Share of record ids held out as the test split (common/splits.py: a hash of the id): the dataset step writes it,
+# SFT and DPO leave it out of training.
+TEST_FRACTION ?= 0.05
 LIMIT ?=
 ENGINE ?= transformers
 EMBEDDER ?= embedded:minilm
+# The LLM judge that tags each sample (category, input quality, difficulty, safety): the generator, as Magpie does.
+JUDGE_MODEL ?= $(GENERATOR)
 # Who writes the responses that the reward model ranks: the generator, or the SFT policy (on-policy pairs).
 PREF_POLICY ?= generator
 POLICY_ARGS = $(if $(filter sft,$(PREF_POLICY)),--policy $(MODEL_ID) --policy-adapter $(RUN)/sft,--policy $(GENERATOR))
@@ -44,6 +49,9 @@ LAUNCH_TRAINING = $(if $(filter-out 1,$(NPROC)),$(PY) -m accelerate.commands.lau
   $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu),$(PY))
 MERGE_FROM ?= dpo
 HUB_REPO ?=
+HUB_DATASET ?=
+# Non-empty: push and push-data create their Hub repository private.
+HUB_PRIVATE ?=
 DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
 
@@ -52,11 +60,13 @@ NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(
 include env/setup.mk
 
 # ---- The chain -----------------------------------------------------------------------------------------------
-.PHONY: all setup prepare generate filter preference sft dpo eval report report-png compare merge push test clean help
-all: report
+.PHONY: all setup prepare generate judge filter preference sft dpo eval report report-png compare merge push dataset \
+  push-data test clean help
+all: report dataset
 setup: $(DEPS)
 prepare: $(DEFAULT_MODEL_DIR)
 generate: $(RUN)/generated.jsonl
+judge: $(RUN)/judged.jsonl
 filter: $(RUN)/filtered.jsonl
 preference: $(RUN)/preference.jsonl
 sft: $(RUN)/sft
@@ -72,7 +82,12 @@ $(RUN)/generated.jsonl: | $(DEPS) $(NEEDS_DEFAULT)
 	  --decode-rows $(GEN_ROWS) $(if $(MAX_INSTRUCTION_TOKENS),--max-instruction-tokens $(MAX_INSTRUCTION_TOKENS)) \
 	  $(if $(MAX_RESPONSE_TOKENS),--max-response-tokens $(MAX_RESPONSE_TOKENS)) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
 
-$(RUN)/filtered.jsonl: $(RUN)/generated.jsonl
+$(RUN)/judged.jsonl: $(RUN)/generated.jsonl | $(if $(findstring embedded:smollm2,$(JUDGE_MODEL)),$(DEFAULT_MODEL_DIR))
+	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/judge.py --in $< --out $@ --model $(JUDGE_MODEL) --batch-size $(JUDGE_BATCH) \
+	  --decode-rows $(JUDGE_ROWS) --max-new-tokens $(JUDGE_MAX_TOKENS) --max-response-tokens $(JUDGE_RESPONSE_TOKENS) \
+	  --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(JUDGE_ARGS)
+
+$(RUN)/filtered.jsonl: $(RUN)/judged.jsonl
 	$(PY) steps/filter.py --in $< --out $@ --dropped $(RUN)/dropped.jsonl --summary $(RUN)/filter_summary.json \
 	  --tokenizer $(GENERATOR) --embedder $(EMBEDDER) $(FILTER_ARGS)
 
@@ -84,11 +99,11 @@ $(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY))
 
 $(RUN)/sft: $(RUN)/filtered.jsonl
 	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
-	  --dtype $(DTYPE) --seed $(SEED) $(SFT_ARGS)
+	  --dtype $(DTYPE) --seed $(SEED) --test_fraction $(TEST_FRACTION) $(SFT_ARGS)
 
 $(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft
 	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
-	  --train_file $< --output_dir $@ --dtype $(DTYPE) --seed $(SEED) $(DPO_ARGS)
+	  --train_file $< --output_dir $@ --dtype $(DTYPE) --seed $(SEED) --test_fraction $(TEST_FRACTION) $(DPO_ARGS)
 
 # EVAL_COST_<MODEL_SIZE> (tier.mk): measured seconds per log-likelihood pass and per generated token, for the time
 # the step prints before it starts. EVAL_4BIT (tier.mk): --load-in-4bit where the tier evaluates in 4-bit.
@@ -103,7 +118,8 @@ $(RUN)/eval/%.json: $(RUN)/%
 
 # One page in two forms: markdown (plots in report_plots/) and self-contained HTML (plots embedded).
 $(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
-	$(PY) steps/report.py --run $(RUN) --out $(RUN)/report.md --html $(RUN)/report.html --tier $(GPU) --model-name $(MODEL)
+	$(PY) steps/report.py --run $(RUN) --out $(RUN)/report.md --html $(RUN)/report.html --tier $(GPU) --model-name $(MODEL) \
+	  --embedder $(EMBEDDER)
 
 # The HTML report as a full-page PNG, rendered by headless Chromium (apt-get install chromium chromium-driver).
 REPORT_PNG_WIDTH ?= 1200
@@ -123,9 +139,19 @@ compare:
 merge: $(RUN)/merged
 $(RUN)/merged: $(RUN)/$(MERGE_FROM)
 	$(CHECK_CUDA)$(PY) steps/merge.py --model $(MODEL_ID) --adapter $< --out $@ --dtype $(DTYPE)
+# The adapter's model card goes up with the eval table where `make eval` has run (RUN/eval/*.json).
 push: $(RUN)/$(MERGE_FROM)
 	$(if $(HUB_REPO),,$(error set HUB_REPO=namespace/name (and HF_TOKEN) to push))
-	$(PY) steps/push.py --adapter $< --repo-id $(HUB_REPO)
+	$(PY) steps/push.py --adapter $< --repo-id $(HUB_REPO) --evals $(RUN)/eval $(if $(HUB_DATASET),--dataset $(HUB_DATASET)) \
+	  $(if $(HUB_PRIVATE),--private)
+
+# ---- The data as a dataset: SFT conversations (messages) and preference pairs, train/test, with a dataset card ----
+dataset: $(RUN)/dataset
+$(RUN)/dataset: $(RUN)/filtered.jsonl $(RUN)/preference.jsonl
+	$(PY) steps/dataset.py --run $(RUN) --out $@ --test-fraction $(TEST_FRACTION) $(DATASET_ARGS)
+push-data: $(RUN)/dataset
+	$(if $(HUB_DATASET),,$(error set HUB_DATASET=namespace/name (and HF_TOKEN) to push the dataset))
+	$(PY) steps/push.py --dataset-dir $< --repo-id $(HUB_DATASET) $(if $(HUB_PRIVATE),--private)
 
 # ---- Housekeeping --------------------------------------------------------------------------------------------
 # pytest-xdist workers, one thread each (tests/conftest.py); the test chain runs beside them from the start.
@@ -137,14 +163,17 @@ clean:
 	rm -rf $(RUN)
 
 help:
-	@echo "Targets: all (= report) setup prepare generate filter preference sft dpo eval report report-png compare merge push"\
-	  "test clean help"
+	@echo "Targets: all (= report dataset) setup prepare generate judge filter preference sft dpo eval report report-png compare merge push"\
+	  "dataset push-data test clean help"
 	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun."
 	@echo "  eval: base, sft and dpo on TASKS (eval/<model>.json; one is redone only when deleted or its adapter changes)"
-	@echo "  report: RUN/report.md and RUN/report.html (funnel, diversity, rewards, training curves, evals, settings)"
+	@echo "  report: RUN/report.md and RUN/report.html (funnel, diversity, judge tags, neighbour distances and map," \
+	  "rewards, training curves, evals, settings)"
 	@echo "  report-png: RUN/report.png, the HTML page rendered by headless Chromium (chromium, chromium-driver)," \
 	  "REPORT_PNG_WIDTH=$(REPORT_PNG_WIDTH) px wide"
 	@echo "  compare: evaluates each MODEL of COMPARE=\"$(COMPARE)\" in RUNS_DIR/<model>-GPU, tables them in COMPARE_OUT"
+	@echo "  dataset: RUN/dataset/ (sft/ in messages format, preference/, train/test by id; README.md dataset card)"
+	@echo "  push-data: uploads RUN/dataset to HUB_DATASET; push: the MERGE_FROM adapter to HUB_REPO (token from HF_TOKEN)"
 	@echo "Variables (now):"
 	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
 	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
@@ -152,8 +181,13 @@ help:
 	@echo "  RUNS_DIR=$(RUNS_DIR) (default parent of RUN)  COMPARE=$(COMPARE)  COMPARE_OUT=$(COMPARE_OUT)"
 	@echo "  ENGINE=$(ENGINE) (transformers or vllm)  NPROC=$(NPROC) processes (GPUs) for generation and training" \
 	  "ACCELERATE_CONFIG=$(ACCELERATE_CONFIG)"
-	@echo "  MERGE_FROM=$(MERGE_FROM) (adapter that merge/push use)  HUB_REPO=$(HUB_REPO) (push; token from HF_TOKEN)"
+	@echo "  MERGE_FROM=$(MERGE_FROM) (adapter that merge/push use)  HUB_REPO=$(HUB_REPO) (push; token from HF_TOKEN)" \
+	  "HUB_DATASET=$(HUB_DATASET) (push-data)  HUB_PRIVATE=$(HUB_PRIVATE) (non-empty: private repositories)"
+	@echo "  TEST_FRACTION=$(TEST_FRACTION) (ids held out as the test split: dataset, sft, dpo)"
 	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  EMBEDDER=$(EMBEDDER) (dedup)  DTYPE=$(DTYPE)"
+	@echo "  JUDGE_MODEL=$(JUDGE_MODEL) (tags: make judge -> RUN/judged.jsonl) JUDGE_BATCH=$(JUDGE_BATCH)" \
+	  "JUDGE_ROWS=$(JUDGE_ROWS) JUDGE_MAX_TOKENS=$(JUDGE_MAX_TOKENS) JUDGE_RESPONSE_TOKENS=$(JUDGE_RESPONSE_TOKENS)" \
+	  "JUDGE_ARGS=$(JUDGE_ARGS)  FILTER_ARGS=$(FILTER_ARGS) (tag thresholds: $(PY) steps/filter.py -h)"
 	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) (samples a batch) GEN_ROWS=$(GEN_ROWS) (decoded at once)" \
 	  "MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS) (empty: the recipe's)" \
 	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"
@@ -163,7 +197,7 @@ help:
 	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
 	@echo "  TASKS=$(TASKS) (lm-eval names; offline: ifeval_local, mc_local) EVAL_BATCH=$(EVAL_BATCH)" \
 	  "MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT) (examples per task; empty = all) EVAL_4BIT=$(EVAL_4BIT)"
-	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS"
+	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS DATASET_ARGS"
 	@echo "    e.g. GENERATE_ARGS=\"--response-temperature 0 --system-prompts tasks.yaml\" (generator recipes:" \
 	  "env/generators/; every flag: $(PY) steps/generate.py -h)"
 	@echo "  test: TEST_WORKERS=$(TEST_WORKERS) (pytest-xdist processes; auto: one a core)  PYTEST_ARGS=$(PYTEST_ARGS)"

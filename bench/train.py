@@ -84,7 +84,7 @@ class Timing(transformers.TrainerCallback):
             S["model"] = {"error": repr(e)}
         keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "fp16",
                 "bf16", "optim", "max_length", "use_liger_kernel", "padding_free", "packing", "packing_strategy",
-                "max_steps", "learning_rate", "beta")
+                "max_steps", "learning_rate", "beta", "train_sampling_strategy", "eval_strategy")
         S["args"] = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     def on_step_end(self, args, state, control, **kw):
         torch.cuda.synchronize()
@@ -223,7 +223,7 @@ def runs_for(suite):
     ]
     dpo_base = ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
                 "--gradient_checkpointing", "true", "--use_liger_kernel", "false", "--torch_compile", "false",
-                "--precompute_ref_log_probs", "false"]
+                "--precompute_ref_log_probs", "false", "--train_sampling_strategy", "random"]
     speed_dpo = [
         Run("dpo-baseline", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_fixed", dpo_base, max_steps=6, warmup=2,
             adapter_from="sft-baseline", group="speed-dpo", note="the seed's h100 DPO: 16 pairs, grad ckpt",
@@ -310,6 +310,46 @@ def runs_for(suite):
             estimate_s=120),
     ]
     packcheck = [Run("packcheck", "check", "", "", "", group="packing", estimate_s=90)]
+    # Issue 17, training at real lengths: the chain's lengths (sft_var, dpo_var) through the baseline, today's tier
+    # (h100 YAMLs before this change: SDPA with a block-diagonal mask, unsorted DPO batches) and the new path (the
+    # YAMLs as they stand: varlen Flash attention on packed SFT rows, length-grouped DPO), fixed 1024-token rows for
+    # reference, and the t4 settings under the 15 GiB cap. No evaluation during these runs (its compile and passes
+    # are not training).
+    quiet = ["--eval_strategy", "no", "--test_fraction", "0"]
+    real = [
+        Run("sft-var-baseline", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var", SPEED_BASELINE + quiet,
+            max_steps=8, warmup=2, group="real-sft", note="issue baseline (plain PEFT, grad ckpt, SDPA, 12 padded "
+            "rows) on the chain's lengths", estimate_s=60),
+        Run("sft-var-varlen", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var", quiet, max_steps=20, warmup=8,
+            group="real-sft", note="new h100/sft.yaml: BFD packing + varlen Flash attention + compile",
+            estimate_s=110, timeout_s=360),
+        Run("sft-var-today", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_var",
+            ["--attn_implementation", "sdpa"] + quiet, max_steps=14, warmup=6, group="real-sft",
+            note="today's h100/sft.yaml: BFD packing, SDPA with a block-diagonal mask, compile", estimate_s=120,
+            timeout_s=360),
+        Run("sft-fixed-varlen", "sft", "llama-3.2-3b", "env/h100/sft.yaml", "sft_fixed", NOPACK + quiet,
+            max_steps=7, warmup=3, group="real-sft", note="reference: 1024-token rows, 8 x 2, new tier without "
+            "packing (nothing to pack)", estimate_s=70),
+        replace(dpo_adapter, flags=dpo_adapter.flags + quiet, group="real-dpo"),
+        Run("dpo-var-baseline", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var", dpo_base + quiet,
+            max_steps=8, warmup=2, adapter_from="dpo-adapter", group="real-dpo",
+            note="baseline (grad ckpt, 16 pairs, no compile) on the chain's lengths", estimate_s=70),
+        Run("dpo-var-grouped", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var", quiet, max_steps=12,
+            warmup=4, adapter_from="dpo-adapter", group="real-dpo",
+            note="new h100/dpo.yaml: length-grouped micro-batches + compile", estimate_s=110, timeout_s=360),
+        Run("dpo-var-today", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var",
+            ["--train_sampling_strategy", "random"] + quiet, max_steps=12, warmup=4, adapter_from="dpo-adapter",
+            group="real-dpo", note="today's h100/dpo.yaml: random micro-batches, compile", estimate_s=120,
+            timeout_s=360),
+        Run("t4-sft-var", "sft", "llama-3.2-3b", "env/t4/sft.yaml", "sft_var",
+            ["--logging_steps", "1", "--dtype", "float16"] + quiet,
+            cap_gib=15, max_steps=3, warmup=1, group="real-t4", note="t4/sft.yaml (4-bit, fp16, 4 x 4, grad ckpt), "
+            "15 GiB cap", estimate_s=80),
+        Run("t4-dpo-var", "dpo", "llama-3.2-3b", "env/t4/dpo.yaml", "dpo_var",
+            ["--logging_steps", "1", "--dtype", "float16"] + quiet,
+            cap_gib=15, max_steps=3, warmup=1, adapter_from="dpo-adapter", group="real-t4",
+            note="t4/dpo.yaml (4-bit, fp16, 2 x 8 pairs, grad ckpt), 15 GiB cap", estimate_s=90),
+    ]
     sft_base, sft_tier, *sft_ablations = speed_sft
     dpo_base_run, dpo_liger, dpo_tier = speed_dpo
     t4_llama, t4_mistral = t4[:2], t4[2:]
@@ -325,6 +365,8 @@ def runs_for(suite):
         "speed3-var": speed3_var,
         "dpo-precompute": [dpo_adapter, dpo_base2, *dpo_precompute],
         "speed6": [dpo_adapter, sft_base, sft_tier, dpo_base2, dpo_tier2, *dpo_var],  # the tiers as committed
+        # issue 17, in priority order (the baselines before what they are compared with; today's tier last)
+        "real": [real[i] for i in (0, 1, 4, 5, 6, 8, 9, 2, 3, 7)],
     }
     suites["speed"] = [sft_base, sft_tier, dpo_base_run, dpo_tier, *sft_ablations, dpo_liger, *pack, *a100]
     return suites[suite] if suite in suites else suites["core"] + suites["extra"]
@@ -360,6 +402,27 @@ def write_data(name, path, words, seed=0, spec=None):
                           "chosen": [{"role": "assistant", "content": text(clo, chi)}],
                           "rejected": [{"role": "assistant", "content": text(clo, chi)}]}
             f.write(json.dumps(record) + "\n")
+
+
+def length_stats(name, path, tokenizer):
+    """What a dataset's rows look like once rendered with the chat template: the distribution in tokens (SFT: each
+    row; DPO: prompt+chosen and prompt+rejected rows), before truncation to max_length."""
+    kind, n, prompt_words, answer_words = DATASETS[name]
+    lengths = []
+    for line in open(path):
+        r = json.loads(line)
+        if kind == "sft":
+            rows = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]]
+        else:
+            rows = [r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]]
+        lengths += [len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False))["input_ids"]) for m in rows]
+    lengths.sort()
+    q = lambda f: lengths[min(len(lengths) - 1, int(f * len(lengths)))]  # noqa: E731
+    return {"records": n, "prompt_tokens_uniform": prompt_words, "answer_tokens_uniform": answer_words,
+            "rows": len(lengths), "row_tokens": {"mean": round(sum(lengths) / len(lengths), 1), "min": lengths[0],
+                                                 "p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": lengths[-1]},
+            "note": "uniform word counts (one token each) plus the chat template; sft_var/dpo_var use the tiers' "
+                    "limits (instruction <= 128, response <= 512 tokens), as the chain produces them"}
 
 
 def check_ids(path, tokenizer, n=64):
@@ -657,9 +720,11 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     tokenizer.chat_template = tokenizer.chat_template.replace(DEFAULT_SYSTEM_PROMPT_CUT, "")
     words = single_token_words(tokenizer)
-    for name in {r.data for r in runs if r.data} | {"sft_var"}:
+    report["data"] = {}
+    for name in sorted({r.data for r in runs if r.data} | {"sft_var"}):
         write_data(name, work / "data" / f"{name}.jsonl", words)
         check_ids(work / "data" / f"{name}.jsonl", tokenizer)
+        report["data"][name] = length_stats(name, work / "data" / f"{name}.jsonl", tokenizer)
     out_file = out / f"train-{gpu_slug(gpu)}.json"
     for run in runs:
         elapsed = time.time() - start

@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from common import run_step
+from common.evals import STAGES, eval_tasks, limit_text, metric_names, read_json, signed, table, value_cell
 from common.files import output_lock, write_text
-from report import STAGES, eval_tasks, limit_text, metric_names, read_json, signed, table, value_cell
 
 
 def parse_args(argv=None):

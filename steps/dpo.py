@@ -6,17 +6,22 @@
 The SFT adapter is loaded as the trainable policy; TRL then keeps a frozen copy of it as a second adapter ("ref")
 and computes the reference log-probs through that copy, so the reference model is the SFT model, not the bare base
 (at step 0 policy and reference agree and every reward margin is 0). Checkpoints and the finished adapter are
-handled as in the SFT step.
+handled as in the SFT step, and so is the held-out split (TEST_FRACTION, by id): its loss and reward accuracy
+(`eval_rewards/accuracies`, the share of held-out pairs whose chosen answer gets the larger implicit reward) are
+logged every eval_steps and after the last step. `train_sampling_strategy: group_by_length` (the h100 tier) puts
+pairs of similar length in the same micro-batch: TRL pads chosen and rejected rows to the longest of the batch, and
+its padding-free DPO is disabled (TRL 1.16).
 """
 
 from dataclasses import dataclass, field
 
-from common import DataError, OptionError, run_step
+from common import DataError, OptionError, run_step, varlen
 from common.files import output_lock
 from common.jsonl import read_jsonl
 from common.models import load_for_training, load_tokenizer
 from common.precision import training_flags
-from common.training import checkpoint_dir, compile_layer_by_layer, sharded, train_and_save
+from common.splits import DEFAULT_TEST_FRACTION
+from common.training import checkpoint_dir, compile_layer_by_layer, held_out, sharded, train_and_save
 
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 
@@ -41,33 +46,75 @@ def policy_from_reference(model):
 class DataArguments:
     train_file: str = field(metadata={"help": "preference JSONL (prompt, chosen, rejected) in TRL's format"})
     sft_adapter: str = field(metadata={"help": "adapter directory written by steps/sft.py"})
+    test_fraction: float = field(default=DEFAULT_TEST_FRACTION, metadata={
+        "help": "share of pairs (by id) held out of training and evaluated on (0: none)"})
+
+
+def pair_lengths(dataset):
+    """Each tokenized pair's padded cost: the prompt plus the longer of its two answers."""
+    return [len(p) + max(len(c), len(r))
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer, with `train_sampling_strategy: group_by_length` working on preference pairs: transformers'
+    LengthGroupedSampler looks for an `input_ids` column, which tokenized pairs don't have (and a `length` column
+    would be dropped with the unused columns before the sampler sees it)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import DPOTrainer
+
+    def grouped(self, dataset, batch_size):
+        if (self.args.train_sampling_strategy == "group_by_length"
+                and "prompt_ids" in getattr(dataset, "column_names", ())):
+            return LengthGroupedSampler(batch_size, lengths=pair_lengths(dataset))
+        return None
+
+    class DPOTrainerGrouped(DPOTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return grouped(self, dataset, batch) or super()._get_train_sampler(train_dataset)
+
+        def _get_eval_sampler(self, eval_dataset):
+            return grouped(self, eval_dataset, self.args.eval_batch_size) or super()._get_eval_sampler(eval_dataset)
+
+    return DPOTrainerGrouped
 
 
 def build_trainer(data_args, training_args, model_args, pairs):
     from datasets import Dataset
     from peft import PeftModel
-    from trl import DPOTrainer
 
+    train, test = held_out(pairs, data_args.test_fraction, training_args)
     # The SFT adapter's tokenizer carries the chat template and pad token that SFT trained with.
     tokenizer = load_tokenizer(data_args.sft_adapter)
-    policy = PeftModel.from_pretrained(load_for_training(model_args), data_args.sft_adapter, is_trainable=True)
-    compile_layer_by_layer(training_args, policy)
+    asked = varlen.requested(model_args)
+    base = load_for_training(model_args)
+    facts = {"attn_implementation": varlen.apply(base, asked)}
+    policy = PeftModel.from_pretrained(base, data_args.sft_adapter, is_trainable=True)
+    facts["compiled"] = compile_layer_by_layer(training_args, policy)
     columns = list(PAIR_FIELDS)
-    trainer = DPOTrainer(
+    trainer = dpo_trainer_class()(
         model=policy,
         args=training_args,
-        train_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in pairs]),
+        train_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in train]),
+        eval_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in test]) if test else None,
         processing_class=tokenizer,
     )
     policy_from_reference(trainer.model)
+    trainer.run_facts = {**facts, "train_records": len(train), "eval_records": len(test),
+                         "test_fraction": data_args.test_fraction, "sft_adapter": str(data_args.sft_adapter)}
     return trainer
 
 
-def main(argv=None):
+def parse_args(argv=None):
     from trl import DPOConfig, ModelConfig, TrlParser
 
-    parser = TrlParser((DataArguments, DPOConfig, ModelConfig))
-    data_args, training_args, model_args = parser.parse_args_and_config(training_flags(argv))
+    return TrlParser((DataArguments, DPOConfig, ModelConfig)).parse_args_and_config(training_flags(argv, "dpo"))
+
+
+def main(argv=None):
+    data_args, training_args, model_args = parse_args(argv)
     if training_args.torch_compile and training_args.gradient_checkpointing and sharded(training_args, by=["fsdp"]):
         # Measured on one GPU (bench/README.md, "Multi-process launch"): the second step's backward failed with
         # "CheckpointError: A different number of tensors was saved during the original forward and recomputation".

@@ -1,18 +1,57 @@
-"""Filter generated samples and say why each dropped one was dropped.
+"""Filter generated (and judged) samples and say why each dropped one was dropped.
 
-    python steps/filter.py --in generated.jsonl --out filtered.jsonl --dropped dropped.jsonl --summary summary.json
+    python steps/filter.py --in judged.jsonl --out filtered.jsonl --dropped dropped.jsonl --summary summary.json
 
 Per-record rules run in order and the first that fires names the reason: truncated, empty, bad instruction
-(generate's cleaning), instruction/response length in tokens, repetition, non-English, refusal, template debris,
-reward below --min-reward (only with --reward-model). Then duplicates: exact ones after normalising case,
-punctuation and spaces, and semantic near-duplicates of instructions (cosine similarity of sentence embeddings at
-or above --near-duplicate-threshold), keeping the first of each group.
+(generate's cleaning), instruction/response length in tokens, repetition, non-English, refusal (only with
+--drop-refusals), template debris, the judge's tags (steps/judge.py: input quality, difficulty, category, safety;
+only with their flags), reward below --min-reward (only with --reward-model). Then duplicates: exact ones after
+normalising case, punctuation and spaces, and semantic near-duplicates of instructions (cosine similarity of
+sentence embeddings at or above --near-duplicate-threshold), keeping the first of each group.
 
-Outputs: kept records (--out), dropped records with a 'dropped_by' field (--dropped), and a summary of counts per
-rule as JSON (--summary), markdown and a PNG of length and score histograms (same name, .md and .png).
+Multi-turn records (generate --turns N, a `conversation`) are filtered turn by turn: the text rules and the tag
+thresholds apply to every user/assistant turn, and a later turn names itself, e.g. "repetition (turn 2)" or
+"input_quality=poor (turn 2)". SFT trains on the last assistant turn, so every turn must pass.
+
+Tag thresholds (Magpie: magpie-align/magpie data_sft/data_filter.ipynb, its default filter, keeps input quality good
+or excellent, instruct reward > -10, instructions not ending in ':' and the first of each group of near-duplicates;
+its curated releases, e.g. Magpie-Air-300K-Filtered's card, also require difficulty >= medium and then keep the
+300K longest responses). --min-input-quality good is the GPU tiers' default here (env/*/tier.mk FILTER_ARGS); the
+cpu tier's 135M judge is too weak to trust, so its tags are recorded and reported but drop nothing there. A tag the
+judge left "unparsed" fails a threshold on it (dropped_by "input_quality=unparsed") unless --keep-unparsed: a record
+that was not judged has not passed the judge. Records without tags fail only where a tag flag is given (an error
+then: judge them first).
+
+Refusals: Magpie does not drop refusals; it labels safety (Llama-Guard-2 on the instruction and response) and
+filters on its tags. So here a refusal is kept by default (refusing a harmful request is what SFT should teach), and
+safety comes from the judge: --drop-unsafe drops responses the judge labels unsafe. --drop-refusals brings back the
+regex rule that drops every "I'm sorry, but I can't..." response.
+
+Diversity (Magpie exp/gen_dis.py: all-mpnet-base-v2 embeddings in a FAISS L2 index; `min_neighbor_distance` is the
+squared L2 distance to the nearest other instruction, near-duplicates those under 0.05, i.e. cosine similarity
+above 0.975 for unit vectors): here --embedder (default all-MiniLM-L6-v2, embedded) and a near-duplicate threshold
+of cosine similarity >= 0.9 (--near-duplicate-threshold 0.975 is Magpie's cut).
+Each kept record gets `nn_distance`: its cosine distance (1 - cosine similarity; Magpie's squared L2 is twice this)
+to its nearest neighbour among the kept instructions (null for a lone record, absent with --embedder none).
+
+Outputs: kept records (--out), dropped records with a 'dropped_by' field (--dropped), a summary as JSON (--summary),
+markdown and a PNG of length, score and nearest-neighbour distance histograms (same name, .md and .png).
+The summary's keys:
+- "input", "kept": record counts;
+- "dropped": {rule: records}, every rule in order (the tag rules as "input_quality", "difficulty", "category",
+  "safety"), then "duplicate" and "near_duplicate";
+- "dropped_by": {exact dropped_by value, e.g. "input_quality=poor" or "repetition (turn 2)": records};
+- "thresholds": the tag and refusal flags used;
+- "tags": {"category"|"input_quality"|"difficulty"|"safety": {"generated": {value: n}, "kept": {value: n}}} from
+  each record's `tags` (its first turn; "untagged" where a record has none), or null when no record has tags;
+- "judge": the judge settings of the first judged record (null when none);
+- "near_duplicate": {"embedder", "threshold" (cosine similarity)};
+- "nn_distance": the kept records' nn_distance in output order; "nn_distance_histogram": {"edges", "counts"} (20
+  bins over [0, max]).
 """
 
 import argparse
+import math
 import re
 import string
 import sys
@@ -22,6 +61,7 @@ from pathlib import Path
 from common import DataError, OptionError, run_step
 from common.files import output_lock, write_json, write_text
 from common.jsonl import read_jsonl, write_jsonl
+from common.judge import CATEGORIES, DIFFICULTY, QUALITY, SCALES, UNPARSED, rank, user_turns
 
 FIELDS = {"id": str, "instruction": str}  # "response" is null in instruction-only output
 REFUSAL = re.compile(
@@ -29,14 +69,25 @@ REFUSAL = re.compile(
     r"(help|assist|provide|answer|comply|fulfil)|as an ai( language model)?,? i)", re.I
 )
 TEMPLATE_DEBRIS = re.compile(r"<\|[a-z_]+\|>|\[/?INST\]|<</?SYS>>|</?s>|^(user|assistant|system)\s*:?\s*\n", re.I | re.M)
+TAG_RULES = ("input_quality", "difficulty", "category", "safety")
+
+
+def category_list(text):
+    """A comma-separated list of Magpie's categories (any case), checked against them."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = {c.lower(): c for c in CATEGORIES}
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown categories {unknown}; Magpie's are: {', '.join(CATEGORIES)}")
+    return [known[n.lower()] for n in names]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--in", dest="inp", required=True, help="generated JSONL")
+    p.add_argument("--in", dest="inp", required=True, help="judged (or generated) JSONL")
     p.add_argument("--out", required=True, help="kept records (JSONL)")
     p.add_argument("--dropped", required=True, help="dropped records with a 'dropped_by' field (JSONL)")
-    p.add_argument("--summary", required=True, help="counts per rule (JSON; .md and .png beside it)")
+    p.add_argument("--summary", required=True, help="counts per rule, tags, distances (JSON; .md and .png beside it)")
     p.add_argument("--tokenizer", default="embedded:smollm2", help="tokenizer that counts lengths")
     p.add_argument("--min-instruction-tokens", type=int, default=4)
     p.add_argument("--max-instruction-tokens", type=int, default=512)
@@ -45,14 +96,38 @@ def parse_args(argv=None):
     p.add_argument("--max-repeated-ngram-ratio", type=float, default=0.3,
                    help="drop a response in which more than this share of its word 4-grams repeat an earlier one")
     p.add_argument("--language", default="en", help="keep this language (langdetect code); 'any' keeps all")
-    p.add_argument("--keep-refusals", action="store_true")
+    p.add_argument("--drop-refusals", action="store_true",
+                   help="drop every response that refuses (a regex); default: keep them, safety is the judge's")
     p.add_argument("--keep-truncated", action="store_true", help="keep texts that ran into the token limit")
+    p.add_argument("--min-input-quality", choices=QUALITY, default=None,
+                   help="drop turns the judge rated below this (Magpie's default filter: good)")
+    p.add_argument("--min-difficulty", choices=DIFFICULTY, default=None,
+                   help="drop turns the judge rated easier than this (Magpie's curated releases: medium)")
+    p.add_argument("--drop-unsafe", action="store_true", help="drop turns whose response the judge labels unsafe")
+    p.add_argument("--categories", type=category_list, default=None,
+                   help="keep only these task categories (comma-separated, e.g. 'Math,Coding & Debugging')")
+    p.add_argument("--exclude-categories", type=category_list, default=None,
+                   help="drop these task categories (comma-separated, e.g. Others)")
+    p.add_argument("--keep-unparsed", action="store_true",
+                   help="a tag the judge left \"unparsed\" passes the thresholds on it (default: it fails them)")
     p.add_argument("--embedder", default="embedded:minilm",
-                   help="sentence-transformers model for near-duplicates (any Hub id or directory); 'none' skips")
-    p.add_argument("--near-duplicate-threshold", type=float, default=0.9)
+                   help="sentence-transformers model for near-duplicates and nn_distance (any Hub id or directory; "
+                        "Magpie: sentence-transformers/all-mpnet-base-v2); 'none' skips both")
+    p.add_argument("--near-duplicate-threshold", type=float, default=0.9,
+                   help="cosine similarity at or above which an instruction is a near-duplicate of an earlier one "
+                        "(default 0.9 with all-MiniLM-L6-v2; Magpie: squared L2 < 0.05 with all-mpnet-base-v2, "
+                        "i.e. cosine > 0.975)")
     p.add_argument("--reward-model", default=None, help="score responses and drop those under --min-reward")
     p.add_argument("--min-reward", type=float, default=None)
     return p.parse_args(argv)
+
+
+def tag_flags(args):
+    """The tag threshold flags given (their names), to ask for tags only when one is."""
+    given = {"--min-input-quality": args.min_input_quality, "--min-difficulty": args.min_difficulty,
+             "--drop-unsafe": args.drop_unsafe, "--categories": args.categories,
+             "--exclude-categories": args.exclude_categories}
+    return [flag for flag, value in given.items() if value]
 
 
 def words(text):
@@ -84,53 +159,136 @@ def detect_language(text):
 
 
 def rules(args, count_tokens):
-    """(name, drop?) in the order they are checked; each takes one record."""
-    def response(r):
-        return r.get("response") or ""
-
+    """(name, scope, drop?) in the order they are checked. Scope "record": drop?(record); "turn": drop?(instruction,
+    response) of each turn (response None in instruction-only output); "tags": drop?(tags) of each turn, returning
+    the value that fails (or None)."""
     def length_outside(text, low, high):
         return not low <= count_tokens(text) <= high
 
+    def below(scale, minimum, key):
+        def check(tags):
+            value = tags.get(key, UNPARSED)
+            if value == UNPARSED or value not in scale:
+                return None if args.keep_unparsed else value
+            return value if rank(scale, value) < rank(scale, minimum) else None
+        return check
+
+    def category(tags):
+        value = tags.get("category", UNPARSED)
+        if value == UNPARSED or value not in CATEGORIES:
+            return None if args.keep_unparsed else value
+        if (args.categories and value not in args.categories) or value in (args.exclude_categories or ()):
+            return value
+        return None
+
+    def safety(tags):
+        value = tags.get("safety", UNPARSED)
+        if value not in SCALES["safety"]:
+            return None if args.keep_unparsed else value
+        return value if value == "unsafe" else None
+
     return [
-        ("truncated", lambda r: not args.keep_truncated
+        ("truncated", "record", lambda r: not args.keep_truncated
          and not (r.get("instruction_finished", True) and r.get("response_finished") is not False)),
-        ("empty", lambda r: not r["instruction"].strip() or r.get("response") == ""),
-        ("bad_instruction", lambda r: bool(r.get("rejected"))),  # generate's reason: template tokens, an answer...
-        ("instruction_length", lambda r: length_outside(r["instruction"], args.min_instruction_tokens,
-                                                        args.max_instruction_tokens)),
-        ("response_length", lambda r: r.get("response") is not None
-         and length_outside(r["response"], args.min_response_tokens, args.max_response_tokens)),
-        ("repetition", lambda r: repeated_ngram_ratio(response(r)) > args.max_repeated_ngram_ratio),
-        ("language", lambda r: args.language != "any" and len(words(f"{r['instruction']} {response(r)}")) >= 8
-         and detect_language(f"{r['instruction']}\n{response(r)}") != args.language),  # unreliable on fewer words
-        ("refusal", lambda r: not args.keep_refusals and bool(REFUSAL.search(response(r)))),
-        ("template_debris", lambda r: bool(TEMPLATE_DEBRIS.search(f"{r['instruction']}\n{response(r)}"))),
-        ("low_reward", lambda r: args.min_reward is not None and r["reward"] < args.min_reward),
+        ("empty", "turn", lambda i, o: not i.strip() or o == ""),
+        ("bad_instruction", "record", lambda r: bool(r.get("rejected"))),  # generate's reason: template tokens, ...
+        ("instruction_length", "turn", lambda i, o: length_outside(i, args.min_instruction_tokens,
+                                                                   args.max_instruction_tokens)),
+        ("response_length", "turn", lambda i, o: o is not None
+         and length_outside(o, args.min_response_tokens, args.max_response_tokens)),
+        ("repetition", "turn", lambda i, o: repeated_ngram_ratio(o or "") > args.max_repeated_ngram_ratio),
+        ("language", "turn", lambda i, o: args.language != "any" and len(words(f"{i} {o or ''}")) >= 8
+         and detect_language(f"{i}\n{o or ''}") != args.language),  # unreliable on fewer words
+        ("refusal", "turn", lambda i, o: args.drop_refusals and bool(REFUSAL.search(o or ""))),
+        ("template_debris", "turn", lambda i, o: bool(TEMPLATE_DEBRIS.search(f"{i}\n{o or ''}"))),
+        ("input_quality", "tags", below(QUALITY, args.min_input_quality, "input_quality")
+         if args.min_input_quality else lambda t: None),
+        ("difficulty", "tags", below(DIFFICULTY, args.min_difficulty, "difficulty")
+         if args.min_difficulty else lambda t: None),
+        ("category", "tags", category if args.categories or args.exclude_categories else lambda t: None),
+        ("safety", "tags", safety if args.drop_unsafe else lambda t: None),
+        ("low_reward", "record", lambda r: args.min_reward is not None and r["reward"] < args.min_reward),
     ]
 
 
-def near_duplicates(texts, embed, threshold, block=512):
-    """Indices of texts whose embedding is within `threshold` cosine similarity of an earlier kept text.
+def turn_tags(record):
+    """The judge's tags of each user turn ({} where the record has none)."""
+    return record.get("turn_tags") or [record.get("tags") or {}]
 
-    Greedy in input order, block by block, comparing each block with the kept texts so far and within itself:
+
+def first_failure(record, checks):
+    """The dropped_by of the first rule that fires on the record, or None. A rule that fires on a later turn names
+    it: "repetition (turn 2)"; a tag rule names the value: "input_quality=poor"."""
+    turns, tags = user_turns(record), turn_tags(record)
+    for name, scope, drop in checks:
+        if scope == "record":
+            if drop(record):
+                return name
+            continue
+        for t, item in enumerate(turns if scope == "turn" else tags):
+            failed = drop(*item) if scope == "turn" else drop(item)
+            if failed:
+                reason = name if scope == "turn" else f"{name}={failed}"
+                return reason if t == 0 else f"{reason} (turn {t + 1})"
+    return None
+
+
+def rule_of(dropped_by):
+    """The rule name in a dropped_by value ("input_quality=poor (turn 2)" -> "input_quality")."""
+    return dropped_by.split(" (turn ")[0].split("=")[0]
+
+
+def embeddings(texts, embed, block=512):
+    """Unit-length embeddings of `texts`, computed block by block."""
+    import torch
+
+    if not texts:
+        return torch.zeros(0, 1)
+    return torch.cat([torch.nn.functional.normalize(embed(texts[s : s + block]).float(), dim=-1).cpu()
+                      for s in range(0, len(texts), block)])
+
+
+def near_duplicate_rows(emb, threshold, block=512):
+    """Indices of rows within `threshold` cosine similarity of an earlier kept row.
+
+    Greedy in input order, block by block, comparing each block with the kept rows so far and within itself:
     memory grows with block x kept, never with n x n.
     """
     import torch
 
     dropped, kept = set(), None
-    for start in range(0, len(texts), block):
-        emb = torch.nn.functional.normalize(embed(texts[start : start + block]).float(), dim=-1)
-        dup = torch.zeros(len(emb), dtype=torch.bool)
+    for start in range(0, len(emb), block):
+        part = emb[start : start + block]
+        dup = torch.zeros(len(part), dtype=torch.bool)
         if kept is not None:
-            dup |= (emb @ kept.T).max(dim=1).values >= threshold
-        within = emb @ emb.T
-        for i in range(len(emb)):
+            dup |= (part @ kept.T).max(dim=1).values >= threshold
+        within = part @ part.T
+        for i in range(len(part)):
             if not dup[i]:
                 dup[i + 1 :] |= within[i, i + 1 :] >= threshold
-        keep = ~dup
         dropped.update(start + i for i in torch.nonzero(dup).flatten().tolist())
-        kept = emb[keep] if kept is None else torch.cat([kept, emb[keep]])
+        kept = part[~dup] if kept is None else torch.cat([kept, part[~dup]])
     return dropped
+
+
+def near_duplicates(texts, embed, threshold, block=512):
+    """Indices of texts whose embedding is within `threshold` cosine similarity of an earlier kept text."""
+    return near_duplicate_rows(embeddings(texts, embed, block), threshold, block)
+
+
+def nearest_neighbour_distances(emb, block=512):
+    """Each row's cosine distance (1 - cosine similarity) to its nearest other row; None for a lone row."""
+    import torch
+
+    if len(emb) < 2:
+        return [None] * len(emb)
+    out = []
+    for start in range(0, len(emb), block):
+        sims = emb[start : start + block] @ emb.T
+        rows = torch.arange(len(sims))
+        sims[rows, start + rows] = -math.inf  # not itself
+        out += (1 - sims.max(dim=1).values).clamp(min=0).tolist()
+    return [round(d, 6) for d in out]
 
 
 def sentence_embedder(name):
@@ -143,11 +301,12 @@ def sentence_embedder(name):
 
 
 def filter_records(records, args, count_tokens, embed=None):
-    """Split records into (kept, dropped); each dropped record gets 'dropped_by'."""
+    """Split records into (kept, dropped); each dropped record gets 'dropped_by', each kept one 'nn_distance' (when
+    there is an embedder)."""
     checks = rules(args, count_tokens)
     kept, dropped, seen = [], [], set()
     for record in records:
-        reason = next((name for name, drop in checks if drop(record)), None)
+        reason = first_failure(record, checks)
         if reason is None and normalise(record["instruction"]) in seen:
             reason = "duplicate"
         if reason is None:
@@ -156,9 +315,12 @@ def filter_records(records, args, count_tokens, embed=None):
         else:
             dropped.append({**record, "dropped_by": reason})
     if embed is not None and kept:
-        near = near_duplicates([r["instruction"] for r in kept], embed, args.near_duplicate_threshold)
+        emb = embeddings([r["instruction"] for r in kept], embed)
+        near = near_duplicate_rows(emb, args.near_duplicate_threshold)
         dropped += [{**r, "dropped_by": "near_duplicate"} for i, r in enumerate(kept) if i in near]
-        kept = [r for i, r in enumerate(kept) if i not in near]
+        rows = [i for i in range(len(kept)) if i not in near]
+        distances = nearest_neighbour_distances(emb[rows])
+        kept = [{**kept[i], "nn_distance": d} for i, d in zip(rows, distances)]
     return kept, dropped
 
 
@@ -173,15 +335,41 @@ def add_rewards(records, name):
         r.setdefault("reward", float("-inf"))
 
 
+def tag_counts(records, kept):
+    """{tag: {"generated": {value: n}, "kept": {value: n}}} over each record's (first-turn) tags; None if untagged."""
+    if not any(r.get("tags") for r in records):
+        return None
+
+    def count(rs, key):
+        return dict(Counter((r.get("tags") or {}).get(key, "untagged") for r in rs).most_common())
+
+    return {key: {"generated": count(records, key), "kept": count(kept, key)} for key in SCALES}
+
+
+def histogram(values, bins=20):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"edges": [], "counts": []}
+    top = max(values) or 1.0
+    edges = [round(top * k / bins, 6) for k in range(bins + 1)]
+    counts = [0] * bins
+    for v in values:
+        counts[min(int(v / top * bins), bins - 1)] += 1
+    return {"edges": edges, "counts": counts}
+
+
 def write_summary(path, summary, kept, count_tokens):
-    """The counts as JSON and markdown, and length (and reward) histograms of the kept samples as a PNG."""
+    """The counts as JSON and markdown, and length (reward, nn_distance) histograms of the kept samples as a PNG."""
     path = Path(path)
     write_json(path, summary)
     rows = [f"| {rule} | {n} |" for rule, n in summary["dropped"].items()]
-    write_text(path.with_suffix(".md"), "\n".join([
-        f"# Filter summary\n\nKept {summary['kept']} of {summary['input']} samples.\n",
-        "| dropped by | samples |", "|---|---|", *rows, "",
-    ]))
+    lines = [f"# Filter summary\n\nKept {summary['kept']} of {summary['input']} samples.\n",
+             "| dropped by | samples |", "|---|---|", *rows, ""]
+    for key, counts in (summary["tags"] or {}).items():
+        lines += [f"| {key} | generated | kept |", "|---|---|---|",
+                  *[f"| {value} | {n} | {counts['kept'].get(value, 0)} |" for value, n in counts["generated"].items()],
+                  ""]
+    write_text(path.with_suffix(".md"), "\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +379,9 @@ def write_summary(path, summary, kept, count_tokens):
               "response tokens": [count_tokens(r["response"]) for r in kept if r.get("response")]}
     if any("reward" in r for r in kept):
         series["reward"] = [r["reward"] for r in kept]
+    distances = [d for d in summary["nn_distance"] if d is not None]
+    if distances:
+        series["nearest-neighbour cosine distance"] = distances
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))
     for ax, (title, values) in zip(axes, series.items()):
         ax.hist(values, bins=20)
@@ -212,6 +403,11 @@ def main(argv=None):
     records = read_jsonl(args.inp, required=FIELDS)
     if not records:
         raise DataError(f"{args.inp}: no records to filter")
+    untagged = [r["id"] for r in records if not r.get("tags")]
+    if tag_flags(args) and untagged:
+        raise DataError(f"{args.inp}: {len(untagged)} records have no 'tags' (first: {untagged[0]}), but "
+                        f"{', '.join(tag_flags(args))} filter on them: run steps/judge.py on it first (make judge), "
+                        "or leave those flags out")
     with output_lock(args.out):
         filter_and_write(args, records)
 
@@ -229,9 +425,24 @@ def filter_and_write(args, records):
     stage("applying the rules and removing duplicates")
     kept, dropped = filter_records(records, args, count_tokens, embed)
 
-    by_rule = Counter(r["dropped_by"] for r in dropped)
-    names = [name for name, _ in rules(args, count_tokens)] + ["duplicate", "near_duplicate"]
-    summary = {"input": len(records), "kept": len(kept), "dropped": {name: by_rule.get(name, 0) for name in names}}
+    reasons = Counter(r["dropped_by"] for r in dropped)
+    by_rule = Counter(rule_of(r["dropped_by"]) for r in dropped)
+    names = [name for name, _, _ in rules(args, count_tokens)] + ["duplicate", "near_duplicate"]
+    distances = [r.get("nn_distance") for r in kept] if embed is not None else []
+    summary = {
+        "input": len(records), "kept": len(kept),
+        "dropped": {name: by_rule.get(name, 0) for name in names},
+        "dropped_by": dict(reasons.most_common()),
+        "thresholds": {"min_input_quality": args.min_input_quality, "min_difficulty": args.min_difficulty,
+                       "drop_unsafe": args.drop_unsafe, "categories": args.categories,
+                       "exclude_categories": args.exclude_categories, "keep_unparsed": args.keep_unparsed,
+                       "drop_refusals": args.drop_refusals},
+        "tags": tag_counts(records, kept),
+        "judge": next((r["judge"] for r in records if r.get("judge")), None),
+        "near_duplicate": {"embedder": args.embedder, "threshold": args.near_duplicate_threshold},
+        "nn_distance": distances,
+        "nn_distance_histogram": histogram(distances),
+    }
     stage("writing the outputs")
     write_jsonl(args.dropped, dropped)
     write_summary(args.summary, summary, kept, count_tokens)

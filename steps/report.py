@@ -4,9 +4,12 @@
         --html data/runs/smol-cpu/report.html --tier cpu --model-name smol
 
 Sections: data funnel (generated, kept, dropped per filter rule, scored, pairs), instruction diversity (opening
-words, first verbs, length histograms), reward scores and margins, training curves (SFT loss; DPO loss, reward
-margin and accuracy), the evaluation table (base, SFT, DPO with standard errors and deltas against base) and the
-settings used (models, tier, seeds, package versions).
+words, first verbs, length histograms), the judge's tags of generated and kept samples (category, input quality,
+difficulty, safety), nearest-neighbour distances and a 2-D map of the kept instructions coloured by category (these
+three where the records carry tags and distances), reward scores and margins, training curves (SFT loss; DPO loss,
+reward margin and accuracy; each with its value on the held-out test split where the trainer logged one), the
+evaluation table (base, SFT, DPO with standard errors and deltas against base) and the settings used (models, tier,
+seeds, package versions).
 
 Reads only the files the other steps wrote in the run directory. Plots are matplotlib PNGs: the markdown links
 them from <out>_plots/ (report_plots/ for report.md), the HTML page embeds them as data URIs, so it is one file.
@@ -17,18 +20,20 @@ import base64
 import csv
 import html
 import io
-import json
+import math
 import re
 import statistics
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import DataError, run_step
+from common.evals import EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, read_json, table
 from common.files import atomic_path, output_lock, write_text
 from common.jsonl import read_jsonl
+from common.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
 
-STAGES = ("base", "sft", "dpo")
 TOP = 10  # rows in the opening-word and verb tables
 OFFLINE_SCORER_NOTE = (
     "The reward model here is `embedded:minilm` (all-MiniLM-L6-v2, cosine similarity of instruction and response "
@@ -53,20 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--html", type=Path, default=None, help="also write this self-contained HTML page")
     p.add_argument("--tier", default=None, help="hardware tier of the run (make passes GPU)")
     p.add_argument("--model-name", default=None, help="MODEL of the run (make passes it)")
+    p.add_argument("--embedder", default="embedded:minilm",
+                   help="sentence embedder for the map of kept instructions (the filter's: make passes EMBEDDER); "
+                        "none: no map")
     return p.parse_args(argv)
 
 
 # ---- Reading the run directory ---------------------------------------------------------------------------------
-
-def read_json(path):
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: missing; the report needs every step's output (run `make report`)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-
 
 def read_curves(adapter_dir):
     """The adapter's training curves (curves.csv, written by the training step: one row a logged step)."""
@@ -78,6 +76,11 @@ def read_curves(adapter_dir):
     return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
 
 
+def read_optional_json(path, default):
+    """A JSON file that older runs don't have: `default` where it is missing."""
+    return read_json(path) if Path(path).exists() else default
+
+
 def load_run(run):
     """Everything the report shows, read from the run directory."""
     return {
@@ -87,6 +90,9 @@ def load_run(run):
         "scored": read_jsonl(run / "scored.jsonl"),
         "pairs": read_jsonl(run / "preference.jsonl"),
         "curves": {stage: read_curves(run / stage) for stage in ("sft", "dpo")},
+        # Every logged entry, eval_* ones included (curves.csv has the training steps only); absent in older runs.
+        "histories": {stage: read_optional_json(run / stage / "log_history.json", []) for stage in ("sft", "dpo")},
+        "judged": read_jsonl(run / "judged.jsonl") if (run / "judged.jsonl").exists() else None,
         "configs": {stage: read_json(run / stage / "training_config.json") for stage in ("sft", "dpo")},
         "lora": read_json(run / "sft" / "adapter_config.json"),
         "evals": {stage: read_json(run / "eval" / f"{stage}.json") for stage in STAGES},
@@ -95,31 +101,8 @@ def load_run(run):
 
 # ---- Formatting: a report is a list of blocks, rendered once as markdown and once as HTML ----------------------
 
-def fmt(x, digits=3):
-    """Floats with `digits` decimals, integers as they are."""
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def limit_text(limit):
-    return "none (every example)" if limit is None else f"{limit:g}"
-
-
-def signed(x, digits=3):
-    return f"{x:+.{digits}f}"
-
-
 def share(n, total):
     return f"{100 * n / total:.0f}%" if total else ""
-
-
-def table(header, rows):
-    """A markdown pipe table (renders on GitHub); compare.py uses it too."""
-    def cell(c):
-        return str(c).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(cell, row)) + " |" for row in rows])
 
 
 def stats_row(label, values, digits=3):
@@ -160,20 +143,33 @@ def shared_bins(values, n=20):
     return [low + (high - low) * i / n for i in range(n + 1)]
 
 
-def heading(text, level=2):
-    return ("heading", level, text)
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
 
 
-def para(text):
-    return ("para", text)
+@dataclass
+class Para:
+    text: str
 
 
-def grid(header, rows):
-    return ("table", header, rows)
+@dataclass
+class Table:
+    header: list
+    rows: list
+
+
+@dataclass
+class Plot:
+    name: str  # the PNG's file name in <out>_plots/, and the HTML figure's id
+    data: bytes
+    caption: str
 
 
 def plot(name, fig, caption):
-    return ("plot", name, png(fig), caption)
+    """A Plot block of a matplotlib figure (closed here)."""
+    return Plot(name, png(fig), caption)
 
 
 # ---- Sections ----------------------------------------------------------------------------------------------------
@@ -192,14 +188,14 @@ def funnel_section(d):
     right.barh([r for r, _ in dropped][::-1], [n for _, n in dropped][::-1], color="#c44e52")
     right.set_title("dropped by each filter rule")
     return [
-        heading("Data funnel"),
-        grid(["stage", "samples", "of generated"], rows),
+        Heading("Data funnel"),
+        Table(["stage", "samples", "of generated"], rows),
         *generation_yield(d["generated"], summary),
-        para(f"{total - summary['kept']} samples were dropped by the filters. {responses} responses to "
+        Para(f"{total - summary['kept']} samples were dropped by the filters. {responses} responses to "
              f"{len(scored)} instructions were sampled and scored; {len(scored) - len(pairs)} instructions gave no "
              "pair (tied scores, margin under the minimum, or no finished response to choose)."),
-        heading("Dropped by each filter rule", 3),
-        grid(["rule", "dropped", "of generated"], [(rule, n, share(n, total)) for rule, n in dropped]),
+        Heading("Dropped by each filter rule", 3),
+        Table(["rule", "dropped", "of generated"], [(rule, n, share(n, total)) for rule, n in dropped]),
         plot("funnel", fig, "Samples at each stage of the chain, and what each filter rule dropped."),
     ]
 
@@ -223,7 +219,7 @@ def generation_yield(generated, summary):
                   share(count(answered, "response_stop", "length"), len(answered))),
                  ("responses stopped as loops", count(answered, "response_stop", "loop"),
                   share(count(answered, "response_stop", "loop"), len(answered)))]
-    return [heading("Generation yield", 3), grid(["", "samples", "share"], rows)]
+    return [Heading("Generation yield", 3), Table(["", "samples", "share"], rows)]
 
 
 def words(text):
@@ -255,20 +251,144 @@ def diversity_section(d):
         ax.legend()
     n = len(kept)
     return [
-        heading("Instruction diversity"),
-        para(f"Over the {n} kept instructions: {len(set(kept))} distinct, {len(openings)} distinct opening words, "
+        Heading("Instruction diversity"),
+        Para(f"Over the {n} kept instructions: {len(set(kept))} distinct, {len(openings)} distinct opening words, "
              f"{sum(verbs.values())} with a verb from a list of {len(INSTRUCTION_VERBS)} common instruction verbs "
              f"({len(verbs)} distinct). Words are lower-cased runs of letters, digits and apostrophes."),
-        heading("Most common opening words", 3),
-        grid(["rank", "opening word", "instructions", "share"],
+        Heading("Most common opening words", 3),
+        Table(["rank", "opening word", "instructions", "share"],
              [(i, w, c, share(c, n)) for i, (w, c) in enumerate(openings.most_common(TOP), 1)]),
-        heading("Most common first verbs", 3),
-        grid(["rank", "first verb", "instructions", "share"],
+        Heading("Most common first verbs", 3),
+        Table(["rank", "first verb", "instructions", "share"],
              [(i, w, c, share(c, n)) for i, (w, c) in enumerate(verbs.most_common(TOP), 1)]),
-        heading("Lengths (words)", 3),
-        grid(STATS_HEADER, [stats_row(label, values, 1) for label, values in lengths.items()]),
+        Heading("Lengths (words)", 3),
+        Table(STATS_HEADER, [stats_row(label, values, 1) for label, values in lengths.items()]),
         plot("lengths", fig, "Instruction and response lengths in words: every generated sample, and those kept."),
     ]
+
+
+def judge_model(d):
+    """The judge's model as recorded by the judge step (a 'judge' settings dict in the records or the filter
+    summary), else the generator: Magpie's default, and the judge's here unless told otherwise."""
+    for source in (*(d["judged"] or [])[:1], *d["filtered"][:1], d["summary"]):
+        settings = source.get("judge") if isinstance(source, dict) else None
+        if isinstance(settings, dict) and settings.get("model"):
+            return settings["model"]
+    return (d["generated"] or [{}])[0].get("settings", {}).get("model")
+
+
+def weak_judge(model):
+    return model is not None and ("embedded:smollm2" in str(model) or "135m" in str(model).lower())
+
+
+WEAK_JUDGE_NOTE = (
+    "The judge here is `{model}` (SmolLM2-135M-Instruct, de-quantized from a 4-bit GGUF): a model this small "
+    "follows the judge's answer format only part of the time (those answers are counted as unparsed) and its "
+    "categories and ratings are close to guesses. The tags prove the judging step runs end to end; they are not a "
+    "measure of the data's quality, as the same tags from an 8B judge (Magpie uses Llama-3-8B-Instruct) would be."
+)
+TAG_PANELS = ("category", "input_quality", "difficulty")
+
+
+def tags_section(d):
+    """Histograms of the judge's tags over every judged record and over the kept ones; nothing for a run whose
+    records carry no tags."""
+    judged = d["judged"] if d["judged"] is not None else d["generated"]
+    kept = d["filtered"]
+    if not tagged(judged) and not tagged(kept):
+        return []
+    populations = {"generated": judged, "kept": kept}
+    model = judge_model(d)
+    blocks = [Heading("Judge tags"),
+              Para(f"Each instruction's task category, input quality, difficulty and safety label, given by the "
+                   f"judge (`{model}`), over the {len(tagged(judged))} judged samples and the {len(tagged(kept))} "
+                   "kept by the filters. `unparsed`: the judge's answer did not fit the schema after one retry.")]
+    if weak_judge(model):
+        blocks.append(Para(WEAK_JUDGE_NOTE.format(model=model)))
+    fig, axes = new_figure(len(TAG_PANELS))
+    for field in TAG_FIELDS:
+        header, rows = distribution_table(field, populations)
+        blocks += [Heading(TAG_TITLES[field], 3), Table(header, rows)]
+        if field in TAG_PANELS:
+            ax = axes[TAG_PANELS.index(field)]
+            values = [row[0] for row in rows][::-1]
+            positions = range(len(values))
+            for offset, (name, column, colour) in enumerate((("generated", 1, "#8c8c8c"), ("kept", 3, "#4c72b0"))):
+                by_value = {row[0]: row[column] for row in rows}
+                ax.barh([p + (offset - 0.5) * 0.4 for p in positions], [by_value[v] for v in values], 0.4,
+                        label=name, color=colour)
+            ax.set_yticks(list(positions), values, fontsize=7)
+            ax.set_title(TAG_TITLES[field].lower())
+            ax.legend(fontsize=7)
+    blocks.append(plot("tags", fig, "The judge's tags of every judged sample and of those kept by the filters."))
+    return blocks
+
+
+def neighbour_section(d):
+    """Magpie's diversity measure: each kept instruction's distance to its nearest kept neighbour in embedding
+    space (the filter records it as nn_distance)."""
+    distances = [r["nn_distance"] for r in d["filtered"]  # (a lone record has no neighbour: no finite distance)
+                 if isinstance(r.get("nn_distance"), (int, float)) and math.isfinite(r["nn_distance"])]
+    if not distances:
+        return []
+    fig, (ax,) = new_figure(1)
+    fig.set_size_inches(6, 3.2)
+    ax.hist(distances, bins=20, color="#8172b2")
+    ax.set_xlabel("cosine distance to the nearest kept neighbour")
+    ax.set_ylabel("instructions")
+    return [Heading("Nearest-neighbour distance"),
+            Para("Cosine distance (1 - cosine similarity) of each kept instruction's embedding to its nearest kept "
+                 "neighbour, as Magpie reports it: near 0, the set repeats itself; the near-duplicate filter drops "
+                 "everything closer than its threshold."),
+            Table(STATS_HEADER, [stats_row("nearest-neighbour distance", distances)]),
+            plot("neighbours", fig, "Distance of each kept instruction to its nearest kept neighbour.")]
+
+
+def embed(texts, name):
+    """Unit-length sentence embeddings (numpy) with the filter's embedder."""
+    from sentence_transformers import SentenceTransformer
+
+    from common.models import device, resolve
+
+    model = SentenceTransformer(resolve(name), device=device())
+    return model.encode(texts, batch_size=128, convert_to_numpy=True, normalize_embeddings=True)
+
+
+def pca_2d(points):
+    """The points projected on their first two principal components, and the share of variance those explain."""
+    import numpy as np
+
+    centred = points - points.mean(axis=0)
+    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+    variance = singular ** 2
+    return centred @ axes[:2].T, float(variance[:2].sum() / variance.sum()) if variance.sum() else 0.0
+
+
+MAP_CATEGORIES = 9  # the most common categories get a colour each; the rest share one
+
+
+def map_section(d, embedder):
+    """The kept instructions' embeddings in 2-D (PCA), coloured by the judge's category."""
+    kept = [r for r in d["filtered"] if tags_of(r)]
+    if embedder in (None, "none") or len(kept) < 3:
+        return []
+    coords, explained = pca_2d(embed([r["instruction"] for r in kept], embedder))
+    categories = [str(tags_of(r).get("category", "missing")) for r in kept]
+    shown = [c for c, _ in Counter(categories).most_common(MAP_CATEGORIES)]
+    fig, (ax,) = new_figure(1)
+    fig.set_size_inches(8, 5)
+    for category in [*shown, "other"]:
+        idx = [i for i, c in enumerate(categories) if (c if c in shown else "other") == category]
+        if idx:
+            ax.scatter(coords[idx, 0], coords[idx, 1], s=14, alpha=0.75, label=f"{category} ({len(idx)})")
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return [Heading("Map of the kept instructions"),
+            Para(f"The {len(kept)} kept instructions embedded with `{embedder}` (the filter's embedder) and projected "
+                 f"on their first two principal components, which hold {100 * explained:.0f}% of the embeddings' "
+                 "variance: nearby points are instructions about similar things. Colour: the judge's category."),
+            plot("map", fig, "The kept instructions' embeddings in two dimensions (PCA), coloured by category.")]
 
 
 def reward_section(d):
@@ -288,76 +408,52 @@ def reward_section(d):
     right.hist(rejected, bins=bins, alpha=0.6, label="rejected", color="#c44e52")
     right.set_title("reward score")
     right.legend()
-    blocks = [heading("Reward scores"), grid(STATS_HEADER, rows),
+    blocks = [Heading("Reward scores"), Table(STATS_HEADER, rows),
               plot("rewards", fig, "Reward margins of the preference pairs, and the scores of chosen and rejected.")]
     if scored and scored[0].get("reward_model") == "embedded:minilm":
-        blocks.insert(2, para(OFFLINE_SCORER_NOTE))
+        blocks.insert(2, Para(OFFLINE_SCORER_NOTE))
     return blocks
 
 
 TRAINING_METRICS = [("sft", "loss"), ("dpo", "loss"), ("dpo", "rewards/margins"), ("dpo", "rewards/accuracies")]
 
 
+def eval_points(history, metric):
+    """(step, value) of a metric on the held-out split (the trainer logs it as eval_<metric>), from log_history."""
+    return [(h["step"], h[f"eval_{metric}"]) for h in history if isinstance(h.get(f"eval_{metric}"), (int, float))]
+
+
 def training_section(d):
-    rows, series = [], []
+    rows, panels = [], []
     for stage, metric in TRAINING_METRICS:
-        points = [(c["step"], c[metric]) for c in d["curves"][stage] if metric in c]
-        if not points:
-            continue
-        values = [v for _, v in points]
-        rows.append((stage, metric, len(points), fmt(values[0]), fmt(values[-1]), fmt(min(values)), fmt(max(values)),
-                     int(points[-1][0])))
-        series.append((stage, metric, points))
-    blocks = [heading("Training"),
-              grid(["stage", "metric", "logged steps", "first", "last", "min", "max", "last step"], rows)]
-    if series:
-        fig, axes = new_figure(len(series))
-        for ax, (stage, metric, points) in zip(axes, series):
-            ax.plot([s for s, _ in points], [v for _, v in points], marker=".")
+        train = [(c["step"], c[metric]) for c in d["curves"][stage] if metric in c]
+        held_out = eval_points(d["histories"][stage], metric)
+        for name, points in ((metric, train), (f"eval_{metric}", held_out)):
+            if points:
+                values = [v for _, v in points]
+                rows.append((stage, name, len(points), fmt(values[0]), fmt(values[-1]), fmt(min(values)),
+                             fmt(max(values)), int(points[-1][0])))
+        if train or held_out:
+            panels.append((stage, metric, train, held_out))
+    blocks = [Heading("Training"),
+              Table(["stage", "metric", "logged steps", "first", "last", "min", "max", "last step"], rows)]
+    if panels:
+        fig, axes = new_figure(len(panels))
+        for ax, (stage, metric, train, held_out) in zip(axes, panels):
+            ax.plot([s for s, _ in train], [v for _, v in train], marker=".", label="train")
+            if held_out:  # the test split, held out of training (TEST_FRACTION)
+                ax.plot([s for s, _ in held_out], [v for _, v in held_out], marker="o", label="eval (test split)")
+                ax.legend()
             ax.set_title(f"{stage.upper()} {metric}")
             ax.set_xlabel("step")
-        blocks.append(plot("training", fig, "Training curves from the adapters' curves.csv (one point a logged "
-                                            "step)."))
+        evaluated = any(held_out for *_, held_out in panels)
+        blocks.append(plot("training", fig, "Training curves from the adapters' curves.csv (one point a logged step)"
+                                            + (", and the same metrics on the held-out test split (eval_*, from "
+                                               "log_history.json)." if evaluated else ".")))
     if not rows:
-        blocks.append(para("No training step was logged (a run shorter than logging_steps)."))
-    blocks.append(para("DPO's reference model is the SFT model, so its reward margin and accuracy start at 0."))
+        blocks.append(Para("No training step was logged (a run shorter than logging_steps)."))
+    blocks.append(Para("DPO's reference model is the SFT model, so its reward margin and accuracy start at 0."))
     return blocks
-
-
-def metric_names(result):
-    """The task's metrics (lm-eval keys 'metric,filter'), without their standard errors."""
-    return [k for k, v in result.items()
-            if "," in k and "_stderr," not in k and (isinstance(v, (int, float)) and not isinstance(v, bool))]
-
-
-def stderr_of(result, key):
-    value = result.get(key.replace(",", "_stderr,", 1))
-    return value if isinstance(value, (int, float)) else None
-
-
-def value_cell(result, key):
-    """'0.333 ± 0.063' (value ± standard error), or the value alone where lm-eval gives no standard error."""
-    value = result.get(key)
-    if not isinstance(value, (int, float)):
-        return ""
-    se = stderr_of(result, key)
-    return fmt(value) + (f" ± {fmt(se)}" if se is not None else "")
-
-
-def delta_cell(result, base, key):
-    """The difference against base, ± the standard error of the difference (sqrt(se² + se_base²))."""
-    value, base_value = result.get(key), base.get(key)
-    if not isinstance(value, (int, float)) or not isinstance(base_value, (int, float)):
-        return ""
-    se, base_se = stderr_of(result, key), stderr_of(base, key)
-    spread = f" ± {fmt((se ** 2 + base_se ** 2) ** 0.5)}" if se is not None and base_se is not None else ""
-    return signed(value - base_value) + spread
-
-
-def eval_tasks(evaluation):
-    """The requested tasks (groups such as mmlu included) in the order asked; their subtasks are left to the JSON."""
-    results = evaluation["results"]
-    return [t for t in evaluation.get("tasks") or results if t in results] or list(results)
 
 
 def template_note(evals):
@@ -376,15 +472,7 @@ def template_note(evals):
 def eval_section(d):
     evals = d["evals"]
     base = evals["base"]
-    rows, bars = [], []
-    for task in eval_tasks(base):
-        results = {stage: evals[stage]["results"].get(task, {}) for stage in STAGES}
-        for key in metric_names(results["base"]):
-            metric = key.split(",")[0]
-            rows.append((task, metric, *[value_cell(results[s], key) for s in STAGES],
-                         *[delta_cell(results[s], results["base"], key) for s in STAGES[1:]]))
-            bars.append((f"{task} {metric}", [results[s].get(key) for s in STAGES],
-                         [stderr_of(results[s], key) or 0 for s in STAGES]))
+    rows, bars = eval_rows(evals)
     subtasks = len(base["results"]) - len(eval_tasks(base))
     samples = ", ".join(f"{t} {base.get('n_samples', {}).get(t, {}).get('effective', '?')}" for t in eval_tasks(base))
     notes = [f"Examples per task: {samples} (LIMIT: {limit_text(base.get('limit'))})."
@@ -407,9 +495,9 @@ def eval_section(d):
     ax.set_title("evaluation (bars: ± standard error)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return [
-        heading("Evaluation (lm-evaluation-harness)"),
-        grid(["task", "metric", "base", "sft", "dpo", "sft - base", "dpo - base"], rows),
-        para(" ".join(notes)),
+        Heading("Evaluation (lm-evaluation-harness)"),
+        Table(EVAL_HEADER, rows),
+        Para(" ".join(notes)),
         plot("eval", fig, "Every metric of every task for base, SFT and DPO, with standard errors."),
     ]
 
@@ -453,8 +541,8 @@ def settings_section(d, tier, model_name):
     ]
     rows += [(name, version) for name, version in base["versions"].items()]
     rows.append(("python", sys.version.split()[0]))
-    return [heading("Settings"), grid(["setting", "value"], rows),
-            para("Package versions: recorded by the eval step of the base model.")]
+    return [Heading("Settings"), Table(["setting", "value"], rows),
+            Para("Package versions: recorded by the eval step of the base model.")]
 
 
 # ---- Rendering ---------------------------------------------------------------------------------------------------
@@ -463,18 +551,17 @@ def to_markdown(title, blocks, plots_dir):
     """Markdown with the plots as PNG files in plots_dir, linked relative to the markdown file."""
     parts = [f"# {title}"]
     for block in blocks:
-        kind = block[0]
-        if kind == "heading":
-            parts.append("#" * block[1] + " " + block[2])
-        elif kind == "para":
-            parts.append(block[1])
-        elif kind == "table":
-            parts.append(table(block[1], block[2]))
-        elif kind == "plot":
-            _, name, data, caption = block
-            with atomic_path(plots_dir / f"{name}.png") as tmp:
-                Path(tmp).write_bytes(data)
-            parts.append(f"![{caption}]({plots_dir.name}/{name}.png)")
+        match block:
+            case Heading(text, level):
+                parts.append("#" * level + " " + text)
+            case Para(text):
+                parts.append(text)
+            case Table(header, rows):
+                parts.append(table(header, rows))
+            case Plot(name, data, caption):
+                with atomic_path(plots_dir / f"{name}.png") as tmp:
+                    Path(tmp).write_bytes(data)
+                parts.append(f"![{caption}]({plots_dir.name}/{name}.png)")
     return "\n\n".join(parts) + "\n"
 
 
@@ -501,21 +588,20 @@ def to_html(title, blocks):
     """One self-contained page: inline CSS, plots as base64 data URIs, no external requests."""
     body = [f"<h1>{html.escape(title)}</h1>"]
     for block in blocks:
-        kind = block[0]
-        if kind == "heading":
-            body.append(f"<h{block[1]}>{inline_html(block[2])}</h{block[1]}>")
-        elif kind == "para":
-            body.append(f"<p>{inline_html(block[1])}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{inline_html(str(c))}</th>" for c in block[1])
-            rows = "".join("<tr>" + "".join(f"<td>{inline_html(str(c))}</td>" for c in row) + "</tr>"
-                           for row in block[2])
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif kind == "plot":
-            _, name, data, caption = block
-            uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-            body.append(f'<figure id="{name}"><img src="{uri}" alt="{html.escape(caption)}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        match block:
+            case Heading(text, level):
+                body.append(f"<h{level}>{inline_html(text)}</h{level}>")
+            case Para(text):
+                body.append(f"<p>{inline_html(text)}</p>")
+            case Table(header, rows):
+                head = "".join(f"<th>{inline_html(str(c))}</th>" for c in header)
+                cells = "".join("<tr>" + "".join(f"<td>{inline_html(str(c))}</td>" for c in row) + "</tr>"
+                                for row in rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            case Plot(name, data, caption):
+                uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+                body.append(f'<figure id="{name}"><img src="{uri}" alt="{html.escape(caption)}">'
+                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
@@ -524,7 +610,8 @@ def main(argv=None):
     args = parse_args(argv)
     d = load_run(args.run)
     title = f"Run report: {args.run.name}"
-    blocks = [*funnel_section(d), *diversity_section(d), *reward_section(d), *training_section(d),
+    blocks = [*funnel_section(d), *diversity_section(d), *tags_section(d), *neighbour_section(d),
+              *map_section(d, args.embedder), *reward_section(d), *training_section(d),
               *eval_section(d), *settings_section(d, args.tier, args.model_name)]
     plots_dir = args.out.with_name(args.out.stem + "_plots")
     with output_lock(args.out):  # (and the plots and the HTML page, written with it)

@@ -10,6 +10,10 @@ from collections import Counter
 
 import pytest
 from conftest import make, read_lines, run_step
+from run_fixture import make_run
+
+import compare
+import report as report_step
 
 SECTIONS = ["Data funnel", "Generation yield", "Dropped by each filter rule", "Instruction diversity", "Most common opening words",
             "Most common first verbs", "Lengths (words)", "Reward scores", "Training",
@@ -46,14 +50,23 @@ def test_every_section_is_there_in_both_forms(chain_run, report):
         assert (chain_run / "report_plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_html_is_self_contained_with_the_plots_embedded(chain_run):
-    page = (chain_run / "report.html").read_text()
+def assert_html_is_self_contained(run, report):
+    """Every plot the markdown links is embedded in the HTML page, in order; every table is in both."""
+    page = (run / "report.html").read_text()
+    names = re.findall(r"\(report_plots/([\w-]+)\.png\)", report)
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == len(PLOTS)
-    for name, data in zip(PLOTS, images):
-        assert base64.b64decode(data) == (chain_run / "report_plots" / f"{name}.png").read_bytes()
+    assert len(images) == len(names)
+    for name, data in zip(names, images):
+        assert base64.b64decode(data) == (run / "report_plots" / f"{name}.png").read_bytes()
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
-    assert page.count("<table>") == 10
+    assert page.count("<table>") == sum(line.startswith("|---") for line in report.splitlines())
+    return names
+
+
+def test_html_is_self_contained_with_the_plots_embedded(chain_run, report):
+    names = assert_html_is_self_contained(chain_run, report)
+    assert set(PLOTS) <= set(names)
+    assert (chain_run / "report.html").read_text().count("<table>") >= 10
 
 
 def test_funnel_counts_match_the_run_files(chain_run, report):
@@ -157,3 +170,97 @@ def test_report_png_renders_the_whole_page(chain_run):
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert width == 1200 and height > 3000  # the whole page, not a window's worth
     assert len(colours) > 1000  # plots (anti-aliased lines, fills), not a blank page
+
+
+# ---- From a hand-written run (run_fixture.py): the sections that need the judge's tags and the eval split ----------
+
+@pytest.fixture(scope="module")
+def tagged_run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("report") / "run")
+    report_step.main(["--run", str(run), "--out", str(run / "report.md"), "--html", str(run / "report.html"),
+                      "--tier", "cpu", "--model-name", "smol", "--embedder", "embedded:minilm"])
+    return run, (run / "report.md").read_text()
+
+
+NEW_SECTIONS = ["Judge tags", "Task category", "Input quality", "Difficulty", "Safety", "Nearest-neighbour distance",
+                "Map of the kept instructions"]
+
+
+def test_tag_sections_count_generated_and_kept(tagged_run):
+    run, text = tagged_run
+    for title in NEW_SECTIONS:
+        assert f" {title}\n" in text
+    names = assert_html_is_self_contained(run, text)
+    assert names == ["funnel", "lengths", "tags", "neighbours", "map", "rewards", "training", "eval"]
+    generated, kept = read_lines(run / "generated.jsonl"), read_lines(run / "filtered.jsonl")
+    for field, title in (("category", "Task category"), ("input_quality", "Input quality"),
+                         ("difficulty", "Difficulty"), ("safety", "Safety")):
+        all_counts = Counter(r["tags"][field] for r in generated)
+        kept_counts = Counter(r["tags"][field] for r in kept)
+        part = section(text, title)
+        for value, n in all_counts.items():
+            cells = row(part, value)
+            assert cells[1] == str(n) and cells[3] == str(kept_counts[value])
+    # scales in their order, unparsed last
+    def values(title):
+        return [line.split("|")[1].strip() for line in section(text, title).splitlines() if line.startswith("| ")][1:]
+
+    assert values("Input quality") == ["very poor", "poor", "average", "good", "excellent"]
+    assert values("Task category")[-1] == "unparsed"
+    assert "135M" not in section(text, "Task category")
+    assert "SmolLM2-135M-Instruct, de-quantized" in section(text, "Judge tags")  # a weak judge, said so
+
+
+def test_neighbour_distances_and_the_map(tagged_run):
+    run, text = tagged_run
+    distances = [r["nn_distance"] for r in read_lines(run / "filtered.jsonl")]
+    assert row(text, "nearest-neighbour distance")[1:4] == [
+        str(len(distances)), f"{statistics.mean(distances):.3f}", f"{statistics.median(distances):.3f}"]
+    assert f"The {len(distances)} kept instructions embedded with `embedded:minilm`" in text
+    assert (run / "report_plots" / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_loss_and_accuracy_next_to_the_training_curves(tagged_run):
+    run, text = tagged_run
+    for stage, metric in (("sft", "eval_loss"), ("dpo", "eval_loss"), ("dpo", "eval_rewards/accuracies")):
+        history = json.loads((run / stage / "log_history.json").read_text())
+        values = [h[metric] for h in history if metric in h]
+        assert row(text, stage, metric)[2:5] == [str(len(values)), f"{values[0]:.3f}", f"{values[-1]:.3f}"]
+    assert row(text, "sft", "loss")[2] == "4"
+    assert "on the held-out test split" in text
+
+
+def test_a_run_from_before_the_judge_renders_as_before(tmp_path):
+    run = make_run(tmp_path / "run", with_tags=False)
+    for stage in ("sft", "dpo"):
+        (run / stage / "log_history.json").unlink()
+    report_step.main(["--run", str(run), "--out", str(run / "report.md"), "--html", str(run / "report.html"),
+                      "--embedder", "no-such-embedder"])  # not loaded: there is nothing to map
+    text = (run / "report.md").read_text()
+    assert re.findall(r"^## (.+)$", text, flags=re.M) == [
+        "Data funnel", "Instruction diversity", "Reward scores", "Training", "Evaluation (lm-evaluation-harness)",
+        "Settings"]
+    assert "eval_" not in section(text, "Training")
+    assert assert_html_is_self_contained(run, text) == ["funnel", "lengths", "rewards", "training", "eval"]
+
+
+def test_blocks_render_by_kind(tmp_path):
+    from report import Heading, Para, Plot, Table, to_html, to_markdown
+
+    blocks = [Heading("A"), Para("text with `code`"), Heading("B", 3), Table(["x", "y"], [(1, "a|b")]),
+              Plot("p", b"\x89PNG-bytes", "a caption")]
+    md = to_markdown("T", blocks, tmp_path / "t_plots")
+    assert md == ("# T\n\n## A\n\ntext with `code`\n\n### B\n\n| x | y |\n|---|---|\n| 1 | a\\|b |\n\n"
+                  "![a caption](t_plots/p.png)\n")
+    assert (tmp_path / "t_plots" / "p.png").read_bytes() == b"\x89PNG-bytes"
+    page = to_html("T", blocks)
+    assert "<h2>A</h2>" in page and "<p>text with <code>code</code></p>" in page and "<h3>B</h3>" in page
+    assert "<td>a|b</td>" in page and '<figure id="p">' in page
+
+
+def test_compare_tables_runs_with_the_shared_eval_tables(tmp_path):
+    one, two = make_run(tmp_path / "one"), make_run(tmp_path / "two")
+    compare.main(["--run", f"a={one}", "--run", f"b={two}", "--out", str(tmp_path / "compare.md")])
+    text = (tmp_path / "compare.md").read_text()
+    assert row(text, "a", "base")[2] == "0.250 ± 0.200"
+    assert row(text, "b", "dpo")[2] == "0.750 ± 0.200 (+0.500)"

@@ -32,9 +32,16 @@ def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol, monkeyp
     assert len(layers) == 30 and all(layer._compiled_call_impl is not None for layer in layers)
     assert trainer.args.torch_compile is False and trainer.args.torch_compile_backend is None
     assert trainer.accelerator.state.dynamo_plugin.backend.value == "NO"
+    # training_config.json says what ran: compiled (by the step, not the trainer), and with which attention
+    from common.training import run_config
+
+    recorded = json.loads(run_config(trainer))
+    assert recorded["torch_compile"] is True and recorded["compiled"].startswith("each decoder layer in place")
+    assert recorded["attn_implementation"] == "sdpa"
     plain = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
                                   str(data), "--output_dir", str(tmp_path / "sft2")]))
     assert all(layer._compiled_call_impl is None for layer in plain.model.get_base_model().model.layers)
+    assert json.loads(run_config(plain))["torch_compile"] is False
     # Under FSDP (accelerate launch --config_file env/accelerate/fsdp.yaml) the layers are sharded first: the step
     # leaves compiling to accelerate, which does it after sharding, layer by layer in place, so the model stays a
     # PeftModel (compiled whole, DPO under FSDP found no reference model).
@@ -50,6 +57,72 @@ def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol, monkeyp
     assert args.torch_compile and args.torch_compile_backend == "inductor"
     assert all(layer._compiled_call_impl is None for layer in layers)
     assert TorchDynamoPlugin(backend="inductor").use_regional_compilation is True
+
+
+RECIPE_KEYS = {"sft": {"use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "learning_rate",
+                       "warmup_steps", "lr_scheduler_type", "max_grad_norm"},
+               "dpo": {"beta", "learning_rate", "warmup_steps", "lr_scheduler_type"}}
+
+
+def test_every_tier_trains_the_one_recipe_and_flags_still_override():
+    """The LoRA recipe and learning rates are stated once (env/lora.yaml); the tier files hold no part of it, every
+    tier resolves to it, and a flag overrides both."""
+    import yaml
+    from dpo import parse_args
+
+    recipe = yaml.safe_load((REPO / "env" / "lora.yaml").read_text())
+    for step in ("sft", "dpo"):
+        tiers = sorted((REPO / "env").glob(f"*/{step}*.yaml"))
+        assert len(tiers) >= 6
+        for tier in tiers:
+            assert not RECIPE_KEYS[step] & set(yaml.safe_load(tier.read_text())), tier
+            argv = ["--config", str(tier), "--model_name_or_path", "m", "--train_file", "x", "--output_dir", "x",
+                    "--dtype", "float32", "--use_cpu", "true"]  # parsed on this CPU
+            if step == "sft":
+                _, args, model_args = parse(argv)
+                assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, model_args.use_peft) == (
+                    recipe["sft"]["lora_r"], recipe["sft"]["lora_alpha"], recipe["sft"]["lora_dropout"], True)
+                assert model_args.lora_target_modules == recipe["sft"]["lora_target_modules"]
+                assert args.max_grad_norm == recipe["sft"]["max_grad_norm"]
+            else:
+                _, args, _ = parse_args([*argv, "--sft_adapter", "x"])
+                assert args.beta == recipe["dpo"]["beta"]
+            assert (args.learning_rate, args.warmup_steps, args.lr_scheduler_type.value) == (
+                recipe[step]["learning_rate"], recipe[step]["warmup_steps"], recipe[step]["lr_scheduler_type"]), tier
+    _, args, model_args = parse(["--config", CPU_SFT, "--model_name_or_path", "m", "--train_file", "x", "--output_dir",
+                                 "x", "--learning_rate", "1e-3", "--lora_r", "4"])
+    assert (args.learning_rate, model_args.lora_r) == (1e-3, 4)
+
+
+def test_held_out_records_are_kept_out_of_training_and_evaluated(tmp_path, smol):
+    from common.splits import split_of
+
+    data = tmp_path / "filtered.jsonl"
+    records = [{"id": f"r{i}", "instruction": f"Count to {i}.", "response": " ".join(map(str, range(i + 2)))}
+               for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = ["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file", str(data),
+            "--output_dir", str(tmp_path / "sft"), "--test_fraction", "0.25"]
+    trainer = build_trainer(*parse(argv))
+    held = [r for r in records if split_of(r["id"], 0.25) == "test"]
+    assert 0 < len(held) < 40 and len(trainer.eval_dataset) == len(held)
+    assert len(trainer.train_dataset) == 40 - len(held)
+    texts = json.dumps(trainer.train_dataset.to_list())
+    assert not any(f'"Count to {r["id"][1:]}."' in texts for r in held)  # no held-out instruction is trained on
+    assert trainer.args.eval_strategy == "steps" and trainer.run_facts["eval_records"] == len(held)
+    none = build_trainer(*parse([*argv[:-1], "0"]))
+    assert none.eval_dataset is None and none.args.eval_strategy == "no" and len(none.train_dataset) == 40
+
+
+def test_eval_entries_land_in_the_curves(tmp_path):
+    from common.training import write_curves
+
+    write_curves([{"loss": 2.0, "step": 1}, {"loss": 1.5, "rewards/accuracies": 0.5, "step": 2},
+                  {"eval_loss": 1.75, "eval_rewards/accuracies": 0.25, "step": 2}, {"eval_loss": 1.7, "step": 3}],
+                 tmp_path)
+    assert (tmp_path / "curves.csv").read_text().splitlines() == [
+        "step,loss,rewards/accuracies,eval_loss,eval_rewards/accuracies", "1,2.0,,,", "2,1.5,0.5,1.75,0.25",
+        "3,,,1.7,"]
 
 
 def test_adapters_have_the_seed_lora_config_and_load(chain_run, smol):
@@ -80,6 +153,131 @@ def test_dpo_reference_is_the_sft_policy(chain_run):
     assert abs(first["loss"] - 0.6931) < 1e-3
     sft_steps = [h for h in json.loads((chain_run / "sft" / "log_history.json").read_text()) if "loss" in h]
     assert len(sft_steps) == 2  # --max_steps 2 from the test chain
+
+
+def test_the_frozen_dpo_reference_is_exactly_the_sft_adapter(chain_run, tmp_path):
+    """TRL keeps a frozen copy ("ref") of the SFT adapter as the reference: both it and the trainable policy must hold
+    exactly the SFT adapter's weights before the first step. A zero margin at step 0 alone would also hold if DPO
+    ignored the SFT adapter (policy and reference both the bare base); so the adapter must also be far from a no-op."""
+    import dpo
+    from common.jsonl import read_jsonl
+    from safetensors.torch import load_file
+
+    args = dpo.parse_args([
+        "--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "embedded:smollm2", "--sft_adapter",
+        str(chain_run / "sft"), "--train_file", str(chain_run / "preference.jsonl"), "--output_dir",
+        str(tmp_path / "dpo"), "--dtype", "float32"])
+    pairs = read_jsonl(chain_run / "preference.jsonl", required=dpo.PAIR_FIELDS)
+    model = dpo.build_trainer(*args, pairs).model
+    sft = load_file(chain_run / "sft" / "adapter_model.safetensors")
+    assert sft and any("lora_B" in k for k in sft)
+    for adapter in ("ref", "default"):
+        weights = {n.replace(f".{adapter}.", "."): p for n, p in model.named_parameters() if f".{adapter}." in n}
+        assert weights.keys() == sft.keys(), adapter
+        assert all(torch.equal(weights[k].detach().float(), sft[k].float()) for k in sft), adapter
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".ref." in n)
+    # control: the SFT adapter moves the model (its lora_B left zero, a base-model reference would pass the above)
+    assert max(v.abs().max().item() for k, v in sft.items() if "lora_B" in k) > 1e-4
+
+
+def test_fp16_training_keeps_trainable_weights_in_fp32():
+    """The T4 helper: under fp16 mixed precision the GradScaler refuses to unscale fp16 gradients (and bf16 ones, which
+    TRL makes of a 4-bit base's LoRA weights, on CUDA); the helper turns the trainable weights, only those, to fp32."""
+    from types import SimpleNamespace
+
+    import pytest
+    from common.training import fp32_trainable_under_fp16
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def lora_model(dtype):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).to(dtype)
+
+    def unscale(model):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(model(torch.tensor([[1, 2, 3]])).logits.float().sum()).backward()
+        scaler.unscale_(opt)
+
+    control = lora_model(torch.float16)
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        unscale(control)
+    model = lora_model(torch.float16)
+    fp32_trainable_under_fp16(SimpleNamespace(args=SimpleNamespace(fp16=True), model=model))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad)  # the base: untouched
+    unscale(model)
+    bf16 = lora_model(torch.bfloat16)
+    fp32_trainable_under_fp16(SimpleNamespace(args=SimpleNamespace(fp16=False), model=bf16))
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())  # bf16 training: nothing changes
+
+
+def test_a_4bit_base_gets_its_policy_back_from_the_reference_copy():
+    """The 4-bit reference policy: TRL copies the SFT adapter to "ref", then rounds the trainable copy to bf16 for a
+    quantized base; policy_from_reference copies the reference back, so policy == reference exactly at step 0."""
+    from dpo import policy_from_reference
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)  # a trained adapter: B is not zero
+    model.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    params = dict(model.named_parameters())
+    pairs = [(n, n.replace(".default.", ".ref.")) for n in params if ".default." in n]
+    with torch.no_grad():
+        for policy, ref in pairs:
+            params[ref].copy_(params[policy])
+            params[ref].requires_grad_(False)
+            params[policy].data = params[policy].data.to(torch.bfloat16)  # what TRL does for a quantized base
+    assert any(not torch.equal(params[p].float(), params[r]) for p, r in pairs)  # control: rounding moved it
+    policy_from_reference(model)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[p], params[r]) and params[p].dtype == torch.float32 for p, r in pairs)
+    assert all(params[p].requires_grad for p, _ in pairs)
+
+
+def test_dpo_resumes_after_a_kill_to_the_uninterrupted_adapter_not_a_restart(chain_run, tmp_path):
+    """No warmup and a learning rate whose update is far above the tolerance: the resumed adapter equals the
+    uninterrupted one, both differ from the SFT adapter they started from by far more (a DPO that did nothing would
+    fail), and the second process ran only the step after the checkpoint (a restart would log step 1 again)."""
+    from conftest import kill_midway, run_step
+    from safetensors.torch import load_file
+
+    def args(name):
+        return ["--config", REPO / "env/cpu/dpo.yaml", "--model_name_or_path", "embedded:smollm2", "--sft_adapter",
+                chain_run / "sft", "--train_file", chain_run / "preference.jsonl", "--output_dir", tmp_path / name,
+                "--seed", "0", "--max_steps", "2", "--save_steps", "1", "--logging_steps", "1", "--warmup_steps", "0",
+                "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--eval_strategy", "no",
+                "--dtype", "float32"]
+
+    run_step("dpo", *args("whole"))
+    kill_midway("dpo", args("killed"), tmp_path / "killed.partial" / "checkpoint-1" / "trainer_state.json", lines=1,
+                torn=False)
+    result = run_step("dpo", *args("killed"))
+    output = result.stdout + result.stderr
+    assert "resuming from" in output
+    logged = [h["step"] for h in json.loads((tmp_path / "killed" / "log_history.json").read_text()) if "loss" in h]
+    assert logged == [1, 2]
+    # the resumed process itself logged step 2 only (the trainer prints each logged step's dict)
+    assert output.count("'loss':") == 1, output[-3000:]
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    sft = load_file(chain_run / "sft" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys() == sft.keys()
+    tolerance = 1e-5
+    assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < tolerance
+    moved = max((whole[k] - sft[k]).abs().max().item() for k in whole)
+    assert moved > 100 * tolerance, moved  # the 2 DPO updates, far above the tolerance
 
 
 def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol):
@@ -126,8 +324,16 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, smol):
     records = [{"id": f"r{i}", "instruction": f"Count to {i}.", "response": " ".join(map(str, range(1, i + 2)))}
                for i in range(16)]
     (run / "filtered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.utime(run / "generated.jsonl", (0, 0))  # older than filtered.jsonl: make won't regenerate
-    flags = "--max_steps 3 --logging_steps 1 --dtype float32 --save_steps 10"
+    # older than filtered.jsonl, in the chain's order: make won't regenerate, judge or filter
+    (run / "judged.jsonl").write_text("")
+    os.utime(run / "generated.jsonl", (0, 0))
+    os.utime(run / "judged.jsonl", (1, 1))
+    # No warmup and a learning rate whose updates show: steps 2 and 3 are losses after real updates. Plain SGD, whose
+    # update is linear in the gradient: Adam's first steps turn the rounding differences of a gradient near zero
+    # (DDP averages in another order) into updates of +-lr, so adapters could not be compared. No LoRA dropout: its
+    # masks come from each process's own random stream, so one process and two would train on different noise.
+    flags = ("--max_steps 3 --logging_steps 1 --dtype float32 --save_steps 10 --warmup_steps 0 --learning_rate 1.0 "
+             "--lr_scheduler_type constant --optim sgd --eval_strategy no --lora_dropout 0")
     result = make("sft", run, NPROC="2", SFT_ARGS=f"--per_device_train_batch_size 2 {flags}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate.commands.launch --num_processes 2" in result.stdout
@@ -136,7 +342,14 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, smol):
              "--seed", "0", *flags.split())
     two, one = (list(csv.DictReader(open(d / "curves.csv"))) for d in (run / "sft", tmp_path / "one"))
     assert [r["step"] for r in two] == [r["step"] for r in one] == ["1", "2", "3"]
-    assert all(abs(float(a["loss"]) - float(b["loss"])) < 2e-3 for a, b in zip(one, two))
+    assert all(abs(float(a["loss"]) - float(b["loss"])) < 1e-4 for a, b in zip(one, two))
+    assert all(float(r["learning_rate"]) == 1.0 for r in one + two)
+    from safetensors.torch import load_file
+
+    adapters = [load_file(d / "adapter_model.safetensors") for d in (run / "sft", tmp_path / "one")]
+    moved = max(v.abs().max().item() for k, v in adapters[1].items() if "lora_B" in k)  # B starts at zero
+    apart = max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[1])
+    assert moved > 1e-3 and apart < 0.01 * moved, (moved, apart)
 
 
 def test_training_curves_are_written_beside_the_adapters(chain_run):

@@ -10,6 +10,16 @@ GEN_BATCH ?= 512
 GEN_ROWS ?= 64
 MAX_INSTRUCTION_TOKENS ?=
 MAX_RESPONSE_TOKENS ?=
+# The judge (steps/judge.py; JUDGE_MODEL defaults to the generator): records a batch, answers decoded at once, the
+# answer's token cap (the JSON is ~60 tokens; a cut-off one is retried once) and the response shown for safety.
+JUDGE_BATCH ?= 512
+JUDGE_ROWS ?= 64
+JUDGE_MAX_TOKENS ?= 128
+JUDGE_RESPONSE_TOKENS ?= 1024
+# Magpie's default filter (magpie-align/magpie data_sft/data_filter.ipynb): input quality good or excellent. Its
+# curated releases (e.g. Magpie-Air-300K-Filtered) add --min-difficulty medium. Unsafe responses (the judge's safety
+# label) are dropped too, since refusals are kept (steps/filter.py says why).
+FILTER_ARGS ?= --min-input-quality good --drop-unsafe
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 16
 PREF_ROWS ?= 64

@@ -14,6 +14,46 @@ from .precision import resolve_dtype
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[2] / "data" / "models" / "smollm2-135m-instruct"
 
 
+# The Hub ids of the models that the embedded packages ship. An adapter records its base by this id rather than by
+# the local directory (which exists only on this machine), so that a pushed adapter loads anywhere; the steps here
+# never read that field (they are given the base model, and load the adapter onto it).
+HUB_IDS = {"embedded:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+           "embedded:minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_id(name):
+    """The Hub id of an embedded model, given as `embedded:...` or as its local directory; other names unchanged."""
+    name = str(name)
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if Path(name).is_dir() and Path(name).resolve() == EMBEDDED_DEFAULT.resolve():
+        return HUB_IDS["embedded:smollm2"]
+    return name
+
+
+def local_base_for_saving(model):
+    """Point a PEFT model's configs at the directory its base was loaded from, before training saves anything. DPO
+    loads the SFT adapter, whose config holds the Hub id; PEFT's save would look that id up on the Hub (to compare
+    vocabularies): a network call, or a warning offline. portable_base puts the Hub id back into the saved files."""
+    local = getattr(model.get_base_model(), "name_or_path", None) if hasattr(model, "get_base_model") else None
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if local:
+            config.base_model_name_or_path = local
+
+
+def portable_base(adapter_dir):
+    """Rewrite the base model that an adapter directory's configs record (PEFT writes the path it loaded, for the
+    embedded default a directory of this machine) as its Hub id: run after saving, so PEFT's save itself never looks
+    the Hub id up."""
+    import json
+
+    for config in Path(adapter_dir).glob("**/adapter_config.json"):  # DPO's frozen "ref" copy has its own
+        data = json.loads(config.read_text())
+        if data.get("base_model_name_or_path"):
+            data["base_model_name_or_path"] = hub_id(data["base_model_name_or_path"])
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def resolve(name):
     """Map the names of models that PyPI packages ship (`embedded:...`) to their directories; others pass through."""
     if name == "embedded:smollm2":

@@ -10,7 +10,9 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import SetupError
+from .cards import model_card
 from .files import atomic_path, staging_path
+from .models import local_base_for_saving, portable_base
 
 # What to turn down when training runs out of GPU memory (each is a flag and a key of the tier YAMLs).
 MEMORY_KNOBS = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "gradient_checkpointing")
@@ -32,12 +34,13 @@ def sharded(args, by=("fsdp", "deepspeed")):
 def compile_layer_by_layer(args, model):
     """With `torch_compile`, compile each decoder layer in place ("regional compilation": the layers are alike, so one
     compile serves all 28 and takes ~20 s instead of minutes), then turn the trainer's own compile off, which would
-    wrap the model a second time (so training_config.json shows torch_compile false). Compiled here rather than by
+    wrap the model a second time (`run_config` records it as compiled all the same). Compiled here rather than by
     the trainer through accelerate, the DPO step ran ~1.25x faster and SFT the same (bench/README.md, round 3), and
-    work done before training, such as DPO's precompute_ref_log_probs pass, runs compiled too.
+    work done before training, such as DPO's precompute_ref_log_probs pass, runs compiled too. Returns how the model
+    is compiled (None: not).
     """
     if not args.torch_compile:
-        return
+        return None
     if sharded(args):
         # FSDP and DeepSpeed wrap the layers themselves, so accelerate compiles them, after wrapping; regionally, which
         # compiles each layer in place. Its default, torch.compile of the whole model, hides the PeftModel behind an
@@ -45,12 +48,58 @@ def compile_layer_by_layer(args, model):
         # its first step (bench/README.md, "Multi-process launch"). `accelerate launch` exports this variable as
         # False unless its config says otherwise; the trainer's compile plugin reads it when the trainer is built.
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "true"
-        return
+        return "each decoder layer, by accelerate after sharding (regional compilation)"
     from accelerate.utils.other import compile_regions_deepspeed as compile_regions_in_place  # not DeepSpeed-only
 
     compile_regions_in_place(model)
     # The trainer builds its compile plugin from the backend, which TrainingArguments filled in: clear both.
+    backend = args.torch_compile_backend
     args.torch_compile, args.torch_compile_backend = False, None
+    return f"each decoder layer in place, before the trainer ({backend})"
+
+
+def held_out(records, test_fraction, args):
+    """(train, test): the records held out by id (common/splits.py; a record without an id by its prompt), kept out
+    of training and evaluated on. With none held out, the trainer evaluates nothing (saying so)."""
+    from .splits import split_of
+
+    def key(r):
+        return r["id"] if "id" in r else json.dumps(r.get("prompt", r.get("instruction")), sort_keys=True)
+
+    train, test = [], []
+    for r in records:
+        (test if test_fraction and split_of(key(r), test_fraction) == "test" else train).append(r)
+    if not test and args.eval_strategy != "no":
+        print(f"no record of {len(records)} falls in the held-out split (test fraction {test_fraction}): "
+              "no evaluation during training", flush=True)
+        args.eval_strategy = "no"
+    return train, test
+
+
+def evaluate_after_last_step(trainer):
+    """Evaluate on the held-out split after the last step too, not only every eval_steps: the curves then end
+    with the adapter that is saved."""
+    from transformers import TrainerCallback
+
+    class EvaluateLast(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.eval_strategy != "no" and state.global_step >= state.max_steps:
+                control.should_evaluate = True
+
+    if trainer.eval_dataset is not None:
+        trainer.add_callback(EvaluateLast())
+
+
+def run_config(trainer):
+    """training_config.json: the trainer's resolved arguments, corrected where the step changed them (the layers it
+    compiled itself while the trainer's own compile was turned off), with what else ran (`run_facts`: the attention
+    kernel, the held-out split's size)."""
+    config = json.loads(trainer.args.to_json_string())
+    facts = dict(getattr(trainer, "run_facts", {}))
+    if facts.get("compiled"):
+        config["torch_compile"] = True
+        config["torch_compile_backend"] = config.get("torch_compile_backend") or "inductor"
+    return json.dumps({**config, **facts}, indent=2, sort_keys=True)
 
 
 def fp32_trainable_under_fp16(trainer):
@@ -127,6 +176,12 @@ def require_weights(saved_dir, work):
                          "rerunning the step saves again from the last one")
 
 
+def example_counts(trainer):
+    """(training rows, held-out test rows) the trainer had, for the model card."""
+    return tuple(len(d) if d is not None and not isinstance(d, dict) and hasattr(d, "__len__") else None
+                 for d in (trainer.train_dataset, trainer.eval_dataset))
+
+
 def train_and_save(trainer, output_dir):
     """Train (resuming from the last checkpoint of an interrupted run), then write the adapter to output_dir.
 
@@ -136,6 +191,7 @@ def train_and_save(trainer, output_dir):
     """
     check_disk(trainer, output_dir)
     fp32_trainable_under_fp16(trainer)
+    evaluate_after_last_step(trainer)
     work = Path(trainer.args.output_dir)
     main = trainer.is_world_process_zero()
     if main:
@@ -144,6 +200,7 @@ def train_and_save(trainer, output_dir):
     last = last_complete_checkpoint(work)
     if last and main:
         print(f"resuming from {last}")
+    local_base_for_saving(trainer.model)  # checkpoints and the adapter are saved without a Hub lookup
     try:
         trainer.train(resume_from_checkpoint=last)
     except torch.cuda.OutOfMemoryError as e:
@@ -159,19 +216,24 @@ def train_and_save(trainer, output_dir):
         if main:
             require_weights(tmp, work)
             # to_json_string masks hub tokens; nothing secret is written.
-            (tmp / "training_config.json").write_text(trainer.args.to_json_string())
+            (tmp / "training_config.json").write_text(run_config(trainer))
             (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
             write_curves(trainer.state.log_history, tmp)
+            portable_base(tmp)  # a Hub id, not this machine's directory: the pushed adapter loads anywhere
+            # A model card in place of PEFT's template; `make push` adds the eval table, which comes later.
+            (tmp / "README.md").write_text(model_card(tmp, *example_counts(trainer)))
     if main:
         shutil.rmtree(work, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
 
 
 CURVES = ["loss", "rewards/margins", "rewards/accuracies", "learning_rate"]
+EVAL_CURVES = ["eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"]  # on the held-out split
 
 
 def write_curves(log_history, out_dir):
-    """The logged training curves as curves.csv (one row a logged step) and curves.png (one panel a metric)."""
+    """The logged curves as curves.csv (one row a logged step: the training metrics, and the held-out split's eval_*
+    where it was evaluated at that step) and curves.png (one panel a training metric, its eval_* beside it)."""
     import csv
 
     import matplotlib
@@ -179,19 +241,31 @@ def write_curves(log_history, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [h for h in log_history if "loss" in h]
+    by_step = {}
+    for h in log_history:
+        if "loss" in h or any(c in h for c in EVAL_CURVES):
+            by_step.setdefault(h["step"], {"step": h["step"]}).update(
+                {c: h[c] for c in CURVES + EVAL_CURVES if c in h})
+    rows = [by_step[step] for step in sorted(by_step)]
     columns = [c for c in CURVES if any(c in h for h in rows)]
+    evals = [c for c in EVAL_CURVES if any(c in h for h in rows)]
     with open(out_dir / "curves.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", *columns])
-        writer.writerows([h["step"], *(h.get(c, "") for c in columns)] for h in rows)
+        writer.writerow(["step", *columns, *evals])
+        writer.writerows([h["step"], *(h.get(c, "") for c in columns + evals)] for h in rows)
+    panels = columns + [c for c in evals if c.removeprefix("eval_") not in columns]
     # A run shorter than logging_steps logs no loss: the figure then says so instead of failing after training.
-    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4 * max(1, len(columns)), 3), squeeze=False)
-    if not columns:
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3), squeeze=False)
+    if not panels:
         axes[0][0].text(0.5, 0.5, "no step logged (fewer steps than logging_steps)", ha="center", va="center")
         axes[0][0].set_axis_off()
-    for ax, column in zip(axes[0], columns):
-        ax.plot([h["step"] for h in rows if column in h], [float(h[column]) for h in rows if column in h], marker=".")
+    for ax, column in zip(axes[0], panels):
+        for name, label, marker in ((column, "train", "."), (f"eval_{column}", "eval (held out)", "o")):
+            points = [(h["step"], float(h[name])) for h in rows if name in h]
+            if points:
+                ax.plot(*zip(*points), marker=marker, label=label)
+        if any(f"eval_{column}" in h for h in rows):
+            ax.legend()
         ax.set_title(column)
         ax.set_xlabel("step")
     fig.tight_layout()

@@ -1,0 +1,184 @@
+import json
+
+import judge as judge_step
+import pytest
+from common import DataError
+from common.judge import PREFILL, UNPARSED, parse_answer, user_turns
+from conftest import read_lines
+
+GOOD = ('{"category": "Creative writing", "reason": "Clear and specific.", "input_quality": "good", '
+        '"difficulty": "easy", "safety": "safe"}')
+BAD = {
+    "malformed": '{"category": "Math", "reason": "ok" "input_quality": "good"}',
+    "truncated": '{"category": "Math", "reason": "The query is clear and gives the numb',
+    "other language": ('{"category": "Écriture créative", "reason": "Claire.", "input_quality": "bonne", '
+                       '"difficulty": "facile", "safety": "sûr"}'),
+    "unknown category": ('{"category": "Cooking", "reason": "Clear.", "input_quality": "good", "difficulty": "easy", '
+                         '"safety": "safe"}'),
+}
+
+
+def test_a_good_answer_parses_into_every_tag():
+    tags, faults = parse_answer(GOOD)
+    assert faults == []
+    assert tags == {"category": "Creative writing", "input_quality": "good", "quality_reason": "Clear and specific.",
+                    "difficulty": "easy", "safety": "safe"}
+    # Case, '_' and '-' are forgiven; values come back as Magpie spells them.
+    tags, faults = parse_answer(GOOD.replace("Creative writing", "creative WRITING").replace('"easy"', '"Very_Easy"'))
+    assert faults == [] and tags["category"] == "Creative writing" and tags["difficulty"] == "very easy"
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_answers_leave_unparsed_tags_never_a_default(kind):
+    tags, faults = parse_answer(BAD[kind])
+    assert faults and tags["category"] == UNPARSED
+    if kind == "unknown category":  # the rest of the answer is fine and kept
+        assert tags["input_quality"] == "good" and tags["difficulty"] == "easy"
+
+
+class FakeEngine:
+    """Answers from a script (by call), counting calls and prompts; no model."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script, self.calls, self.prompts = tokenizer, script, 0, []
+
+    def sample(self, prompts, sampling, seed):
+        answers = self.script(self.calls, prompts)
+        self.calls += 1
+        self.prompts += prompts
+        results = []
+        for a in answers:  # as the engine returns them: prefill not included, cut at the '}' stop string
+            body = a[len(PREFILL):] if a.startswith(PREFILL) else a
+            cut = body.find("}")
+            results.append({"text": body[:cut] if cut >= 0 else body, "finished": cut >= 0,
+                            "stop_reason": "stop" if cut >= 0 else "length", "tokens": 10})
+        return results
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smol):
+    from common.chat import prepare_tokenizer
+    from common.models import load_tokenizer
+
+    return prepare_tokenizer(load_tokenizer("embedded:smollm2"))
+
+
+def make_judge(tokenizer, script):
+    args = judge_step.parse_args(["--in", "x", "--out", "y", "--model", "embedded:smollm2"])
+    engine = FakeEngine(tokenizer, script)
+    return judge_step.Judge(engine, tokenizer, judge_step.sampling_of(args, tokenizer, False), False, 64), engine
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_a_bad_answer_is_retried_exactly_once_then_unparsed(tokenizer, kind):
+    judge, engine = make_judge(tokenizer, lambda call, prompts: [BAD[kind]] * len(prompts))
+    [(tags, failed)], _ = judge.tag([("Write a poem about the sea.", "The sea...", False)], seed=0)
+    assert engine.calls == 2 and len(engine.prompts) == 2
+    assert "could not be used" in engine.prompts[1] and "could not be used" not in engine.prompts[0]
+    assert tags["category"] == UNPARSED
+    assert failed["answers"][0].startswith(PREFILL) and len(failed["answers"]) == 2
+
+
+def test_a_good_answer_is_not_retried_and_a_retry_can_fix_one(tokenizer):
+    judge, engine = make_judge(tokenizer, lambda call, prompts: [GOOD] * len(prompts))
+    [(tags, failed)], _ = judge.tag([("Write a poem about the sea.", "The sea...", False)], seed=0)
+    assert engine.calls == 1 and failed is None and tags["category"] == "Creative writing"
+
+    # Two turns in one call; only the bad one goes to the (single) retry call, whose good answer is taken.
+    script = lambda call, prompts: ([GOOD, BAD["truncated"]] if call == 0 else [GOOD])  # noqa: E731
+    judge, engine = make_judge(tokenizer, script)
+    results, _ = judge.tag([("A?", "a", False), ("B?", "b", True)], seed=0)
+    assert engine.calls == 2 and len(engine.prompts) == 3
+    assert all(failed is None and tags["input_quality"] == "good" for tags, failed in results)
+    assert "a follow-up turn" in engine.prompts[1] and "a follow-up turn" not in engine.prompts[0]
+
+
+def test_every_user_turn_is_judged():
+    conversation = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    assert user_turns({"instruction": "Q1", "response": "A1", "conversation": conversation}) == [("Q1", "A1"),
+                                                                                                 ("Q2", "A2")]
+    assert user_turns({"instruction": "Q", "response": None}) == [("Q", None)]
+
+
+# ---- The step: tags on every record, resume after a crash, settings guard ------------------------------------------
+
+def records(n):
+    out = []
+    for i in range(n):
+        r = {"id": f"s0-{i:07d}", "instruction": f"Question number {i}?", "response": f"Answer {i}.",
+             "settings": {"model": "gen"}}
+        if i % 3 == 2:  # some multi-turn records
+            r["conversation"] = [{"role": "user", "content": r["instruction"]},
+                                 {"role": "assistant", "content": r["response"]},
+                                 {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Then."}]
+        out.append(r)
+    return out
+
+
+class Crash(Exception):
+    pass
+
+
+def run_judge(monkeypatch, tmp_path, crash_at=None, extra=()):
+    """steps/judge.py's main() with a fake engine (good answers, except 'Question number 4' gets a cut-off one);
+    the engine raises at call `crash_at`, as a killed run stops. Returns the instructions the engine was asked."""
+    asked = []
+
+    def script(call, prompts):
+        if call == crash_at:
+            raise Crash()
+        asked.extend(p for p in prompts)
+        return [BAD["truncated"] if "Question number 4?" in p else GOOD for p in prompts]
+
+    monkeypatch.setattr(judge_step, "load_engine", lambda *a, **k: FakeEngine(k_tokenizer(), script))
+    judge_step.main(["--in", str(tmp_path / "gen.jsonl"), "--out", str(tmp_path / "judged.jsonl"),
+                     "--model", "embedded:smollm2", "--batch-size", "2", *extra])
+    return asked
+
+
+def k_tokenizer():
+    from common.chat import prepare_tokenizer
+    from common.models import load_tokenizer
+
+    return prepare_tokenizer(load_tokenizer("embedded:smollm2"))
+
+
+def test_step_tags_every_record_and_resumes_without_redoing_batches(monkeypatch, tmp_path, smol):
+    src = tmp_path / "gen.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records(7)))
+    out, partial = tmp_path / "judged.jsonl", tmp_path / "judged.jsonl.partial"
+
+    with pytest.raises(Crash):  # the third engine call, batch 2's first: batches 0 and 1 are done
+        run_judge(monkeypatch, tmp_path, crash_at=2)
+    assert not out.exists() and len(read_lines(partial)) == 4
+    with open(partial, "a") as f:
+        f.write('{"id": "torn')  # as a kill in the middle of a write leaves it
+    asked = run_judge(monkeypatch, tmp_path)
+    assert not any(f"Question number {i}?" in p for p in asked for i in range(4))  # batches 0 and 1 not redone
+    assert any("Question number 4?" in p for p in asked)
+    judged = read_lines(out)
+    assert [r["id"] for r in judged] == [r["id"] for r in records(7)]
+
+    # the same as an uninterrupted run
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "gen.jsonl").write_text(src.read_text())
+    run_judge(monkeypatch, tmp_path / "again")
+    assert read_lines(tmp_path / "again" / "judged.jsonl") == judged
+
+    for r in judged:
+        assert r["settings"] == {"model": "gen"}  # generate's settings untouched
+        assert r["judge"]["model"] == "embedded:smollm2" and r["judge"]["sampling"]["temperature"] == 0
+        assert set(r["tags"]) == {"category", "input_quality", "quality_reason", "difficulty", "safety"}
+        assert ("turn_tags" in r) == ("conversation" in r)
+    assert [len(r["turn_tags"]) for r in judged if "turn_tags" in r] == [2, 2]
+    assert judged[4]["tags"]["category"] == UNPARSED and judged[4]["judge_unparsed"][0]["turn"] == 1
+    assert judged[0]["tags"]["input_quality"] == "good" and "judge_unparsed" not in judged[0]
+
+
+def test_a_partial_file_from_another_judge_setting_is_refused(monkeypatch, tmp_path, smol):
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(4)))
+    with pytest.raises(Crash):
+        run_judge(monkeypatch, tmp_path, crash_at=1)
+    with pytest.raises(DataError, match=r"judged.jsonl.partial: left by a run with other judge settings \(sampling"):
+        run_judge(monkeypatch, tmp_path, extra=["--max-new-tokens", "50"])

@@ -1,0 +1,97 @@
+"""The padding-free attention path (steps/common/varlen.py) on the CPU: how it finds sequence boundaries and hands
+them to the kernel, with the kernel replaced by per-sequence causal SDPA that takes the same arguments (the real
+Flash kernel needs a GPU: tests/test_varlen_gpu.py and bench/varlen_check.py check it there)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import varlen
+
+
+def reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kw):
+    """varlen_attn's contract as torch 2.11 has it: (T, H, D) inputs, causal only through window_size=(-1, 0), keys
+    with the query's head count, each [cu[i], cu[i+1]) a sequence of its own."""
+    assert window_size == (-1, 0) and not kw, (window_size, kw)
+    assert k.shape[1] == q.shape[1] and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+    assert max_q == max_k == int(cu_q.diff().max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                                  v[a:b].transpose(0, 1), is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.fixture
+def tiny_llama(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(varlen, "kernel", lambda: reference_kernel)
+    monkeypatch.setattr(varlen, "kernel_parameters", lambda: frozenset({"scale", "window_size"}))  # torch 2.11
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # grouped-query heads
+    model = LlamaForCausalLM(config).eval()
+    reference = LlamaForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    reference.set_attn_implementation("sdpa")
+    varlen.register()
+    model.set_attn_implementation(varlen.NAME)
+    return model, reference
+
+
+def test_packed_sequences_attend_only_within_themselves(tiny_llama):
+    model, reference = tiny_llama
+    lengths = [5, 9, 3, 7]
+    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
+    ids = torch.cat(seqs)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        alone = torch.cat([reference(s[None], use_cache=False).logits[0] for s in seqs])
+        from_positions = model(ids, position_ids=positions, use_cache=False).logits[0]
+        # as TRL's padding-free collator sends them
+        from_collator = model(ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                              max_length_k=9, use_cache=False).logits[0]
+        # control: the same packed row without boundaries is one long sequence
+        control = model(ids, use_cache=False).logits[0]
+    assert (from_positions - alone).abs().max() < 1e-5
+    assert (from_collator - alone).abs().max() < 1e-5
+    assert (control - alone)[lengths[0]:].abs().max() > 1e-2  # every sequence after the first sees the earlier ones
+
+
+def test_a_padded_batch_is_unpadded_for_the_kernel(tiny_llama):
+    model, reference = tiny_llama
+    ids = torch.randint(0, 97, (3, 8))
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, use_cache=False).logits
+        want = reference(ids, attention_mask=mask, use_cache=False).logits
+    valid = mask.bool()
+    assert (got[valid] - want[valid]).abs().max() < 1e-5
+
+
+def test_where_the_kernel_cannot_run_sdpa_stays_and_says_why_once(capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.set_attn_implementation("sdpa")
+    varlen._said.clear()
+    assert varlen.apply(model, "varlen") == "sdpa"
+    assert varlen.apply(model, "varlen") == "sdpa"
+    err = capsys.readouterr().err
+    assert err.count("training: varlen attention off (") == 1
+    assert "no CUDA GPU" in err or "float32" in err or "has no torch.nn.attention.varlen" in err
+    assert varlen.apply(model, "sdpa") == "sdpa" and capsys.readouterr().err == ""
+
+
+def test_t4_class_gpus_are_refused_before_any_kernel_runs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    if varlen.kernel() is None:
+        pytest.skip("this torch has no varlen kernel")
+    assert "compute capability 7.5" in varlen.unavailable(torch.float16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert "float32" in varlen.unavailable(torch.float32)
