@@ -7,7 +7,9 @@ The judge is any chat model (default in the Makefile: the generator itself, as M
 generated), run through the generation engine of the other steps, batch by batch, greedy by default. One prompt
 asks for every tag of one user turn (steps/common/judge.py: Magpie's categories and scales) as a JSON object:
 - with ENGINE=vllm, decoding is constrained to the answer's JSON schema (vLLM structured outputs);
-- with the transformers engine the answer is only prompted for, its start prefilled, then parsed and validated.
+- with the transformers engine, its start is prefilled and a logits processor (common/judge.py AnswerConstraint)
+  holds every later token to the schema: values from their lists, a quote-free reason, the keys in order, then the
+  end. Answers are parsed and validated either way.
 An answer that does not parse or holds a value outside its list (malformed, cut off at --max-new-tokens, in
 another language, an unknown category) is asked again once, with what was wrong; a tag still without a valid value
 is "unparsed", and the answers are kept in the record's `judge_unparsed`.
@@ -32,7 +34,7 @@ from common.chat import end_of_turn, prepare_tokenizer, prompt_text
 from common.files import output_lock
 from common.generation import ENGINES, Sampling, declared_stop_ids, finish, load_engine, process_device_map
 from common.jsonl import read_jsonl
-from common.judge import PREFILL, SCHEMA, judge_message, merge, parse_answer, user_turns
+from common.judge import PREFILL, SCHEMA, AnswerConstraint, judge_message, merge, parse_answer, user_turns
 from common.models import load_tokenizer
 from common.precision import dtype_name
 from common.shards import process_rank, shard_paths
@@ -68,7 +70,9 @@ def sampling_of(args, tokenizer, constrained):
 
 def settings_of(args, sampling, constrained):
     """The `judge` field of every record; a resumed partial file must hold the same."""
-    return {"model": args.model, "engine": args.engine, "constrained": constrained, "dtype": dtype_name(args.dtype),
+    return {"model": args.model, "engine": args.engine,
+            "constrained": "json schema (vLLM)" if constrained else "logits processor (common/judge.py AnswerConstraint)",
+            "dtype": dtype_name(args.dtype),
             "load_in_4bit": args.load_in_4bit, "max_response_tokens": args.max_response_tokens, "seed": args.seed,
             "retries": 1, "sampling": sampling.record()}
 
@@ -85,9 +89,11 @@ class Judge:
     """Prompts, samples and parses; `engine` is any object with `tokenizer` and `sample(prompts, sampling, seed)`
     (a fake one in the tests)."""
 
-    def __init__(self, engine, tokenizer, sampling, constrained, max_response_tokens):
+    def __init__(self, engine, tokenizer, sampling, constrained, max_response_tokens, token_constraint=False):
         self.engine, self.tokenizer, self.sampling = engine, tokenizer, sampling
         self.constrained, self.max_response_tokens = constrained, max_response_tokens
+        self.token_constraint = token_constraint  # AnswerConstraint on the transformers engine
+        self.constraint = None
 
     def prompt(self, instruction, response, follow_up, why=None):
         message = judge_message(instruction, clip(self.tokenizer, response, self.max_response_tokens), follow_up, why)
@@ -97,6 +103,11 @@ class Judge:
     def sample(self, prompts, seed):
         if self.constrained:
             return constrained_sample(self.engine, prompts, self.sampling, seed)
+        if self.token_constraint:
+            if self.constraint is None:
+                self.constraint = AnswerConstraint(self.tokenizer, prompts[0][: -len(PREFILL)],
+                                                   self.sampling.stop_token_ids[0], self.sampling.max_new_tokens)
+            return self.engine.sample(prompts, self.sampling, seed, processors=[self.constraint])
         return self.engine.sample(prompts, self.sampling, seed)
 
     def answer_text(self, result):
@@ -213,8 +224,10 @@ def write_judged(args, records):
         if not state:  # loaded only when there is work left
             engine = load_engine(args.engine, args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                                  device_map=process_device_map(rank, world), batch_size=args.decode_rows)
-            state["judge"] = Judge(engine, engine.tokenizer, sampling, constrained, args.max_response_tokens)
-            print(f"judge {args.model}: {'constrained to the JSON schema' if constrained else 'prompted and parsed'}"
+            state["judge"] = Judge(engine, engine.tokenizer, sampling, constrained, args.max_response_tokens,
+                                   token_constraint=not constrained)
+            how = "constrained to the JSON schema" if constrained else "answers held to the schema token by token"
+            print(f"judge {args.model}: {how}"
                   f"; sampling {sampling.record()}", file=sys.stderr)
         return judged_records(state["judge"], records[first : first + n], settings, args.seed * 1_000_003 + b)
 

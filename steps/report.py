@@ -282,9 +282,9 @@ def weak_judge(model):
 
 
 WEAK_JUDGE_NOTE = (
-    "The judge here is `{model}` (SmolLM2-135M-Instruct, de-quantized from a 4-bit GGUF): a model this small "
-    "follows the judge's answer format only part of the time (those answers are counted as unparsed) and its "
-    "categories and ratings are close to guesses. The tags prove the judging step runs end to end; they are not a "
+    "The judge here is `{model}` (SmolLM2-135M-Instruct, de-quantized from a 4-bit GGUF): held to the answer's "
+    "schema, a model this small gives a valid value for every tag, but its categories and ratings are close to "
+    "guesses (it rates nearly everything alike). The tags prove the judging step runs end to end; they are not a "
     "measure of the data's quality, as the same tags from an 8B judge (Magpie uses Llama-3-8B-Instruct) would be."
 )
 TAG_PANELS = ("category", "input_quality", "difficulty")

@@ -3,7 +3,7 @@ import json
 import judge as judge_step
 import pytest
 from common import DataError
-from common.judge import PREFILL, UNPARSED, parse_answer, user_turns
+from common.judge import PREFILL, UNPARSED, AnswerConstraint, judge_message, parse_answer, user_turns
 from conftest import read_lines
 
 GOOD = ('{"category": "Creative writing", "reason": "Clear and specific.", "input_quality": "good", '
@@ -42,7 +42,8 @@ class FakeEngine:
     def __init__(self, tokenizer, script):
         self.tokenizer, self.script, self.calls, self.prompts = tokenizer, script, 0, []
 
-    def sample(self, prompts, sampling, seed):
+    def sample(self, prompts, sampling, seed, processors=()):
+        self.processors = processors
         answers = self.script(self.calls, prompts)
         self.calls += 1
         self.prompts += prompts
@@ -182,3 +183,52 @@ def test_a_partial_file_from_another_judge_setting_is_refused(monkeypatch, tmp_p
         run_judge(monkeypatch, tmp_path, crash_at=1)
     with pytest.raises(DataError, match=r"judged.jsonl.partial: left by a run with other judge settings \(sampling"):
         run_judge(monkeypatch, tmp_path, extra=["--max-new-tokens", "50"])
+
+
+def test_the_answer_constraint_holds_any_model_to_the_schema(tokenizer):
+    """Whatever the scores (random here: a model that knows nothing), every answer is a whole JSON object with a
+    value from each list, a reason, and ends with the stop token, within the cap."""
+    import torch
+    from common.chat import prompt_text
+
+    prompt = prompt_text(tokenizer, judge_message("What is 2+2?", "4")) + PREFILL
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    stop, cap = tokenizer.convert_tokens_to_ids("<|im_end|>"), 40
+    constraint = AnswerConstraint(tokenizer, prompt[: -len(PREFILL)], stop, cap)
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for trial in range(4):
+        row = list(ids)
+        for _ in range(cap):
+            scores = constraint(torch.tensor([row]), torch.randn(1, len(tokenizer), generator=generator))
+            row.append(int(scores[0].argmax()))
+            if row[-1] == stop:
+                break
+        assert row[-1] == stop, tokenizer.decode(row[len(ids):])
+        text = PREFILL + tokenizer.decode(row[len(ids):-1])
+        tags, faults = parse_answer(text)
+        assert faults == [] and UNPARSED not in tags.values(), text
+        seen.add(tags["category"])
+    assert len(seen) > 1  # the scores choose: nothing is forced to one value
+    # control: without the constraint the same random scores write no answer at all
+    row = list(ids)
+    for _ in range(cap):
+        row.append(int(torch.randn(len(tokenizer), generator=generator).argmax()))
+    assert parse_answer(PREFILL + tokenizer.decode(row[len(ids):]))[1]
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_the_embedded_judge_answers_within_the_schema_on_both_engine_paths(monkeypatch, tmp_path, smol, fast):
+    """The real 135M judge, whose free answers almost never parsed (0 of 64 on the cpu tier's run), through the fast
+    path and plain generate: every tag of every turn parses."""
+    monkeypatch.setenv("SIT_FAST_GENERATE", fast)
+    src, out = tmp_path / "gen.jsonl", tmp_path / "judged.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records(3)))
+    judge_step.main(["--in", str(src), "--out", str(out), "--model", "embedded:smollm2", "--max-new-tokens", "48",
+                     "--max-response-tokens", "16", "--dtype", "float32", "--decode-rows", "4"])
+    judged = read_lines(out)
+    assert len(judged) == 3 and all("judge_unparsed" not in r for r in judged)
+    for r in judged:
+        for tags in [r["tags"], *r.get("turn_tags", [])]:
+            assert UNPARSED not in tags.values() and tags["quality_reason"], tags
+        assert r["judge"]["constrained"].startswith("logits processor")

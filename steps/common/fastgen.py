@@ -308,8 +308,9 @@ class SlotGenerator:
         cache, S, L = self.cache, self.cache.slots, self.cache.length
         dev = self.device
         # top-p is applied in choose() (nucleus_sample): the same rule, without sorting the whole vocabulary
+        # the caller's processors first: a constraint's -inf stays -inf through the penalty and temperature
         processors = logits_processors(sampling.replace(top_p=1.0))
-        processors.extend(extra_processors)
+        processors[:0] = extra_processors
         stop_ids = torch.tensor(sorted(sampling.stop_token_ids) or [-1], device=dev)
         suppress = torch.tensor(sorted(sampling.suppress_at_start), dtype=torch.long, device=dev)
         history = torch.full((S, L + 1), self.pad, dtype=torch.long, device=dev)

@@ -194,11 +194,13 @@ class TransformersEngine:
             say_once(f"generation: plain transformers generate ({why_not})")
         self.stop_criteria = {}
 
-    def sample(self, prompts, sampling, seed):
+    def sample(self, prompts, sampling, seed, processors=()):
+        """Results (common.generation.finish) in prompt order; `processors`: more logits processors, after the
+        sampling's own (e.g. the judge's answer constraint)."""
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         torch.manual_seed(seed)
         if self.fast is not None:
-            rows, looped = self.fast.generate(ids, sampling)
+            rows, looped = self.fast.generate(ids, sampling, extra_processors=processors)
         else:  # batches of similar lengths (less padding), results back in prompt order
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
             rows, looped = [None] * len(ids), [None] * len(ids)
@@ -206,7 +208,7 @@ class TransformersEngine:
             while first < len(order):
                 chunk = order[first : first + self.batch_size]
                 try:
-                    done = self._generate([ids[i] for i in chunk], sampling)
+                    done = self._generate([ids[i] for i in chunk], sampling, processors)
                 except torch.cuda.OutOfMemoryError:
                     if self.batch_size == 1:
                         raise
@@ -220,7 +222,7 @@ class TransformersEngine:
                 first += len(chunk)
         return [finish(self.tokenizer, row, sampling, loop) for row, loop in zip(rows, looped)]
 
-    def _generate(self, ids, sampling):
+    def _generate(self, ids, sampling, extra_processors=()):
         """Plain `generate` on a left-padded batch; every option explicit (a neutral GenerationConfig plus our own
         processors), so the model's generation_config adds nothing."""
         from transformers import GenerationConfig, SuppressTokensAtBeginLogitsProcessor
@@ -230,6 +232,7 @@ class TransformersEngine:
         batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
         width = batch["input_ids"].shape[1]
         processors = logits_processors(sampling)
+        processors[:0] = extra_processors  # first: a constraint's -inf stays -inf through penalty and warpers
         if sampling.suppress_at_start:
             processors.insert(0, SuppressTokensAtBeginLogitsProcessor(list(sampling.suppress_at_start), width,
                                                                       device=model.device))

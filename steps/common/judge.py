@@ -125,3 +125,93 @@ def user_turns(record):
 def rank(scale, value):
     """Position of a tag value on its scale (higher is better/harder); None for "unparsed" or an unknown value."""
     return scale.index(value) if value in scale else None
+
+
+class AnswerConstraint:
+    """A logits processor that holds the transformers engine's answer to the schema, token by token: the category,
+    ratings and safety label can only be one of their values, the reason is free text without quotes, braces or line
+    breaks (as many tokens as the rest leaves of `max_new_tokens`), the keys come in ANSWER_KEYS order, and the answer ends (a stop token) after its
+    closing brace. vLLM constrains with the JSON schema itself; this is the same guarantee for the other engine.
+
+    Each row's answer is found after the last occurrence of PREFILL's tokens (as tokenized at the end of a prompt), so
+    it works on any row layout either engine hands over; a row without it is left alone. Values are forced in one
+    tokenization of ours (the model picks among the values' first tokens, then follows the chosen value)."""
+
+    def __init__(self, tokenizer, sample_prompt, stop_token_id, max_new_tokens):
+        def ids(text):
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        full, head = ids(sample_prompt + PREFILL), ids(sample_prompt)
+        self.marker = full[len(head):] if full[: len(head)] == head else ids(PREFILL)
+        follow = {"category": '", "reason": "', "input_quality": '", "difficulty": "', "difficulty": '", "safety": "',
+                  "safety": '"}'}
+        # segments: a choice among token sequences, or ("reason", the sequence that closes it)
+        self.segments = [[ids(v + follow["category"]) for v in CATEGORIES],
+                         ("reason", ids('", "input_quality": "')),
+                         [ids(v + follow["input_quality"]) for v in QUALITY],
+                         [ids(v + follow["difficulty"]) for v in DIFFICULTY],
+                         [ids(v + follow["safety"]) for v in SAFETY]]
+        # the reason gets what the longest values, the keys and the end token leave of the answer's cap
+        fixed = sum(len(seg[1]) if isinstance(seg, tuple) else max(map(len, seg)) for seg in self.segments) + 1
+        self.stop, self.reason_tokens, self.pad = stop_token_id, max(1, max_new_tokens - fixed), tokenizer.pad_token_id
+        self.free = None  # vocabulary mask of the reason's tokens, built on first use (reads the vocabulary)
+        self.tokenizer = tokenizer
+
+    def free_mask(self, size, device):
+        import torch
+
+        if self.free is None or self.free.shape[0] != size or self.free.device != device:
+            special = set(self.tokenizer.all_special_ids)
+            texts = self.tokenizer.convert_ids_to_tokens(list(range(min(size, len(self.tokenizer)))))
+            ok = [t is not None and i not in special and not any(c in self.tokenizer.convert_tokens_to_string([t])
+                                                                 for c in '"{}\n\r\\')
+                  for i, t in enumerate(texts)]
+            ok += [False] * (size - len(ok))
+            self.free = torch.tensor(ok, device=device)
+        return self.free
+
+    def allowed(self, answer):
+        """(token ids allowed next after `answer`, the tokens after the marker; whether free text is allowed too)."""
+        k = 0
+        for segment in self.segments:
+            if isinstance(segment, tuple):  # the reason: free tokens until the closing sequence starts
+                close = segment[1]
+                start = next((j for j in range(k, len(answer)) if answer[j] == close[0]), None)
+                if start is None:  # free text (one token at least), closed by the first token of `close`
+                    written = len(answer) - k
+                    return ([close[0]] if written else []), written < self.reason_tokens
+                done = answer[start : start + len(close)]
+                if done != close[: len(done)]:
+                    return [], False  # off the schema (can't happen under this processor): leave the row alone
+                if len(done) < len(close):
+                    return [close[len(done)]], False
+                k = start + len(close)
+                continue
+            taken = answer[k:]
+            matches = [s for s in segment if s[: len(taken)] == taken[: len(s)]]
+            whole = [s for s in matches if len(taken) >= len(s)]
+            if whole:
+                k += len(whole[0])
+                continue
+            return sorted({s[len(taken)] for s in matches}), False
+        return [self.stop], False
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        rows = input_ids.tolist()
+        n = len(self.marker)
+        for r, row in enumerate(rows):
+            while row and row[-1] == self.pad:  # the fast path's token history is padded after the row's end
+                row.pop()
+            at = next((j for j in range(len(row) - n, -1, -1) if row[j : j + n] == self.marker), None)
+            if at is None:
+                continue
+            allowed, free = self.allowed(row[at + n :])
+            if not allowed and not free:
+                continue
+            mask = self.free_mask(scores.shape[1], scores.device).clone() if free else \
+                torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+            mask[allowed] = True
+            scores[r] = scores[r].masked_fill(~mask, -float("inf"))
+        return scores
