@@ -154,7 +154,9 @@ class AnswerConstraint:
         # the reason gets what the longest values, the keys and the end token leave of the answer's cap
         fixed = sum(len(seg[1]) if isinstance(seg, tuple) else max(map(len, seg)) for seg in self.segments) + 1
         self.stop, self.reason_tokens, self.pad = stop_token_id, max(1, max_new_tokens - fixed), tokenizer.pad_token_id
+        self.cap = max_new_tokens
         self.free = None  # vocabulary mask of the reason's tokens, built on first use (reads the vocabulary)
+        self.starts = {}  # row -> where its answer starts
         self.tokenizer = tokenizer
 
     def free_mask(self, size, device):
@@ -196,22 +198,43 @@ class AnswerConstraint:
             return sorted({s[len(taken)] for s in matches}), False
         return [self.stop], False
 
+    def answer_start(self, r, row):
+        """Where row r's answer starts (just after its last marker), None where it has none. Remembered per row and
+        checked again each step (a refilled slot's new prompt moves it), so a row is searched once per prompt."""
+        n, start = len(self.marker), self.starts.get(r)
+        if start is None or start > len(row) or row[start - n : start].tolist() != self.marker:
+            hits = [j for j in (row[: len(row) - n + 1] == self.marker[0]).nonzero()[0][::-1]
+                    if row[j : j + n].tolist() == self.marker]
+            start = self.starts[r] = int(hits[0]) + n if hits else None
+        return start
+
     def __call__(self, input_ids, scores):
         import torch
 
-        rows = input_ids.tolist()
-        n = len(self.marker)
-        for r, row in enumerate(rows):
-            while row and row[-1] == self.pad:  # the fast path's token history is padded after the row's end
-                row.pop()
-            at = next((j for j in range(len(row) - n, -1, -1) if row[j : j + n] == self.marker), None)
-            if at is None:
+        ids = input_ids.cpu().numpy()  # one copy to the host for the walk; the masking happens where the scores are
+        rows, tokens, free_rows, held = [], [], [], []
+        for r, row in enumerate(ids):
+            start = self.answer_start(r, row)
+            if start is None:
                 continue
-            allowed, free = self.allowed(row[at + n :])
+            answer = row[start : start + self.cap + 1].tolist()
+            if self.pad in answer:  # the fast path's token history is padded after the row's end
+                answer = answer[: answer.index(self.pad)]
+            allowed, free = self.allowed(answer)
             if not allowed and not free:
                 continue
-            mask = self.free_mask(scores.shape[1], scores.device).clone() if free else \
-                torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
-            mask[allowed] = True
-            scores[r] = scores[r].masked_fill(~mask, -float("inf"))
+            held.append(r)
+            rows += [r] * len(allowed)
+            tokens += allowed
+            if free:
+                free_rows.append(r)
+        if held:
+            mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+            if free_rows:
+                mask[free_rows] = self.free_mask(scores.shape[1], scores.device)
+            if rows:
+                mask[rows, tokens] = True
+            outside = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+            outside[held] = False
+            scores = scores.masked_fill(~(mask | outside[:, None]), -float("inf"))
         return scores
