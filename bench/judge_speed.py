@@ -3,8 +3,9 @@
 Llama-3.1-8B (bf16) at the h100 tier's settings (JUDGE_ROWS 256, answers capped at 128 tokens, responses shown cut
 to 1,024 tokens), on real instruction/response pairs (a cpu-tier generated.jsonl, repeated to --records).
 
-A random model writes no JSON: every answer runs to the cap and is retried once, so this is the worst case
-(2 x 128 tokens a record); a real judge answers in ~60 tokens and rarely needs the retry. Prompts use SmolLM2's
+Unconstrained (--unconstrained), a random model writes no JSON: every answer runs to the cap and is retried once,
+the worst case (2 x 128 tokens a record). Held to the schema, as the step runs, every answer parses and ends, but a
+random model's reason takes its whole share of the cap; a real judge's answer is ~60 tokens. Prompts use SmolLM2's
 tokenizer and chat template (a directory given by --tokenizer; Llama's can't be downloaded here), whose token ids
 all lie in Llama's vocabulary.
 
@@ -44,6 +45,8 @@ def main():
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-response-tokens", type=int, default=1024)
+    p.add_argument("--unconstrained", action="store_true",
+                   help="answers only prompted and parsed (the step holds them to the schema: AnswerConstraint)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = p.parse_args()
     source = [r for r in read_jsonl(args.records) if r.get("response")]
@@ -60,7 +63,8 @@ def main():
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0,
                         stop_token_ids=engine.stop_token_ids,
                         stop_strings=(end_of_turn(tokenizer, "assistant"), "}"))
-    judge = Judge(engine, tokenizer, sampling, False, args.max_response_tokens)
+    judge = Judge(engine, tokenizer, sampling, False, args.max_response_tokens,
+                  token_constraint=not args.unconstrained)
     prompt_tokens = [len(tokenizer(judge.prompt(r["instruction"], r["response"], False))["input_ids"])
                      for r in records]
     judged_records(judge, records[: args.rows], {}, 0)  # warm-up: CUDA graph captures
@@ -73,9 +77,11 @@ def main():
               "max_response_tokens": args.max_response_tokens,
               "prompt_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens), 1),
               "prompt_tokens_max": max(prompt_tokens), "generated_tokens": tokens,
+              "answers": "prompted and parsed" if args.unconstrained else "held to the schema (AnswerConstraint)",
               "records_unparsed": unparsed, "wall_s": round(wall, 2),
               "records_per_s": round(args.n / wall, 2), "generated_tok_s": round(tokens / wall, 1),
-              "note": "random weights: every answer runs to the cap and is retried once (worst case)"}
+              "note": "random weights: unconstrained, every answer runs to the cap and is retried once (worst "
+                      "case); constrained, a random model's answers take the reason's whole share of the cap"}
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"judge-{slug}.json").write_text(json.dumps(result, indent=1) + "\n")
