@@ -119,8 +119,6 @@ class ScriptedEngine:
 
 
 def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_whole(smol):
-    from types import SimpleNamespace
-
     from common import recipes
     from common.models import load_tokenizer
     from generate import generate_batch, parse_args

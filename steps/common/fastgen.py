@@ -442,9 +442,9 @@ def compile_pointwise(model):
     alone is seven), which the CUDA graph replays but still runs one by one; compiled, a norm or the SiLU gate is
     one fused kernel. Attention, with the cache's Python-side bookkeeping, stays eager. True where anything was
     compiled (nothing without `torch.compile` support, e.g. no triton)."""
-    try:
-        import triton  # noqa: F401  (inductor's GPU backend)
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:  # inductor's GPU backend
         return False
     compiled = 0
     for module in model.modules():
