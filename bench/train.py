@@ -19,6 +19,7 @@ reference forward adds 2N per token, so `mfu_8n` is given too.
 
 import argparse
 import json
+import re
 import os
 import random
 import shutil
@@ -583,6 +584,13 @@ def summarise(run, raw, meta, rc, elapsed, tail):
     return r
 
 
+def tier_dtype(config):
+    """DTYPE of the tier whose YAML `config` is (env/<tier>/tier.mk: `DTYPE ?= float16`)."""
+    tier_mk = (REPO / config).parent / "tier.mk"
+    found = re.search(r"^DTYPE \?= (\S+)", tier_mk.read_text(), re.M) if tier_mk.exists() else None
+    return found.group(1) if found else "auto"
+
+
 def execute(run, work, results, env):
     model_dir = work / "models" / run.model
     meta = json.loads((model_dir / "bench_meta.json").read_text())
@@ -591,9 +599,11 @@ def execute(run, work, results, env):
     shutil.rmtree(out_dir.with_name(out_dir.name + ".partial"), ignore_errors=True)
     result_path = work / "runs" / f"{run.name}.result.json"
     result_path.unlink(missing_ok=True)
+    # the tier's one dtype (its tier.mk's DTYPE, which make passes as --dtype) unless the run's flags say otherwise
+    dtype = [] if "--dtype" in run.flags else ["--dtype", tier_dtype(run.config)]
     args = ["--config", str(REPO / run.config), "--model_name_or_path", str(model_dir),
             "--train_file", str(work / "data" / f"{run.data}.jsonl"), "--output_dir", str(out_dir),
-            "--max_steps", str(run.max_steps), "--report_to", "none", "--seed", "0", *run.flags]
+            "--max_steps", str(run.max_steps), "--report_to", "none", "--seed", "0", *dtype, *run.flags]
     if run.step == "dpo":
         adapter = work / "runs" / (run.adapter_from or "")
         if not (adapter / "adapter_config.json").exists():
