@@ -71,13 +71,13 @@ def test_a_padded_batch_is_unpadded_for_the_kernel(tiny_llama):
     assert (got[valid] - want[valid]).abs().max() < 1e-5
 
 
-def test_where_the_kernel_cannot_run_sdpa_stays_and_says_why_once(capsys):
+def test_where_the_kernel_cannot_run_sdpa_stays_and_says_why_once(capsys, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     model.set_attn_implementation("sdpa")
-    varlen._said.clear()
+    monkeypatch.setattr(varlen.say_once, "__defaults__", (set(),))
     assert varlen.apply(model, "varlen") == "sdpa"
     assert varlen.apply(model, "varlen") == "sdpa"
     err = capsys.readouterr().err

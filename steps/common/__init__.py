@@ -23,6 +23,13 @@ class SetupError(StepError, RuntimeError):
     """The environment can't do the job: a package, GPU, model access (token, license), disk or memory is missing."""
 
 
+def say_once(message, _said=set()):
+    """Print a message to stderr once per process (a fallback taken, a setting reduced)."""
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def run_step(main):
     """Run a step's main(); a StepError ends it with its message alone, exit status 2 (the one way steps report
     a fault the user can fix)."""

@@ -35,6 +35,11 @@ def signed(x, digits=3):
     return f"{x:+.{digits}f}"
 
 
+def share(n, total):
+    """n of total as a whole percentage ("" for an empty total)."""
+    return f"{100 * n / total:.0f}%" if total else ""
+
+
 def table(header, rows):
     """A markdown pipe table (renders on GitHub and on the Hub)."""
     def cell(c):

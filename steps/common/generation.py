@@ -15,12 +15,12 @@ so a resumed run reproduces an uninterrupted one.
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
+from . import say_once
 from .chat import prepare_tokenizer
 from .models import load_causal_lm, load_tokenizer, resolve, trust_remote_code
 from .precision import dtype_name
@@ -168,12 +168,6 @@ def finish(tokenizer, row, sampling, looped=False):
     text = raw[:cut] if cut >= 0 else raw
     return {"text": text.strip(), "finished": finished, "stop_reason": reason,
             "tokens": len(ids) + (stop is not None)}
-
-
-def say_once(message, _said=set()):
-    if message not in _said:
-        _said.add(message)
-        print(message, file=sys.stderr, flush=True)
 
 
 class TransformersEngine:

@@ -3,21 +3,19 @@ dataset card. Records without tags (runs from before the judge) count as untagge
 
 from collections import Counter
 
-TAG_FIELDS = ("category", "input_quality", "difficulty", "safety")
+from .evals import share
+from .judge import DIFFICULTY, QUALITY, SCALES, UNPARSED
+
+TAG_FIELDS = tuple(SCALES)  # category, input_quality, difficulty, safety
 TAG_TITLES = {"category": "Task category", "input_quality": "Input quality", "difficulty": "Difficulty",
               "safety": "Safety"}
-UNPARSED = "unparsed"
 # Magpie's scales, worst to best / easiest to hardest; values are compared in lower case with '_' and '-' as spaces.
-ORDERS = {"input_quality": ["very poor", "poor", "average", "good", "excellent"],
-          "difficulty": ["very easy", "easy", "medium", "hard", "very hard"]}
+ORDERS = {"input_quality": QUALITY, "difficulty": DIFFICULTY}
 
 
 def tags_of(record):
-    """A record's tags as a dict ({} when untagged). Per-turn tags (a list) count by their first turn, the one
-    that opened the conversation."""
+    """A record's tags as a dict ({} when untagged): those of its first turn (steps/judge.py)."""
     tags = record.get("tags")
-    if isinstance(tags, list):
-        tags = tags[0] if tags else None
     return tags if isinstance(tags, dict) else {}
 
 
@@ -52,10 +50,6 @@ def ordered_values(field, *counters):
         return (1, -total[value], str(value))
 
     return sorted(total, key=rank)
-
-
-def share(n, total):
-    return f"{100 * n / total:.0f}%" if total else ""
 
 
 def distribution_table(field, populations):

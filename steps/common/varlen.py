@@ -22,9 +22,10 @@ count, so grouped-query heads are repeated (torch 2.12 takes `enable_gqa`, used 
 
 import functools
 import inspect
-import sys
 
 import torch
+
+from . import say_once
 
 NAME = "varlen"
 MIN_CAPABILITY = (8, 0)  # PyTorch's flash kernels: Ampere and newer; a T4 is 7.5
@@ -92,15 +93,6 @@ def unavailable(dtype, config=None):
     except Exception as e:  # noqa: BLE001 - any failure means: not here
         return f"the kernel failed on this GPU ({type(e).__name__}: {str(e)[:200]})"
     return None
-
-
-_said = set()
-
-
-def say_once(message):
-    if message not in _said:
-        _said.add(message)
-        print(message, file=sys.stderr, flush=True)
 
 
 def requested(model_args):
