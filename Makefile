@@ -118,8 +118,7 @@ $(RUN)/eval/%.json: $(RUN)/%
 
 # One page in two forms: markdown (plots in report_plots/) and self-contained HTML (plots embedded).
 $(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
-	$(PY) steps/report.py --run $(RUN) --out $(RUN)/report.md --html $(RUN)/report.html --tier $(GPU) --model-name $(MODEL) \
-	  --embedder $(EMBEDDER)
+	$(PY) steps/report.py --run $(RUN) --out $(RUN)/report.md --html $(RUN)/report.html --tier $(GPU) --model-name $(MODEL)
 
 # The HTML report as a full-page PNG, rendered by headless Chromium (apt-get install chromium chromium-driver).
 REPORT_PNG_WIDTH ?= 1200

@@ -47,7 +47,10 @@ The summary's keys:
 - "judge": the judge settings of the first judged record (null when none);
 - "near_duplicate": {"embedder", "threshold" (cosine similarity)};
 - "nn_distance": the kept records' nn_distance in output order; "nn_distance_histogram": {"edges", "counts"} (20
-  bins over [0, max]).
+  bins over [0, max]);
+- "map": {"xy": [[x, y], ...] in output order, "explained"}: the kept instructions' embeddings on their first two
+  principal components and the share of variance those hold (null without an embedder or under 3 kept), which the
+  report draws, so it loads no embedder of its own.
 """
 
 import argparse
@@ -301,8 +304,8 @@ def sentence_embedder(name):
 
 
 def filter_records(records, args, count_tokens, embed=None):
-    """Split records into (kept, dropped); each dropped record gets 'dropped_by', each kept one 'nn_distance' (when
-    there is an embedder)."""
+    """Split records into (kept, dropped, the kept instructions' embeddings or None); each dropped record gets
+    'dropped_by', each kept one 'nn_distance' (when there is an embedder)."""
     checks = rules(args, count_tokens)
     kept, dropped, seen = [], [], set()
     for record in records:
@@ -321,7 +324,23 @@ def filter_records(records, args, count_tokens, embed=None):
         rows = [i for i in range(len(kept)) if i not in near]
         distances = nearest_neighbour_distances(emb[rows])
         kept = [{**kept[i], "nn_distance": d} for i, d in zip(rows, distances)]
-    return kept, dropped
+        return kept, dropped, emb[rows]
+    return kept, dropped, None
+
+
+def map_2d(emb):
+    """The kept instructions on the first two principal components of their embeddings (the report's map), and the
+    share of variance those explain; None for fewer than 3."""
+    import torch
+
+    if emb is None or len(emb) < 3:
+        return None
+    centred = emb - emb.mean(dim=0)
+    _, singular, axes = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular**2
+    xy = (centred @ axes[:2].T).tolist()
+    return {"xy": [[round(x, 5), round(y, 5)] for x, y in xy],
+            "explained": round(float(variance[:2].sum() / variance.sum()), 4) if variance.sum() > 0 else 0.0}
 
 
 def add_rewards(records, name):
@@ -423,7 +442,7 @@ def filter_and_write(args, records):
         add_rewards(records, args.reward_model)
     embed = None if args.embedder == "none" else sentence_embedder(args.embedder)
     stage("applying the rules and removing duplicates")
-    kept, dropped = filter_records(records, args, count_tokens, embed)
+    kept, dropped, kept_embeddings = filter_records(records, args, count_tokens, embed)
 
     reasons = Counter(r["dropped_by"] for r in dropped)
     by_rule = Counter(rule_of(r["dropped_by"]) for r in dropped)
@@ -442,6 +461,7 @@ def filter_and_write(args, records):
         "near_duplicate": {"embedder": args.embedder, "threshold": args.near_duplicate_threshold},
         "nn_distance": distances,
         "nn_distance_histogram": histogram(distances),
+        "map": map_2d(kept_embeddings),
     }
     stage("writing the outputs")
     write_jsonl(args.dropped, dropped)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import DataError, run_step
-from common.evals import EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, read_json, table
+from common.evals import EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, read_json, share, table
 from common.files import atomic_path, output_lock, write_text
 from common.jsonl import read_jsonl
 from common.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
@@ -58,9 +58,6 @@ def parse_args(argv=None):
     p.add_argument("--html", type=Path, default=None, help="also write this self-contained HTML page")
     p.add_argument("--tier", default=None, help="hardware tier of the run (make passes GPU)")
     p.add_argument("--model-name", default=None, help="MODEL of the run (make passes it)")
-    p.add_argument("--embedder", default="embedded:minilm",
-                   help="sentence embedder for the map of kept instructions (the filter's: make passes EMBEDDER); "
-                        "none: no map")
     return p.parse_args(argv)
 
 
@@ -100,10 +97,6 @@ def load_run(run):
 
 
 # ---- Formatting: a report is a list of blocks, rendered once as markdown and once as HTML ----------------------
-
-def share(n, total):
-    return f"{100 * n / total:.0f}%" if total else ""
-
 
 def stats_row(label, values, digits=3):
     if not values:
@@ -344,35 +337,19 @@ def neighbour_section(d):
             plot("neighbours", fig, "Distance of each kept instruction to its nearest kept neighbour.")]
 
 
-def embed(texts, name):
-    """Unit-length sentence embeddings (numpy) with the filter's embedder."""
-    from sentence_transformers import SentenceTransformer
-
-    from common.models import device, resolve
-
-    model = SentenceTransformer(resolve(name), device=device())
-    return model.encode(texts, batch_size=128, convert_to_numpy=True, normalize_embeddings=True)
-
-
-def pca_2d(points):
-    """The points projected on their first two principal components, and the share of variance those explain."""
-    import numpy as np
-
-    centred = points - points.mean(axis=0)
-    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
-    variance = singular ** 2
-    return centred @ axes[:2].T, float(variance[:2].sum() / variance.sum()) if variance.sum() else 0.0
-
-
 MAP_CATEGORIES = 9  # the most common categories get a colour each; the rest share one
 
 
-def map_section(d, embedder):
-    """The kept instructions' embeddings in 2-D (PCA), coloured by the judge's category."""
-    kept = [r for r in d["filtered"] if tags_of(r)]
-    if embedder in (None, "none") or len(kept) < 3:
+def map_section(d):
+    """The kept instructions' embeddings in 2-D (the filter's PCA, filter_summary.json "map"), coloured by the
+    judge's category."""
+    import numpy as np
+
+    kept, summary_map = d["filtered"], d["summary"].get("map")
+    if not summary_map or len(summary_map["xy"]) != len(kept) or not tagged(kept):
         return []
-    coords, explained = pca_2d(embed([r["instruction"] for r in kept], embedder))
+    coords, explained = np.array(summary_map["xy"]), summary_map["explained"]
+    embedder = (d["summary"].get("near_duplicate") or {}).get("embedder", "the filter's embedder")
     categories = [str(tags_of(r).get("category", "missing")) for r in kept]
     shown = [c for c, _ in Counter(categories).most_common(MAP_CATEGORIES)]
     fig, (ax,) = new_figure(1)
@@ -385,7 +362,7 @@ def map_section(d, embedder):
     ax.set_ylabel("principal component 2")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return [Heading("Map of the kept instructions"),
-            Para(f"The {len(kept)} kept instructions embedded with `{embedder}` (the filter's embedder) and projected "
+            Para(f"The {len(kept)} kept instructions embedded with `{embedder}` (by the filter) and projected "
                  f"on their first two principal components, which hold {100 * explained:.0f}% of the embeddings' "
                  "variance: nearby points are instructions about similar things. Colour: the judge's category."),
             plot("map", fig, "The kept instructions' embeddings in two dimensions (PCA), coloured by category.")]
@@ -611,7 +588,7 @@ def main(argv=None):
     d = load_run(args.run)
     title = f"Run report: {args.run.name}"
     blocks = [*funnel_section(d), *diversity_section(d), *tags_section(d), *neighbour_section(d),
-              *map_section(d, args.embedder), *reward_section(d), *training_section(d),
+              *map_section(d), *reward_section(d), *training_section(d),
               *eval_section(d), *settings_section(d, args.tier, args.model_name)]
     plots_dir = args.out.with_name(args.out.stem + "_plots")
     with output_lock(args.out):  # (and the plots and the HTML page, written with it)

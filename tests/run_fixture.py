@@ -57,6 +57,9 @@ def make_run(run, n=20, with_tags=True, multi_turn_every=5):
     write_jsonl(run / "dropped.jsonl", dropped)
     summary = {"input": n, "kept": len(kept), "dropped": {"truncated": 0, "response_length": len(dropped),
                                                           "near_duplicate": 0}}
+    if with_tags:  # the filter's 2-D map of the kept instructions (steps/filter.py map_2d)
+        summary["near_duplicate"] = {"embedder": "embedded:minilm", "threshold": 0.9}
+        summary["map"] = {"xy": [[i % 5 / 5, i / len(kept)] for i in range(len(kept))], "explained": 0.31}
     (run / "filter_summary.json").write_text(json.dumps(summary))
     pref_settings = {"policy": "embedded:smollm2", "policy_adapter": None, "reward_model": "embedded:minilm",
                      "num_responses": 2, "seed": 0, "dtype": "float32", "sampling": SAMPLING}

@@ -114,7 +114,7 @@ def tags(category="Creative writing", quality="good", difficulty="medium", safet
 
 def in_process(records, *flags, embed=None):
     args = filter_step.parse_args(["--in", "x", "--out", "y", "--dropped", "z", "--summary", "s", *flags])
-    kept, dropped = filter_step.filter_records(records, args, lambda text: len(text.split()), embed)
+    kept, dropped, _ = filter_step.filter_records(records, args, lambda text: len(text.split()), embed)
     return [r["id"] for r in kept], {r["id"]: r["dropped_by"] for r in dropped}
 
 
@@ -195,7 +195,7 @@ def test_nn_distance_is_the_cosine_distance_to_the_nearest_kept_instruction():
     kept_ids, dropped = in_process(records, embed=embed)
     assert kept_ids == ["r0", "r1", "r2"] and dropped == {"r3": "near_duplicate"}
     args = filter_step.parse_args(["--in", "x", "--out", "y", "--dropped", "z", "--summary", "s"])
-    kept, _ = filter_step.filter_records(records, args, lambda text: len(text.split()), embed)
+    kept, _, _ = filter_step.filter_records(records, args, lambda text: len(text.split()), embed)
     assert [r["nn_distance"] for r in kept] == [pytest.approx(0.5), pytest.approx(0.5), pytest.approx(1.0)]
     assert filter_step.nearest_neighbour_distances(torch.tensor([[1.0, 0]])) == [None]  # a lone record
 
@@ -218,3 +218,21 @@ def test_summary_counts_tags_generated_and_kept(tmp_path, smol):
     assert counts["nn_distance"] == [r["nn_distance"] for r in read_lines(out)]
     assert sum(counts["nn_distance_histogram"]["counts"]) == 2
     assert "| input_quality | generated | kept |" in summary.with_suffix(".md").read_text()
+
+
+def test_the_map_of_the_kept_instructions_is_their_two_main_directions():
+    """filter_summary.json's "map" (the report draws it): points spread along two directions land on them, the
+    share of variance is that of those two, and under 3 points there is no map."""
+    import torch
+
+    torch.manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(16, 3))[0].T  # three orthonormal directions
+    weights = torch.randn(40, 3) * torch.tensor([3.0, 2.0, 0.1])
+    result = filter_step.map_2d(weights @ directions)
+    assert len(result["xy"]) == 40 and all(len(p) == 2 for p in result["xy"])
+    spread = weights - weights.mean(0)
+    want = float((spread[:, :2] ** 2).sum() / (spread**2).sum())
+    assert abs(result["explained"] - want) < 1e-3 and result["explained"] > 0.99
+    xy = torch.tensor(result["xy"])
+    assert abs(float((xy**2).sum() / (spread**2).sum()) - want) < 1e-3  # the points keep that share of spread
+    assert filter_step.map_2d(torch.randn(2, 16)) is None and filter_step.map_2d(None) is None

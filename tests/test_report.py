@@ -178,7 +178,7 @@ def test_report_png_renders_the_whole_page(chain_run):
 def tagged_run(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("report") / "run")
     report_step.main(["--run", str(run), "--out", str(run / "report.md"), "--html", str(run / "report.html"),
-                      "--tier", "cpu", "--model-name", "smol", "--embedder", "embedded:minilm"])
+                      "--tier", "cpu", "--model-name", "smol"])
     return run, (run / "report.md").read_text()
 
 
@@ -217,6 +217,7 @@ def test_neighbour_distances_and_the_map(tagged_run):
     assert row(text, "nearest-neighbour distance")[1:4] == [
         str(len(distances)), f"{statistics.mean(distances):.3f}", f"{statistics.median(distances):.3f}"]
     assert f"The {len(distances)} kept instructions embedded with `embedded:minilm`" in text
+    assert "which hold 31% of the embeddings' variance" in text  # the filter's map, drawn as given
     assert (run / "report_plots" / "map.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -234,8 +235,7 @@ def test_a_run_from_before_the_judge_renders_as_before(tmp_path):
     run = make_run(tmp_path / "run", with_tags=False)
     for stage in ("sft", "dpo"):
         (run / stage / "log_history.json").unlink()
-    report_step.main(["--run", str(run), "--out", str(run / "report.md"), "--html", str(run / "report.html"),
-                      "--embedder", "no-such-embedder"])  # not loaded: there is nothing to map
+    report_step.main(["--run", str(run), "--out", str(run / "report.md"), "--html", str(run / "report.html")])
     text = (run / "report.md").read_text()
     assert re.findall(r"^## (.+)$", text, flags=re.M) == [
         "Data funnel", "Instruction diversity", "Reward scores", "Training", "Evaluation (lm-evaluation-harness)",
