@@ -22,6 +22,7 @@ Results: JSON under --out (default $OUT, else bench/results) as generate-realist
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -57,6 +58,15 @@ def parse_args():
     p.add_argument("--prompt-min", type=int, default=16)
     p.add_argument("--prompt-max", type=int, default=320)
     p.add_argument("--variants", default="fast,fast-fixed,static,static-fixed,baseline")
+    p.add_argument("--admit", default="", help="the fast path's ADMIT_FRACTION (free slots wait for this share "
+                   "before a prefill); several: 0.004,0.0625 (default: the module's)")
+    p.add_argument("--kernel", default="", help="the fast path's decoding attention (triton, flash, sdpa); several: "
+                   "triton,flash (default: the first that runs here)")
+    p.add_argument("--calls", default="", help="also hand the realistic requests to the fast path in calls of so "
+                   "many, as the steps do (GEN_BATCH; PREF_BATCH x NUM_RESPONSES); several: 128,512")
+    p.add_argument("--timing", action="store_true", help="time each prefill (a GPU sync around it) into the JSON")
+    p.add_argument("--profile", action="store_true", help="after the fast runs, profile one eager decoding step of "
+                   "every slot and one prefill (torch.profiler): the kernel tables go to profile-*.txt under --out")
     p.add_argument("--memory-gib", type=float, default=79.1, help="GPU memory the fast path may size itself to "
                    "(default: an 80 GB H100's; the static engine and baseline need far less at these settings)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
@@ -167,10 +177,18 @@ def run_static(model, prompts, targets, cap, batch, variant):
                   first_call_s=round(compile_s, 1))
 
 
-def run_fast(model, prompts, targets, cap, slots, variant, memory_gib):
+def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=None, timing=False, profile_to=None,
+             kernel=None, calls=()):
+    """The fast path's rows: the workload in one call, then (`calls`) handed over in calls of so many requests,
+    as a step hands over its batches (GEN_BATCH samples, PREF_BATCH x NUM_RESPONSES responses)."""
     compiled = variant.startswith("fast-compiled")
     uncompile_pointwise(model)
     generator = SlotGenerator(model, PAD, slots=slots, memory_limit=int(memory_gib * 2**30), compiled=compiled)
+    if admit is not None:
+        generator.admit_fraction = admit
+    generator.timing = timing
+    if kernel:
+        generator.kernel = kernel
     sampling = Sampling(max_new_tokens=cap, temperature=0, stop_token_ids=(EOS,))
     # warm-up on a share of the requests: compile, CUDA graph captures (any left happen, timed, in the measured run)
     _, warm = sync_time(lambda: generator.generate(prompts[: 2 * slots], sampling, extra_processors=[EndAt()]))
@@ -187,14 +205,51 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib):
     forward_ms = step_ms.get(generator.cache.slots)  # one decoding step of every slot
     steps = {str(b): n for b, n in sorted((k, v) for k, v in stats.items() if isinstance(k, int))}
     replay_s = sum(n * step_ms.get(int(b), 0) for b, n in steps.items()) / 1000
+    timings = {k: (round(stats[k], 2) if isinstance(stats[k], float) else stats[k])
+               for k in ("prefill_rows", "prefill_tokens", "prefill_s") if k in stats}
+    chunked = []
+    for size in calls:
+        def in_calls():
+            return [row for first in range(0, len(prompts), size)
+                    for row in generator.generate(prompts[first : first + size], sampling,
+                                                  extra_processors=[EndAt()])[0]]
+
+        chunk_rows, chunk_wall = sync_time(in_calls)
+        chunked.append(result(f"{variant}-calls-{size}", chunk_rows, targets, chunk_wall,
+                              torch.cuda.max_memory_allocated(), requested_slots=slots, call_size=size,
+                              compiled=generator.compiled, kernel=generator.kernel))
+    if profile_to is not None:
+        profile(generator, prompts, profile_to)
     uncompile_pointwise(model)  # the other engines run the model as it was
-    return result(variant, rows, targets, wall, torch.cuda.max_memory_allocated(), requested_slots=slots,
+    return [result(variant, rows, targets, wall, torch.cuda.max_memory_allocated(), requested_slots=slots,
+                  admit_fraction=generator.admit_fraction, **timings,
                   full_step_forward_ms=forward_ms, compiled=generator.compiled, steps_per_slot_bucket=steps,
                   step_ms_per_slot_bucket={str(k): v for k, v in sorted(step_ms.items())},
                   decode_replay_s=round(replay_s, 1), prefills=stats.get("prefills", 0),
                   slots=generator.cache.slots,
-                  cache_length=generator.cache.length, graphs=len(generator.graphs), flash=generator.flash,
-                  warm_up_run_s=round(warm, 1), check=generator.check())
+                  cache_length=generator.cache.length, graphs=len(generator.graphs), kernel=generator.kernel,
+                  warm_up_run_s=round(warm, 1), check=generator.check()), *chunked]
+
+
+def profile(generator, prompts, prefix):
+    """Kernel tables (torch.profiler, CUDA time) of one eager decoding step of every slot, at the positions the
+    run left, and of one prefill of 16 prompts: where a step's and a prefill's GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    S, L = generator.cache.slots, generator.cache.length
+    generator.cache.positions[:, 0] = torch.randint(200, 1300, (S,), device=generator.device)  # mid-run lengths
+    for name, work in (("step", lambda: generator._forward_step(S, L)),
+                       ("prefill", lambda: generator.prefill([(s, prompts[s]) for s in range(16)]))):
+        with torch.no_grad():
+            work()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    work()
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        Path(f"{prefix}-{name}.txt").write_text(table)
+        print(f"profile {name}:\n{table[:6000]}", flush=True)
 
 
 def main():
@@ -240,8 +295,15 @@ def main():
                 save(run_static(model, p[:n], t[:n], args.cap, args.static_batch, variant))
             elif variant in ("fast", "fast-fixed", "fast-compiled", "fast-compiled-fixed"):
                 p, t = (fixed_prompts, fixed_targets) if variant.endswith("fixed") else (prompts, targets)
-                for slots in map(int, str(args.slots).split(",")):
-                    save(run_fast(model, p, t, args.cap, slots, variant, args.memory_gib))
+                admits = [float(a) for a in args.admit.split(",")] if args.admit else [None]
+                kernels = args.kernel.split(",") if args.kernel else [None]
+                for slots, admit, kernel in itertools.product(map(int, str(args.slots).split(",")), admits, kernels):
+                    last = args.profile and variant == "fast" and (admit, kernel) == (admits[-1], kernels[-1])
+                    calls = [int(c) for c in args.calls.split(",")] if args.calls and not variant.endswith("fixed") else []
+                    for row in run_fast(model, p, t, args.cap, slots, variant, args.memory_gib, admit, args.timing,
+                                        profile_to=str(Path(args.out) / f"profile-{slug}") if last else None,
+                                        kernel=kernel, calls=calls):
+                        save(row)
         except Exception as e:  # one variant must not cost the others
             report.setdefault("errors", {})[variant] = f"{type(e).__name__}: {e}"[:800]
             save()

@@ -295,10 +295,31 @@ def test_the_fast_path_runs_on_the_cpu(setting, fast_model, tokenizer, monkeypat
         monkeypatch.setenv("SIT_FAST_GENERATE", setting)
     generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
     assert why is None and isinstance(generator, fastgen.SlotGenerator)
-    assert not generator.graphs_on and not generator.flash  # eager, masked SDPA
+    assert not generator.graphs_on and generator.kernel == "sdpa"  # eager, masked SDPA
     monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
     assert isinstance(TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4).fast, fastgen.SlotGenerator)
     assert PLAIN_MESSAGE not in capfd.readouterr().err
+
+
+def test_a_decoding_kernel_that_disagrees_with_the_model_gives_way_to_the_next(fast_model, tokenizer, prompts,
+                                                                              reference, stops, monkeypatch, capfd):
+    """make_generator checks each decoding attention against a plain forward, best first: one that writes wrong
+    outputs (here a stand-in for the Triton kernel) is said to be off, and the next one (SDPA) decodes."""
+    calls = []
+
+    def wrong(query, key, value, lengths, scale):
+        calls.append(query.shape[0])
+        return torch.zeros_like(query).transpose(1, 2)
+
+    monkeypatch.setattr(fastgen, "decode_kernels", lambda device: ["triton", "sdpa"])
+    monkeypatch.setattr(fastgen.decode_kernel, "attend", wrong)
+    generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
+    # the stand-in ran in the check's one decoding step (once a layer), and lost
+    assert why is None and generator.kernel == "sdpa" and len(calls) == fast_model.config.num_hidden_layers
+    assert "generation: triton decoding attention off (largest relative logit difference" in capfd.readouterr().err
+    keys = ["sum", "story"]
+    rows, _ = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys] and len(calls) == fast_model.config.num_hidden_layers  # not since
 
 
 def test_engine_falls_back_when_the_fast_path_cannot_run(smol, fast_model, tokenizer, monkeypatch, capfd,

@@ -1,7 +1,7 @@
 """GPU paths, run on a CUDA machine (`python -m pytest tests/test_gpu.py`); skipped elsewhere, as in CI.
 
-On the embedded SmolLM2 weights: the fast path (common/fastgen.py: slot KV cache, CUDA graphs, flash varlen decoding
-where the dtype allows it) against plain `generate` (SIT_FAST_GENERATE=0). The two paths draw their random numbers
+On the embedded SmolLM2 weights: the fast path (common/fastgen.py: slot KV cache, CUDA graphs, the Triton or flash
+decoding attention where the dtype allows it) against plain `generate` (SIT_FAST_GENERATE=0). The two paths draw their random numbers
 differently (the fast path samples every slot's token in one call, `generate` one padded batch at a time), so sampled
 texts are not expected to match between them. What is compared: greedy texts between the paths (float32, where both
 compute the same logits up to rounding), sampled texts at temperature 1 against another run of the same path and seed,
@@ -138,3 +138,32 @@ def test_a_longer_call_after_graphs_were_captured_regrows_the_cache(engines):
     got = fast.sample(long, sampling, seed=0)
     assert fast.fast.cache.length > length and fast.fast.graphs
     assert got == plain.sample(long, sampling, seed=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (16, 2, 128), (9, 3, 64)])  # Llama-8B, Qwen-3B, SmolLM2
+@pytest.mark.parametrize("slots", [4, 64])  # few slots: keys split over programs; many: one program a slot and head
+def test_the_triton_decoding_kernel_matches_attention_over_each_slots_keys(heads, kv_heads, dim, slots):
+    """common/decode_kernel.py on random bf16 queries and a slot cache laid out as fastgen's, each slot holding a
+    different number of keys (one of them a single key), against float32 softmax attention over those keys alone;
+    keys past a slot's length are huge, so reading any of them would show."""
+    from common import decode_kernel
+
+    if not decode_kernel.available():
+        pytest.skip("no triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    length = 700
+    cache_k = torch.randn(slots, length, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    cache_v = torch.randn(slots, length, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    lengths = torch.randint(1, length + 1, (slots,), device="cuda", generator=g, dtype=torch.int32)
+    lengths[0] = 1
+    for s, n in enumerate(lengths.tolist()):
+        cache_k[s, n:], cache_v[s, n:] = 1e4, 1e4
+    q = torch.randn(slots, 1, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    out = decode_kernel.attend(q, cache_k.transpose(1, 2), cache_v.transpose(1, 2), lengths, dim ** -0.5)
+    assert out.shape == (slots, 1, heads, dim)
+    groups = heads // kv_heads
+    for s, n in enumerate(lengths.tolist()):
+        keys = cache_k[s, :n].float().transpose(0, 1).repeat_interleave(groups, 0)  # (heads, n, dim)
+        values = cache_v[s, :n].float().transpose(0, 1).repeat_interleave(groups, 0)
+        want = torch.softmax(q[s].float() @ keys.transpose(1, 2) * dim ** -0.5, -1) @ values  # (heads, 1, dim)
+        torch.testing.assert_close(out[s, 0].float(), want[:, 0], atol=2e-2, rtol=2e-2)

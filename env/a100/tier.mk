@@ -21,7 +21,8 @@ JUDGE_RESPONSE_TOKENS ?= 1024
 # label) are dropped too, since refusals are kept (steps/filter.py says why).
 FILTER_ARGS ?= --min-input-quality good --drop-unsafe
 NUM_RESPONSES ?= 4
-PREF_BATCH ?= 16
+# Instructions a batch (x NUM_RESPONSES responses: four times PREF_ROWS; a batch ends by draining its longest rows)
+PREF_BATCH ?= 64
 PREF_ROWS ?= 64
 PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag

@@ -10,10 +10,12 @@ that ends (stop token, length cap, or the loop rule) frees its slot, and the nex
   longest live row, rounded up to LENGTH_BUCKET) and the first S' slots (the highest slot in use, rounded up to a
   power of two; new rows take the lowest free slot), so short rows and a draining batch cost less.
 - Decoding steps are captured as CUDA graphs, one per (S', Lb), on a GPU; the CPU runs the same code eagerly.
-- Decoding attention on a GPU is flash attention's varlen kernel with each slot's key count (`slot_attention`), so a
-  step reads only the keys the rows hold; elsewhere SDPA with a mask over the first Lb indices.
-- Prefill: new prompts are left-padded into one forward whose keys and values are scattered into their slots.
-  Identical prompts are prefilled once (instruction generation: every prompt is the same pre-query template).
+- Decoding attention on a GPU reads each slot's key count (`slot_attention`), so a step reads only the keys the
+  rows hold: a Triton kernel of ours (common/decode_kernel.py), else flash attention's varlen kernel, whichever
+  first agrees with a plain forward; elsewhere SDPA with a mask over the first Lb indices.
+- Prefill: new prompts are packed into one row (no padding) whose keys and values are scattered into their slots;
+  free slots wait until ADMIT_FRACTION of them can be filled at once. Identical prompts are prefilled once
+  (instruction generation: every prompt is the same pre-query template).
 - Sampling runs outside the graph with transformers' own logits processors (common.generation.logits_processors)
   on each slot's token history, so the settings mean what they mean in `generate`.
 - The number of slots is checked against free GPU memory before the first batch and reduced, with a message,
@@ -27,18 +29,23 @@ and one decoding step against a plain forward) and returns why not where it fail
 """
 
 import inspect
+import itertools
 import math
 import os
 import sys
+import time
 from collections import Counter
 
 import torch
 
-from . import SetupError
+from . import SetupError, decode_kernel
 
 LENGTH_BUCKET = 256  # attention reads a multiple of this many cache indices
 CHECK_EVERY = 8  # decoding steps between looks at which rows ended (each look waits for the GPU)
-PREFILL_TOKENS = 16384  # at most this many prompt tokens (padded) in one prefill forward
+PREFILL_TOKENS = 16384  # at most this many prompt tokens in one prefill forward
+# Free slots wait until this share of them (or every pending prompt) can be prefilled together: each prefill is a
+# forward of its own between decoding steps, so a few large ones cost less than many of a row or two each
+ADMIT_FRACTION = 1 / 16
 MIN_SLOT_BUCKET = 8
 
 
@@ -140,11 +147,13 @@ class SlotGenerator:
         self.cache = None
         self.graphs, self.pool = {}, None
         use_slot_attention(model)
-        self.flash = self.device.type == "cuda" and flash_varlen_available()
-        if compiled is None:  # opt-in: faster steps, but no faster at realistic lengths (bench/README.md)
-            compiled = self.graphs_on and os.environ.get("SIT_COMPILE_DECODE", "0") == "1"
+        self.kernel = decode_kernels(self.device)[0]  # decoding attention; make_generator checks it, falls back
+        if compiled is None:  # 13% more tokens/s at realistic lengths on an H200 (bench/README.md); =0: eager
+            compiled = self.graphs_on and os.environ.get("SIT_COMPILE_DECODE", "1") == "1"
         self.compiled = compiled and compile_pointwise(model)
         self.stats = Counter()  # decoding steps per slot bucket, prefills: where a run's time went (bench)
+        self.timing = False  # bench: time each prefill (a GPU sync before and after it) into stats["prefill_s"]
+        self.admit_fraction = ADMIT_FRACTION
 
     # ---- memory -------------------------------------------------------------------------------------------------
     def slot_bytes(self, length):
@@ -203,12 +212,12 @@ class SlotGenerator:
         cache = self.cache
         cache.mode, cache.view = "decode", (slots, length)
         positions = cache.positions[:slots]
-        if self.flash:  # slot_attention reads each slot's key count from an int32 "mask"
+        if self.kernel != "sdpa":  # slot_attention reads each slot's key count from an int32 "mask"
             mask = (positions + 1).to(torch.int32).view(slots, 1, 1, 1)
         else:
             mask = (self.index[:length] <= positions).view(slots, 1, 1, length)
         out = self.model(input_ids=self.tokens[:slots], position_ids=positions, attention_mask=mask,
-                         use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+                         use_cache=True, logits_to_keep=1, decode_kernel=self.kernel, **{self.cache_kw: cache})
         self.logits[:slots].copy_(out.logits[:, -1])
 
     def step(self, slots, length):
@@ -237,40 +246,48 @@ class SlotGenerator:
     # ---- prefill --------------------------------------------------------------------------------------------------
     def prefill(self, assignments):
         """Prefill prompts into slots: assignments = [(slot, prompt ids)]; returns the last-position logits, one
-        row per assignment (identical prompts share one forward row)."""
+        row per assignment. Packed: the distinct prompts one after another in one row (identical prompts share
+        one), position ids restarting at each, attention within each (slot_attention's packed branch), so no token
+        is padding and no mask is built; their keys and values are scattered into their slots."""
+        timed = self.timing and self.device.type == "cuda"
+        if timed:
+            torch.cuda.synchronize(self.device)
+            began = time.perf_counter()
         unique = list(dict.fromkeys(tuple(p) for _, p in assignments))
-        self.stats["prefills"] += 1
         row_of = {p: i for i, p in enumerate(unique)}
-        width = max(len(p) for p in unique)
-        ids = torch.full((len(unique), width), self.pad, dtype=torch.long)
-        valid = torch.zeros(len(unique), width, dtype=torch.bool)
-        for i, p in enumerate(unique):
-            ids[i, width - len(p):] = torch.tensor(p)
-            valid[i, width - len(p):] = True
-        positions = (torch.arange(width)[None] - (~valid).sum(1, keepdim=True)).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        # a padding query sees itself, so no row of the mask is empty (an empty row would make NaNs that spread)
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
-        rows, tokens, flat = [], [], []
+        lengths = [len(p) for p in unique]
+        starts = [0, *itertools.accumulate(lengths)]
+        ids = torch.tensor([t for p in unique for t in p])
+        positions = torch.cat([torch.arange(n) for n in lengths])
         heads = torch.arange(self.kv_heads)
         length = self.cache.length
+        tokens, flat = [], []
         for slot, p in assignments:
-            r, n = row_of[tuple(p)], len(p)
-            rows += [r] * n
-            tokens += range(width - n, width)
-            # flat row of (slot, position j, head h): [n, kv_heads], in the order key_states[rows, :, tokens] gives
+            u, n = row_of[tuple(p)], len(p)
+            tokens.append(torch.arange(starts[u], starts[u] + n))
+            # flat row of (slot, position j, head h): [n, kv_heads], in the order key_states[0, :, tokens] gives
             flat.append(((slot * length + torch.arange(n))[:, None] * self.kv_heads + heads[None, :]).reshape(-1))
+        tokens = torch.cat(tokens)
+        dev = self.device
         cache = self.cache
         cache.mode = "prefill"
-        cache.source = (torch.tensor(rows, device=self.device), torch.tensor(tokens, device=self.device))
-        cache.flat_index = torch.cat(flat).to(self.device)
+        cache.source = (torch.zeros_like(tokens).to(dev), tokens.to(dev))
+        cache.flat_index = torch.cat(flat).to(dev)
+        bounds = torch.tensor(starts, dtype=torch.int32).view(1, 1, 1, -1).to(dev)
+        last = torch.tensor(starts[1:]) - 1
         with torch.no_grad():
-            out = self.model(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                             attention_mask=mask[:, None].to(self.device), use_cache=True, logits_to_keep=1,
+            out = self.model(input_ids=ids[None].to(dev), position_ids=positions[None].to(dev), attention_mask=bounds,
+                             max_length_q=max(lengths), use_cache=True, logits_to_keep=last.to(dev),
                              **{self.cache_kw: cache})
         cache.mode, cache.source, cache.flat_index = "decode", None, None
-        logits = out.logits[:, -1].float()
-        return logits[torch.tensor([row_of[tuple(p)] for _, p in assignments], device=self.device)]
+        logits = out.logits[0].float()[torch.tensor([row_of[tuple(p)] for _, p in assignments], device=dev)]
+        self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += len(assignments)
+        self.stats["prefill_tokens"] += int(starts[-1])
+        if timed:
+            torch.cuda.synchronize(self.device)
+            self.stats["prefill_s"] += time.perf_counter() - began
+        return logits
 
     def check(self):
         """None if one prefill and one decoding step give the logits of a plain forward (two slots, prompts of
@@ -284,7 +301,7 @@ class SlotGenerator:
         for s, (p, t) in enumerate(zip(prompts, follow)):
             cache.positions[s, 0], self.tokens[s, 0] = len(p), t
         slots = _pow2_bucket(2, cache.slots)
-        self.step(slots, cache.length if self.flash else LENGTH_BUCKET)
+        self.step(slots, cache.length if self.kernel != "sdpa" else LENGTH_BUCKET)
         worst = 0.0
         with torch.no_grad():
             for s, (p, t) in enumerate(zip(prompts, follow)):
@@ -326,6 +343,7 @@ class SlotGenerator:
         pending.reverse()  # pop() takes them in order
         window = sampling.loop_window
         rows = torch.arange(S, device=dev)
+        admit_min = max(1, int(S * self.admit_fraction))
 
         def choose(scores):
             if sampling.temperature > 0:
@@ -347,10 +365,12 @@ class SlotGenerator:
         def start(assignments):
             logits = self.prefill(assignments)
             slots = torch.tensor([s for s, _ in assignments], device=dev)
-            lengths = torch.tensor([len(p) for _, p in assignments], device=dev)
-            history[slots] = self.pad
-            for k, (s, p) in enumerate(assignments):
-                history[s, : len(p)] = torch.tensor(p, device=dev)
+            lengths = torch.tensor([len(p) for _, p in assignments])
+            padded = torch.full((len(assignments), L + 1), self.pad, dtype=torch.long)
+            for k, (_, p) in enumerate(assignments):
+                padded[k, : len(p)] = torch.tensor(p)
+            history[slots] = padded.to(dev)  # one copy to the GPU (one per row waited for the GPU each time)
+            lengths = lengths.to(dev)
             scores = processors(history[slots], logits)
             if len(suppress):
                 scores[:, suppress] = -math.inf
@@ -405,7 +425,7 @@ class SlotGenerator:
                     looped |= stuck
                     active &= ~stuck
                 free = harvest()
-                if pending and free:
+                if pending and len(free) >= min(admit_min, len(pending)):
                     admit(free)
                 elif not pending and len(free) < S:
                     compact()
@@ -414,7 +434,7 @@ class SlotGenerator:
                     break
                 in_use = max(s for s in range(S) if slot_request[s] is not None) + 1
                 slots = _pow2_bucket(in_use, S)
-                length = L if self.flash else min(L, _round_up(int(cache.positions[:slots].max()) + CHECK_EVERY + 1,
+                length = L if self.kernel != "sdpa" else min(L, _round_up(int(cache.positions[:slots].max()) + CHECK_EVERY + 1,
                                                                LENGTH_BUCKET))
             self.step(slots, length)
             scores = processors(history[:slots], self.logits[:slots])
@@ -464,13 +484,28 @@ def uncompile_pointwise(model):
 
 
 def flash_varlen_available():
-    return hasattr(torch.ops.aten, "_flash_attention_forward") and torch.backends.cuda.flash_sdp_enabled()
+    """PyTorch's flash kernel: built in, switched on, and a GPU it runs on (Ampere or newer; not a T4)."""
+    return (hasattr(torch.ops.aten, "_flash_attention_forward") and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0))
+
+
+def decode_kernels(device):
+    """The decoding attentions that may run here, best first: the Triton kernel (common/decode_kernel.py), flash
+    attention's varlen kernel, masked SDPA (always)."""
+    if device.type != "cuda":
+        return ["sdpa"]
+    return [k for k, ok in (("triton", decode_kernel.available()), ("flash", flash_varlen_available())) if ok] + ["sdpa"]
 
 
 def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """Attention for the slot cache. Decoding with an int32 mask (each slot's key count): flash attention's varlen
-    kernel on the cache as it lies, reading only the keys each slot holds (grouped-query heads native). A boolean
-    or no mask: `grouped_sdpa_attention`."""
+    """Attention for the slot cache. An int32 mask holds sequence lengths: in a prefill (several query tokens) the
+    offsets of the packed prompts (`packed_attention`); in decoding each slot's key count, read from the cache as it
+    lies by the Triton kernel (decode_kernel="triton") or flash attention's varlen kernel, each slot reading only
+    the keys it holds. A boolean or no mask: `grouped_sdpa_attention`."""
+    if attention_mask is not None and attention_mask.dtype == torch.int32 and query.shape[2] > 1:
+        return packed_attention(query, key, value, attention_mask.reshape(-1), kwargs["max_length_q"], scaling)
+    if attention_mask is not None and attention_mask.dtype == torch.int32 and kwargs.get("decode_kernel") == "triton":
+        return decode_kernel.attend(query, key, value, attention_mask.reshape(-1), scaling), None
     if attention_mask is not None and attention_mask.dtype == torch.int32:
         # The query heads that share a KV head become that head's query rows (max_q = groups, not causal: they are
         # one position), so each slot's keys are read once per KV head, not once per query head.
@@ -487,6 +522,27 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         return out.view(slots, groups, kv_heads, dim).transpose(1, 2).reshape(slots, 1, heads, dim), None
     return grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def packed_attention(query, key, value, bounds, max_length, scaling=None):
+    """Causal attention within each of the sequences packed into one row (prefill): (1, H, T, D) queries, keys and
+    values, `bounds` the int32 offsets where each starts (and T), `max_length` the longest. Flash attention's varlen
+    kernel on a GPU that has it (grouped-query heads native); elsewhere SDPA on each sequence in turn."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
+    if q.is_cuda and flash_varlen_available() and q.dtype in (torch.float16, torch.bfloat16):
+        out = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, max_length, max_length, 0.0, True,
+                                                      False, scale=scaling)[0]
+    else:
+        groups = q.shape[1] // k.shape[1]
+        edges = bounds.tolist()
+        out = torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).repeat_interleave(groups, 0),
+                v[a:b].transpose(0, 1).repeat_interleave(groups, 0), is_causal=True, scale=scaling,
+            ).transpose(0, 1)
+            for a, b in zip(edges, edges[1:])
+        ])
+    return out[None], None
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -560,17 +616,19 @@ def make_generator(model, pad_token_id, slots=None):
         return None, "sliding-window attention"
     try:
         generator = SlotGenerator(model, pad_token_id, slots=slots or 128)
-        error = "off"
-        if generator.flash:
+        *kernels, last = decode_kernels(generator.device)
+        for kernel in kernels:  # a kernel missing or refusing this model: the next one
+            generator.kernel = kernel
             try:
                 error = checked(generator)
-            except Exception as e:  # flash's varlen kernel missing or refusing this model: masked SDPA instead
-                error = f"{type(e).__name__}: {e}"
-            if error is not None:
-                print(f"generation: flash varlen decoding off ({error}); masked SDPA instead", file=sys.stderr, flush=True)
-                generator.flash = False
-                generator.drop_graphs()
-        if error is not None:
+            except Exception as e:
+                error = f"{type(e).__name__}: {str(e)[:300]}"
+            if error is None:
+                break
+            print(f"generation: {kernel} decoding attention off ({error})", file=sys.stderr, flush=True)
+            generator.drop_graphs()
+        else:
+            generator.kernel = last
             error = checked(generator)
     except Exception as e:  # what the mechanism needs is missing or changed in this transformers version
         uncompile_pointwise(model)
