@@ -11,12 +11,13 @@ row's end over the wall time of the whole workload; `fixed` rows give every requ
 - baseline: `model.generate` (dynamic cache, eager), on the first --baseline-requests requests in one batch;
 - static: `StaticGenerator` (static cache, compiled step, CUDA graphs), requests handed over --static-batch at a
   time as the step did; its first call (compile) is timed apart;
-- fast: `SlotGenerator`, all requests in one call at --slots rows at a time (the tier's GEN_BATCH); the capture of
-  its CUDA graphs happens in a first warm-up run, timed apart. fast-compiled: the same with its norms and MLPs
-  compiled (SIT_COMPILE_DECODE=1), compiled in the warm-up run. Each records its steps per slot bucket and each
-  bucket's step time, so the JSON says where the decoding time went.
+- fast: `SlotGenerator` with an eager step, all requests in one call at --slots rows at a time (the tier's
+  GEN_ROWS); the capture of its CUDA graphs happens in a first warm-up run, timed apart. fast-compiled: the same
+  with its norms and MLPs compiled (as the steps run on a GPU), compiled in the warm-up run. Each records its steps
+  per slot bucket and each bucket's step time, so the JSON says where the decoding time went; --timing adds the
+  prefills' time, --calls the same requests handed over in calls of so many (as a step hands over its batches).
 
-    python bench/generate.py [--requests 512] [--slots 128] [--cap 1024]
+    python bench/generate.py [--requests 1024] [--slots 256] [--cap 1024] [--kernel triton] [--calls 512]
 
 Results: JSON under --out (default $OUT, else bench/results) as generate-realistic-<gpu>.json, a table on stdout.
 """
