@@ -300,7 +300,8 @@ def main():
                 kernels = args.kernel.split(",") if args.kernel else [None]
                 for slots, admit, kernel in itertools.product(map(int, str(args.slots).split(",")), admits, kernels):
                     last = args.profile and variant == "fast" and (admit, kernel) == (admits[-1], kernels[-1])
-                    calls = [int(c) for c in args.calls.split(",")] if args.calls and not variant.endswith("fixed") else []
+                    realistic = not variant.endswith("fixed")
+                    calls = [int(c) for c in args.calls.split(",")] if args.calls and realistic else []
                     for row in run_fast(model, p, t, args.cap, slots, variant, args.memory_gib, admit, args.timing,
                                         profile_to=str(Path(args.out) / f"profile-{slug}") if last else None,
                                         kernel=kernel, calls=calls):
@@ -310,18 +311,19 @@ def main():
             save()
         torch.cuda.empty_cache()
     rows = {r["variant"]: r for r in report["results"] if r.get("requested_slots") in (None, max(map(int, args.slots.split(","))))}
-    if "fast" in rows:
-        if "static" in rows:
-            report["fast_vs_static"] = round(rows["fast"]["useful_tok_s"] / rows["static"]["useful_tok_s"], 2)
-        if "fast-fixed" in rows:
-            report["fast_realistic_vs_fixed"] = round(rows["fast"]["useful_tok_s"] / rows["fast-fixed"]["useful_tok_s"], 3)
+    for fast in ("fast", "fast-compiled"):
+        rate = {v: rows[v]["useful_tok_s"] for v in (fast, f"{fast}-fixed", "static") if v in rows}
+        if fast in rate and "static" in rate:
+            report[f"{fast}_vs_static"] = round(rate[fast] / rate["static"], 2)
+        if fast in rate and f"{fast}-fixed" in rate:
+            report[f"{fast}_realistic_vs_fixed"] = round(rate[fast] / rate[f"{fast}-fixed"], 3)
     save()
     print(f"\n{name}, torch {torch.__version__}, transformers {transformers.__version__}; wrote {out_path}")
     print(f"{'variant':<14}{'requests':>9}{'useful tok/s':>14}{'wall s':>9}{'peak GiB':>10}{'on target':>11}")
     for r in report["results"]:
         print(f"{r['variant']:<14}{r['requests']:>9}{r['useful_tok_s']:>14.0f}{r['wall_s']:>9.1f}{r['peak_gib']:>10.1f}"
               f"{r['rows_ending_on_target']:>11}")
-    print({k: report[k] for k in ("fast_vs_static", "fast_realistic_vs_fixed") if k in report})
+    print({k: v for k, v in report.items() if k.endswith(("_vs_static", "_vs_fixed"))})
 
 
 if __name__ == "__main__":

@@ -155,6 +155,11 @@ class SlotGenerator:
         self.timing = False  # bench: time each prefill (a GPU sync before and after it) into stats["prefill_s"]
         self.admit_fraction = ADMIT_FRACTION
 
+    @property
+    def reads_lengths(self):
+        """Whether decoding attention takes each slot's key count (Triton, flash) rather than a mask (SDPA)."""
+        return self.kernel != "sdpa"
+
     # ---- memory -------------------------------------------------------------------------------------------------
     def slot_bytes(self, length):
         kv = 2 * self.layers * self.kv_heads * length * self.head_dim * torch.finfo(self.dtype).bits // 8
@@ -212,7 +217,7 @@ class SlotGenerator:
         cache = self.cache
         cache.mode, cache.view = "decode", (slots, length)
         positions = cache.positions[:slots]
-        if self.kernel != "sdpa":  # slot_attention reads each slot's key count from an int32 "mask"
+        if self.reads_lengths:  # slot_attention reads each slot's key count from an int32 "mask"
             mask = (positions + 1).to(torch.int32).view(slots, 1, 1, 1)
         else:
             mask = (self.index[:length] <= positions).view(slots, 1, 1, length)
@@ -301,7 +306,7 @@ class SlotGenerator:
         for s, (p, t) in enumerate(zip(prompts, follow)):
             cache.positions[s, 0], self.tokens[s, 0] = len(p), t
         slots = _pow2_bucket(2, cache.slots)
-        self.step(slots, cache.length if self.kernel != "sdpa" else LENGTH_BUCKET)
+        self.step(slots, cache.length if self.reads_lengths else LENGTH_BUCKET)
         worst = 0.0
         with torch.no_grad():
             for s, (p, t) in enumerate(zip(prompts, follow)):
@@ -434,8 +439,8 @@ class SlotGenerator:
                     break
                 in_use = max(s for s in range(S) if slot_request[s] is not None) + 1
                 slots = _pow2_bucket(in_use, S)
-                length = L if self.kernel != "sdpa" else min(L, _round_up(int(cache.positions[:slots].max()) + CHECK_EVERY + 1,
-                                                               LENGTH_BUCKET))
+                longest = int(cache.positions[:slots].max()) if not self.reads_lengths else 0
+                length = L if self.reads_lengths else min(L, _round_up(longest + CHECK_EVERY + 1, LENGTH_BUCKET))
             self.step(slots, length)
             scores = processors(history[:slots], self.logits[:slots])
             token = torch.where(active[:slots], choose(scores), self.pad)
@@ -494,7 +499,8 @@ def decode_kernels(device):
     attention's varlen kernel, masked SDPA (always)."""
     if device.type != "cuda":
         return ["sdpa"]
-    return [k for k, ok in (("triton", decode_kernel.available()), ("flash", flash_varlen_available())) if ok] + ["sdpa"]
+    candidates = (("triton", decode_kernel.available()), ("flash", flash_varlen_available()))
+    return [kernel for kernel, runs in candidates if runs] + ["sdpa"]
 
 
 def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
