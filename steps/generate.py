@@ -248,7 +248,7 @@ def write_samples(args):
                 for k in range(n)], tokens
 
     ids = [record_id(args.seed, i) for i in range(args.num_samples)]
-    run_batches(args.out, ids, args.batch_size, work, settings, desc="generate", unit="sample",
+    run_batches(args.out, ids, args.batch_size, work, {"settings": settings}, desc="generate", unit="sample",
                 order=lambda r: int(r["id"].rsplit("-", 1)[1]))
 
 

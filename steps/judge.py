@@ -24,9 +24,7 @@ refuses a partial file written with other judge settings.
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from common import DataError, run_step
 from common.batches import run_batches
@@ -37,7 +35,7 @@ from common.jsonl import read_jsonl
 from common.judge import PREFILL, SCHEMA, AnswerConstraint, judge_message, merge, parse_answer, user_turns
 from common.models import load_tokenizer
 from common.precision import dtype_name
-from common.shards import process_rank, shard_paths
+from common.shards import process_rank
 
 
 def parse_args(argv=None):
@@ -182,26 +180,6 @@ def judged_records(judge, records, settings, seed):
     return out, tokens
 
 
-def check_judge_settings(target, settings):
-    """run_batches checks each record's `settings`, which here are generate's; the judge's own are checked here: a
-    partial (or finished) output written by another judge is refused, not continued."""
-    for path in (Path(f"{target}.partial"), Path(target)):
-        if not path.exists():
-            continue
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-        try:
-            theirs = json.loads(first).get("judge")
-        except (json.JSONDecodeError, AttributeError):
-            return  # a torn first line: nothing kept to resume
-        if theirs != settings:
-            differ = sorted(k for k in {*(theirs or {}), *settings} if (theirs or {}).get(k) != settings.get(k))
-            raise DataError(f"{path}: left by a run with other judge settings ({', '.join(differ)} differ: "
-                            f"{ {k: (theirs or {}).get(k) for k in differ} }); delete it to start over, or rerun "
-                            "with the same settings to resume")
-        return
-
-
 def main(argv=None):
     args = parse_args(argv)
     records = read_jsonl(args.inp, required={"id": str, "instruction": str})
@@ -217,7 +195,6 @@ def write_judged(args, records):
     sampling = sampling_of(args, tokenizer, constrained)
     settings = settings_of(args, sampling, constrained)
     rank, world = process_rank()
-    check_judge_settings(args.out if world == 1 else shard_paths(args.out, world)[rank], settings)
     state = {}
 
     def work(b, first, n):
@@ -232,8 +209,10 @@ def write_judged(args, records):
         return judged_records(state["judge"], records[first : first + n], settings, args.seed * 1_000_003 + b)
 
     position = {r["id"]: i for i, r in enumerate(records)}
-    done = run_batches(args.out, [r["id"] for r in records], args.batch_size, work,
-                       records[0].get("settings"), desc="judge", unit="record", order=lambda r: position[r["id"]])
+    # generate's settings (the records judged) and the judge's own: a file left by either other run is refused
+    fields = {"settings": records[0].get("settings"), "judge": settings}
+    done = run_batches(args.out, [r["id"] for r in records], args.batch_size, work, fields, desc="judge",
+                       unit="record", order=lambda r: position[r["id"]])
     if done is not None:
         unparsed = sum("unparsed" in r["tags"].values() for r in done)
         print(f"judged {len(done)} records; {unparsed} with an \"unparsed\" tag", file=sys.stderr)

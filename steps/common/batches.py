@@ -17,11 +17,11 @@ from .jsonl import ResumableWriter, read_jsonl
 from .shards import merge_shards, process_rank, shard_lock, shard_paths
 
 
-def run_batches(out, ids, batch_size, work, settings, desc, unit, order):
+def run_batches(out, ids, batch_size, work, fields, desc, unit, order):
     """Write one record per id to `out`, batch by batch: `work(b, first, n)` returns (the records of items
-    first..first+n-1, generated tokens). Every record carries `settings`, which a resumed partial file must match
-    (the check names the partial file and what differs). `order(record)` sorts the merged shards. Returns every
-    record on process 0 (None on the others)."""
+    first..first+n-1, generated tokens). `fields` maps record fields to the values every record carries (e.g.
+    {"settings": ...}), which a resumed partial (or finished) file must match: the check names the file and what
+    differs. `order(record)` sorts the merged shards. Returns every record on process 0 (None on the others)."""
     rank, world = process_rank()
     if world > 1 and Path(out).exists():  # finished by an earlier run: process 0 has what it needs
         return read_jsonl(out) if rank == 0 else None
@@ -31,7 +31,7 @@ def run_batches(out, ids, batch_size, work, settings, desc, unit, order):
     with shard_lock(target if world > 1 else None):
         writer = ResumableWriter(target, keep=lambda n: n if n >= len(mine) else n - n % batch_size)
         try:
-            check_resume(writer, [ids[i] for i in mine], settings)
+            check_resume(writer, [ids[i] for i in mine], fields)
         except DataError:
             writer.close()
             raise
@@ -55,16 +55,18 @@ def run_batches(out, ids, batch_size, work, settings, desc, unit, order):
     return merge_shards(out, world, order) if rank == 0 else None
 
 
-def check_resume(writer, ids, settings):
-    """A partial file is resumed only when it holds the same items, written with the same settings."""
+def check_resume(writer, ids, fields):
+    """A partial file is resumed only when it holds the same items, written with the same `fields` values."""
     if not writer.done:
         return
-    theirs = writer.done[0].get("settings")
-    if theirs != settings:
-        differ = sorted(k for k in {*(theirs or {}), *settings} if (theirs or {}).get(k) != settings.get(k))
-        raise DataError(f"{writer.partial}: left by a run with other settings ({', '.join(differ)} differ: "
-                        f"{ {k: (theirs or {}).get(k) for k in differ} }); delete it to start over, or rerun with the "
-                        "same settings to resume")
+    for field, ours in fields.items():
+        theirs, ours = writer.done[0].get(field) or {}, ours or {}
+        if theirs != ours:
+            differ = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
+            name = "settings" if field == "settings" else f"{field} settings"
+            raise DataError(f"{writer.partial}: left by a run with other {name} ({', '.join(differ)} differ: "
+                            f"{ {k: theirs.get(k) for k in differ} }); delete it to start over, or rerun with the "
+                            "same settings to resume")
     done_ids = [r.get("id") for r in writer.done]
     if done_ids != ids[: len(done_ids)]:
         raise DataError(f"{writer.partial}: holds other items than this run makes (ids {done_ids[:3]}... against "

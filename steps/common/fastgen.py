@@ -112,9 +112,10 @@ class SlotCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         flat_k, flat_v = keys.view(-1, self.head_dim), values.view(-1, self.head_dim)
         if self.mode == "prefill":
-            rows, tokens = self.source  # (rows, kv_heads, tokens, dim) -> one (kv_heads, dim) block per kept token
-            flat_k.index_copy_(0, self.flat_index, key_states[rows, :, tokens].reshape(-1, self.head_dim))
-            flat_v.index_copy_(0, self.flat_index, value_states[rows, :, tokens].reshape(-1, self.head_dim))
+            # the packed row (1, kv_heads, tokens, dim) -> one (kv_heads, dim) block per token a slot takes
+            tokens = self.source
+            flat_k.index_copy_(0, self.flat_index, key_states[0].transpose(0, 1)[tokens].reshape(-1, self.head_dim))
+            flat_v.index_copy_(0, self.flat_index, value_states[0].transpose(0, 1)[tokens].reshape(-1, self.head_dim))
             return key_states, value_states
         slots, length = self.view
         index = (self.base[:slots] + self.positions[:slots] * self.kv_heads).reshape(-1)
@@ -270,13 +271,13 @@ class SlotGenerator:
         for slot, p in assignments:
             u, n = row_of[tuple(p)], len(p)
             tokens.append(torch.arange(starts[u], starts[u] + n))
-            # flat row of (slot, position j, head h): [n, kv_heads], in the order key_states[0, :, tokens] gives
+            # flat row of (slot, position j, head h): [n, kv_heads], in the order update() takes the tokens
             flat.append(((slot * length + torch.arange(n))[:, None] * self.kv_heads + heads[None, :]).reshape(-1))
         tokens = torch.cat(tokens)
         dev = self.device
         cache = self.cache
         cache.mode = "prefill"
-        cache.source = (torch.zeros_like(tokens).to(dev), tokens.to(dev))
+        cache.source = tokens.to(dev)
         cache.flat_index = torch.cat(flat).to(dev)
         bounds = torch.tensor(starts, dtype=torch.int32).view(1, 1, 1, -1).to(dev)
         last = torch.tensor(starts[1:]) - 1
