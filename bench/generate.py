@@ -17,7 +17,7 @@ row's end over the wall time of the whole workload; `fixed` rows give every requ
   per slot bucket and each bucket's step time, so the JSON says where the decoding time went; --timing adds the
   prefills' time, --calls the same requests handed over in calls of so many (as a step hands over its batches).
 
-    python bench/generate.py [--requests 1024] [--slots 256] [--cap 1024] [--kernel triton] [--calls 512]
+    python bench/generate.py [--requests 4096] [--slots 256] [--cap 1024] [--kernel triton] [--calls 512]
 
 Results: JSON under --out (default $OUT, else bench/results) as generate-realistic-<gpu>.json, a table on stdout.
 """
@@ -47,7 +47,9 @@ EOS, PAD = 128009, 128004  # <|eot_id|>, <|finetune_right_pad_id|>: never in the
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "bench" / "configs" / "llama-3.1-8b.json"))
-    p.add_argument("--requests", type=int, default=1024, help="requests (the h100 tier's NUM_SAMPLES is 1000)")
+    p.add_argument("--requests", type=int, default=4096,
+                   help="requests in one call: the h100 tier's GEN_BATCH (a run of the default NUM_SAMPLES, 1000, is "
+                        "one call of 1,000)")
     p.add_argument("--static-requests", type=int, default=512,
                    help="the static engine's share (its rate does not depend on how many 128-batches it runs)")
     p.add_argument("--slots", default="256", help="rows decoded at once by the fast path (GEN_BATCH); several: 128,256")
@@ -71,6 +73,7 @@ def parse_args():
     p.add_argument("--memory-gib", type=float, default=79.1, help="GPU memory the fast path may size itself to "
                    "(default: an 80 GB H100's; the static engine and baseline need far less at these settings)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default="", help="appended to the JSON's name (generate-realistic-<gpu>-<tag>.json)")
     return p.parse_args()
 
 
@@ -259,7 +262,7 @@ def main():
 
     name = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
-    out_path = Path(args.out) / f"generate-realistic-{slug}.json"
+    out_path = Path(args.out) / f"generate-realistic-{slug}{'-' + args.tag if args.tag else ''}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     prompts, targets = workload(args)
     fixed_prompts, fixed_targets = workload(args, fixed=True)

@@ -4,9 +4,10 @@ GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
 REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
 DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
-# Samples a batch and rows decoded at once (the fast path fits the rows to free memory); empty token caps: the
-# generator recipe's (Magpie's 1,024 / 4,096 for Llama-3.1).
-GEN_BATCH ?= 512
+# Samples a batch and rows decoded at once (the fast path fits the rows to free memory); a batch is 16 times the rows,
+# as on the h100 tier (each batch ends by draining its longest rows). Empty token caps: the generator recipe's
+# (Magpie's 1,024 / 4,096 for Llama-3.1).
+GEN_BATCH ?= 1024
 GEN_ROWS ?= 64
 MAX_INSTRUCTION_TOKENS ?=
 MAX_RESPONSE_TOKENS ?=
@@ -21,8 +22,8 @@ JUDGE_RESPONSE_TOKENS ?= 1024
 # label) are dropped too, since refusals are kept (steps/filter.py says why).
 FILTER_ARGS ?= --min-input-quality good --drop-unsafe
 NUM_RESPONSES ?= 4
-# Instructions a batch (x NUM_RESPONSES responses: four times PREF_ROWS; a batch ends by draining its longest rows)
-PREF_BATCH ?= 64
+# Instructions a batch (x NUM_RESPONSES responses: 16 times PREF_ROWS; a batch ends by draining its longest rows)
+PREF_BATCH ?= 256
 PREF_ROWS ?= 64
 PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag

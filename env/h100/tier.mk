@@ -6,10 +6,11 @@ DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
 # Samples a batch (the unit a resumed run restarts from) and rows decoded at once. The fast path refills a row's
 # slot when it ends and sizes its KV cache from free memory (fewer rows, said, where 4,096-token responses don't fit).
-# Each batch ends by draining its longest rows on a few slots, so a batch is several times the rows: 1,024 realistic
-# requests in calls of 512 made 10,680 tokens/s, in one call 12,386 (bench/results/generate-calls-h200.json).
-# Empty token caps: the generator recipe's (Magpie's 1,024 / 4,096 for Llama-3.1).
-GEN_BATCH ?= 1024
+# Each batch ends by draining its longest rows on a few slots (up to a cap's worth of steps), so a batch is 16 times
+# the rows: 4,096 realistic requests on 256 rows made 87% of the fixed-length rate, 1,024 made 76% (bench/README.md).
+# A crash loses at most the batch under way (a few minutes here). Empty token caps: the generator recipe's (Magpie's
+# 1,024 / 4,096 for Llama-3.1).
+GEN_BATCH ?= 4096
 GEN_ROWS ?= 256
 MAX_INSTRUCTION_TOKENS ?=
 MAX_RESPONSE_TOKENS ?=
@@ -24,8 +25,8 @@ JUDGE_RESPONSE_TOKENS ?= 1024
 # label) are dropped too, since refusals are kept (steps/filter.py says why).
 FILTER_ARGS ?= --min-input-quality good --drop-unsafe
 NUM_RESPONSES ?= 4
-# Instructions a batch (x NUM_RESPONSES responses: four times PREF_ROWS, as for GEN_BATCH)
-PREF_BATCH ?= 128
+# Instructions a batch (x NUM_RESPONSES responses: 16 times PREF_ROWS, as for GEN_BATCH)
+PREF_BATCH ?= 512
 PREF_ROWS ?= 128
 PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
