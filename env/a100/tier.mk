@@ -13,7 +13,8 @@ MAX_INSTRUCTION_TOKENS ?=
 MAX_RESPONSE_TOKENS ?=
 # The judge (steps/judge.py; JUDGE_MODEL defaults to the generator): records a batch, answers decoded at once, the
 # answer's token cap (the JSON is ~60 tokens; a cut-off one is retried once) and the response shown for safety.
-JUDGE_BATCH ?= 512
+# 16 times the rows, as for GEN_BATCH and on the h100 tier (bench/README.md: larger calls, more records/s)
+JUDGE_BATCH ?= 1024
 JUDGE_ROWS ?= 64
 JUDGE_MAX_TOKENS ?= 128
 JUDGE_RESPONSE_TOKENS ?= 1024
