@@ -52,7 +52,7 @@ def parse_args():
                         "one call of 1,000)")
     p.add_argument("--static-requests", type=int, default=512,
                    help="the static engine's share (its rate does not depend on how many 128-batches it runs)")
-    p.add_argument("--slots", default="256", help="rows decoded at once by the fast path (GEN_BATCH); several: 128,256")
+    p.add_argument("--slots", default="256", help="rows decoded at once by the fast path (GEN_ROWS); several: 128,256")
     p.add_argument("--static-batch", type=int, default=128, help="requests per call of the static engine")
     p.add_argument("--baseline-requests", type=int, default=64)
     p.add_argument("--cap", type=int, default=1024, help="max_new_tokens")

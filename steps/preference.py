@@ -128,8 +128,8 @@ def score(args, records):
                 for j, r in enumerate(batch)], sum(s["tokens"] for s in samples)
 
     position = {r["id"]: i for i, r in enumerate(records)}
-    return run_batches(args.scored, [r["id"] for r in records], args.batch_size, work, {"settings": settings}, desc="preference",
-                       unit="instruction", order=lambda r: position[r["id"]])
+    return run_batches(args.scored, [r["id"] for r in records], args.batch_size, work, {"settings": settings},
+                       desc="preference", unit="instruction", order=lambda r: position[r["id"]])
 
 
 def main(argv=None):

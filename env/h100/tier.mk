@@ -7,7 +7,7 @@ NUM_SAMPLES ?= 1000
 # Samples a batch (the unit a resumed run restarts from) and rows decoded at once. The fast path refills a row's
 # slot when it ends and sizes its KV cache from free memory (fewer rows, said, where 4,096-token responses don't fit).
 # Each batch ends by draining its longest rows on a few slots (up to a cap's worth of steps), so a batch is 16 times
-# the rows: 4,096 realistic requests on 256 rows made 87% of the fixed-length rate, 1,024 made 76% (bench/README.md).
+# the rows: 4,096 realistic requests on 256 rows made 86% of the fixed-length rate, 1,024 made 76% (bench/README.md).
 # A crash loses at most the batch under way (a few minutes here). Empty token caps: the generator recipe's (Magpie's
 # 1,024 / 4,096 for Llama-3.1).
 GEN_BATCH ?= 4096

@@ -130,7 +130,8 @@ class SlotCache:
 class SlotGenerator:
     """Continuous batching for one model: `generate(prompts, sampling)` -> (generated ids per prompt, looped flags).
 
-    `slots`: how many rows decode at once (the tier's GEN_BATCH), reduced to what fits in free GPU memory."""
+    `slots`: how many rows decode at once (the tier's GEN_ROWS, PREF_ROWS or JUDGE_ROWS), reduced to what fits in
+    free GPU memory."""
 
     def __init__(self, model, pad_token_id, slots=128, graphs=None, memory_limit=None, compiled=None):
         self.model, self.pad = model, pad_token_id
@@ -186,9 +187,10 @@ class SlotGenerator:
                 "free GPU memory: lower MAX_RESPONSE_TOKENS / MAX_INSTRUCTION_TOKENS (generate) or PREF_MAX_TOKENS "
                 "(preference), or load the generator in 4-bit (--load-in-4bit)")
         if slots < self.requested_slots:
-            slots = max(MIN_SLOT_BUCKET, slots // MIN_SLOT_BUCKET * MIN_SLOT_BUCKET) if slots >= MIN_SLOT_BUCKET else slots
-            print(f"generation: {slots} rows at a time instead of {self.requested_slots} (GEN_BATCH / PREF_BATCH): the "
-                  f"KV cache of {self.requested_slots} rows of {length} tokens needs "
+            if slots >= MIN_SLOT_BUCKET:
+                slots = slots // MIN_SLOT_BUCKET * MIN_SLOT_BUCKET
+            print(f"generation: {slots} rows at a time instead of {self.requested_slots} (GEN_ROWS, PREF_ROWS, "
+                  f"JUDGE_ROWS): the KV cache of {self.requested_slots} rows of {length} tokens needs "
                   f"{self.requested_slots * self.slot_bytes(length) / 2**30:.1f} GiB and "
                   f"{(free - workspace) / 2**30:.1f} GiB is free", file=sys.stderr, flush=True)
         return slots
@@ -440,8 +442,11 @@ class SlotGenerator:
                     break
                 in_use = max(s for s in range(S) if slot_request[s] is not None) + 1
                 slots = _pow2_bucket(in_use, S)
-                longest = int(cache.positions[:slots].max()) if not self.reads_lengths else 0
-                length = L if self.reads_lengths else min(L, _round_up(longest + CHECK_EVERY + 1, LENGTH_BUCKET))
+                if self.reads_lengths:  # each slot reads its own keys: the view is the whole cache
+                    length = L
+                else:  # the mask's width: the longest live row and the steps until the next look, bucketed
+                    longest = int(cache.positions[:slots].max())
+                    length = min(L, _round_up(longest + CHECK_EVERY + 1, LENGTH_BUCKET))
             self.step(slots, length)
             scores = processors(history[:slots], self.logits[:slots])
             token = torch.where(active[:slots], choose(scores), self.pad)

@@ -131,7 +131,8 @@ class AnswerConstraint:
     """A logits processor that holds the transformers engine's answer to the schema, token by token: the category,
     ratings and safety label can only be one of their values, the reason is free text without quotes, braces or line
     breaks (as many tokens as the rest leaves of `max_new_tokens`), the keys come in ANSWER_KEYS order, and the
-    answer ends (a stop token) after its closing brace. vLLM constrains with the JSON schema itself; this is the same guarantee for the other engine.
+    answer ends (a stop token) after its closing brace. vLLM constrains with the JSON schema itself; this is the
+    same guarantee for the other engine.
 
     Each row's answer is found after the last occurrence of PREFILL's tokens (as tokenized at the end of a prompt), so
     it works on any row layout either engine hands over; a row without it is left alone. Values are forced in one
