@@ -11,11 +11,17 @@ row's end over the wall time of the whole workload; `fixed` rows give every requ
 - baseline: `model.generate` (dynamic cache, eager), on the first --baseline-requests requests in one batch;
 - static: `StaticGenerator` (static cache, compiled step, CUDA graphs), requests handed over --static-batch at a
   time as the step did; its first call (compile) is timed apart;
-- fast: `SlotGenerator` with an eager step, all requests in one call at --slots rows at a time (the tier's
-  GEN_ROWS); the capture of its CUDA graphs happens in a first warm-up run, timed apart. fast-compiled: the same
-  with its norms and MLPs compiled (as the steps run on a GPU), compiled in the warm-up run. Each records its steps
-  per slot bucket and each bucket's step time, so the JSON says where the decoding time went; --timing adds the
-  prefills' time, --calls the same requests handed over in calls of so many (as a step hands over its batches).
+- fast: `SlotGenerator` with an eager step, all requests in one call at up to --slots rows at a time (the tier's
+  GEN_ROWS) over its paged KV cache; the capture of its CUDA graphs happens in a first warm-up run, timed apart.
+  fast-compiled: the same with its norms and MLPs compiled (as the steps run on a GPU), compiled in the warm-up run.
+  Each records its steps per slot bucket and each bucket's step time, so the JSON says where the decoding time went;
+  --timing adds the prefills' time, --calls the same requests handed over in calls of so many (as a step hands
+  over its batches);
+- unpaged, unpaged-compiled: the engine before the paged cache (each row reserving the cap), from a copy of its
+  steps/common given by --unpaged-from (`git archive 7afa6a5 steps/common | tar -x -C /tmp/unpaged`).
+
+--dtype float16 --load-in-4bit --memory-gib 15 is the t4 tier: the model saved and reloaded in 4-bit NF4 with fp16
+compute, the cache sized to a 16 GB T4's memory.
 
     python bench/generate.py [--requests 4096] [--slots 256] [--cap 1024] [--kernel triton] [--calls 512]
 
@@ -38,7 +44,8 @@ sys.path.insert(0, str(ROOT / "steps"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from timing import sync_time  # noqa: E402
-from common.fastgen import SlotGenerator, uncompile_pointwise  # noqa: E402
+from common import fastgen  # noqa: E402
+from common.fastgen import uncompile_pointwise  # noqa: E402
 from common.generation import Sampling  # noqa: E402
 
 EOS, PAD = 128009, 128004  # <|eot_id|>, <|finetune_right_pad_id|>: never in the random prompts (ids < 128000)
@@ -73,6 +80,9 @@ def parse_args():
     p.add_argument("--memory-gib", type=float, default=79.1, help="GPU memory the fast path may size itself to "
                    "(default: an 80 GB H100's; the static engine and baseline need far less at these settings)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--load-in-4bit", action="store_true", help="save the random model and reload it in 4-bit NF4")
+    p.add_argument("--unpaged-from", default="", help="a directory holding the unpaged engine's steps/common")
     p.add_argument("--tag", default="", help="appended to the JSON's name (generate-realistic-<gpu>-<tag>.json)")
     return p.parse_args()
 
@@ -114,13 +124,24 @@ def describe(lengths):
             "max": int(t.max()), "sum": int(t.sum())}
 
 
-def build_model(config_path, device="cuda"):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_model(config_path, dtype=torch.bfloat16, load_in_4bit=False, device="cuda"):
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     config = AutoConfig.for_model(**json.loads(Path(config_path).read_text()))
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if load_in_4bit:  # as the steps load a 4-bit generator: from a saved checkpoint, quantized on load
+        with tempfile.TemporaryDirectory() as path:
+            model.save_pretrained(path)
+            del model
+            torch.cuda.empty_cache()
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
+                                                         device_map={"": 0})
     model.eval()
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = PAD
@@ -181,13 +202,28 @@ def run_static(model, prompts, targets, cap, batch, variant):
                   first_call_s=round(compile_s, 1))
 
 
+def unpaged_engine(directory):
+    """The fastgen module of an older steps/common under `directory`, imported as its own package."""
+    import importlib.util
+
+    package = Path(directory) / "steps" / "common"
+    spec = importlib.util.spec_from_file_location("unpaged_common", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["unpaged_common"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("unpaged_common.fastgen")
+
+
 def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=None, timing=False, profile_to=None,
-             kernel=None, calls=()):
+             kernel=None, calls=(), engine=fastgen):
     """The fast path's rows: the workload in one call, then (`calls`) handed over in calls of so many requests,
-    as a step hands over its batches (GEN_BATCH samples, PREF_BATCH x NUM_RESPONSES responses)."""
-    compiled = variant.startswith("fast-compiled")
+    as a step hands over its batches (GEN_BATCH samples, PREF_BATCH x NUM_RESPONSES responses). `engine`: the
+    fastgen module (this one, or the unpaged one)."""
+    compiled = "compiled" in variant
     uncompile_pointwise(model)
-    generator = SlotGenerator(model, PAD, slots=slots, memory_limit=int(memory_gib * 2**30), compiled=compiled)
+    generator = engine.SlotGenerator(model, PAD, slots=slots, memory_limit=int(memory_gib * 2**30),
+                                     compiled=compiled)
     if admit is not None:
         generator.admit_fraction = admit
     generator.timing = timing
@@ -230,7 +266,8 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
                   full_step_forward_ms=forward_ms, compiled=generator.compiled, steps_per_slot_bucket=steps,
                   step_ms_per_slot_bucket={str(k): v for k, v in sorted(step_ms.items())},
                   decode_replay_s=round(replay_s, 1), prefills=stats.get("prefills", 0),
-                  slots=generator.cache.slots,
+                  slots=generator.cache.slots, most_rows=stats.get("most_rows"),
+                  preempted=stats.get("preempted", 0), kv_pages=getattr(generator.cache, "pages", None),
                   cache_length=generator.cache.length, graphs=len(generator.graphs), kernel=generator.kernel,
                   warm_up_run_s=round(warm, 1), check=generator.check()), *chunked]
 
@@ -268,7 +305,8 @@ def main():
     fixed_prompts, fixed_targets = workload(args, fixed=True)
     report = {
         "gpu": name, "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
-        "config": os.path.relpath(args.config, ROOT), "dtype": "bfloat16", "decoding": "greedy",
+        "config": os.path.relpath(args.config, ROOT), "dtype": args.dtype, "decoding": "greedy",
+        "weights": "4-bit NF4 (bitsandbytes)" if args.load_in_4bit else args.dtype, "memory_gib": args.memory_gib,
         "workload": {"requests": args.requests, "cap": args.cap,
                      "prompt_tokens": f"uniform {args.prompt_min}-{args.prompt_max}",
                      "response_tokens": f"log-normal, median {args.median}, sigma {args.sigma}, clamped to 4..cap-1",
@@ -284,8 +322,8 @@ def main():
             print(json.dumps(row), flush=True)
         out_path.write_text(json.dumps(report, indent=1) + "\n")
 
-    model, build_s = sync_time(lambda: build_model(args.config))
-    report["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2)
+    model, build_s = sync_time(lambda: build_model(args.config, getattr(torch, args.dtype), args.load_in_4bit))
+    report["weights_gb"] = round(torch.cuda.memory_allocated() / 1e9, 2)
     save()
     variants = args.variants.split(",")
     for variant in variants:
@@ -297,7 +335,9 @@ def main():
                 p, t = (prompts, targets) if variant == "static" else (fixed_prompts, fixed_targets)
                 n = args.static_requests
                 save(run_static(model, p[:n], t[:n], args.cap, args.static_batch, variant))
-            elif variant in ("fast", "fast-fixed", "fast-compiled", "fast-compiled-fixed"):
+            elif variant in ("fast", "fast-fixed", "fast-compiled", "fast-compiled-fixed", "unpaged",
+                             "unpaged-compiled"):
+                engine = unpaged_engine(args.unpaged_from) if variant.startswith("unpaged") else fastgen
                 p, t = (fixed_prompts, fixed_targets) if variant.endswith("fixed") else (prompts, targets)
                 admits = [float(a) for a in args.admit.split(",")] if args.admit else [None]
                 kernels = args.kernel.split(",") if args.kernel else [None]
@@ -307,7 +347,7 @@ def main():
                     calls = [int(c) for c in args.calls.split(",")] if args.calls and realistic else []
                     for row in run_fast(model, p, t, args.cap, slots, variant, args.memory_gib, admit, args.timing,
                                         profile_to=str(Path(args.out) / f"profile-{slug}") if last else None,
-                                        kernel=kernel, calls=calls):
+                                        kernel=kernel, calls=calls, engine=engine):
                         save(row)
         except Exception as e:  # one variant must not cost the others
             report.setdefault("errors", {})[variant] = f"{type(e).__name__}: {e}"[:800]
@@ -315,7 +355,12 @@ def main():
         torch.cuda.empty_cache()
     rows = {r["variant"]: r for r in report["results"] if r.get("requested_slots") in (None, max(map(int, args.slots.split(","))))}
     for fast in ("fast", "fast-compiled"):
-        rate = {v: rows[v]["useful_tok_s"] for v in (fast, f"{fast}-fixed", "static") if v in rows}
+        rate = {v: rows[v]["useful_tok_s"] for v in (fast, f"{fast}-fixed", "static", "baseline") if v in rows}
+        if fast in rate and "baseline" in rate:
+            report[f"{fast}_vs_baseline"] = round(rate[fast] / rate["baseline"], 2)
+        unpaged = fast.replace("fast", "unpaged")
+        if fast in rate and unpaged in rows:
+            report[f"{fast}_vs_{unpaged}"] = round(rate[fast] / rows[unpaged]["useful_tok_s"], 2)
         if fast in rate and "static" in rate:
             report[f"{fast}_vs_static"] = round(rate[fast] / rate["static"], 2)
         if fast in rate and f"{fast}-fixed" in rate:
@@ -326,7 +371,7 @@ def main():
     for r in report["results"]:
         print(f"{r['variant']:<14}{r['requests']:>9}{r['useful_tok_s']:>14.0f}{r['wall_s']:>9.1f}{r['peak_gib']:>10.1f}"
               f"{r['rows_ending_on_target']:>11}")
-    print({k: v for k, v in report.items() if k.endswith(("_vs_static", "_vs_fixed"))})
+    print({k: v for k, v in report.items() if "_vs_" in k})
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """The fast generation path (common/fastgen.py) on the CPU, against transformers' own `generate`.
 
-SlotGenerator runs eagerly on the CPU (no CUDA graphs, masked SDPA instead of flash), so its scheduling (slots
-refilled, empty slots, tail compaction, rows ending mid-batch), sampling and loop rule are checked here, in CI, and
+SlotGenerator runs eagerly on the CPU (no CUDA graphs, masked SDPA over gathered pages instead of the Triton kernel),
+so its scheduling (slots refilled, empty slots, tail compaction, rows ending mid-batch), its paged KV cache (pages
+taken as rows grow, given back and reused, admission waiting for pages, rows that outgrow the pages resumed), sampling
+and loop rule are checked here, in CI, and
 so is the engine's choice between it and plain `generate` (SIT_FAST_GENERATE=0, or a fast path that cannot run);
 tests/test_gpu.py runs it with CUDA graphs and flash attention."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -139,6 +142,81 @@ def test_tail_compaction_moves_live_rows_to_the_lowest_slots(fast_model, tokeniz
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------------
+
+# ---- the paged KV cache --------------------------------------------------------------------------------------------
+
+def page_spy(generator):
+    """Record, at every decoding step, how many slots hold pages and how many pages are in use; and every page
+    handed to a slot, with the request the slot held then (pages_of lists are per slot)."""
+    in_use, handed = [], []
+    step, grow = generator.step, generator.grow
+
+    def spy_step(slots, length):
+        owners = [s for s, pages in enumerate(generator.pages_of) if pages]
+        in_use.append((len(owners), sum(len(generator.pages_of[s]) for s in owners)))
+        return step(slots, length)
+
+    def spy_grow(wanted):
+        before = {s: list(generator.pages_of[s]) for s in wanted}
+        grow(wanted)
+        for s in wanted:
+            handed.extend((s, p) for p in generator.pages_of[s][len(before[s]):])
+
+    generator.step, generator.grow = spy_step, spy_grow
+    return in_use, handed
+
+
+@pytest.fixture
+def small_pages(monkeypatch):
+    """8-token pages, so that 32-token answers cross several of them."""
+    monkeypatch.setattr(fastgen, "PAGE", 8)
+    return 8
+
+
+def test_rows_take_pages_as_they_grow_give_them_back_and_match_generate(fast_model, tokenizer, prompts, reference,
+                                                                         stops, small_pages):
+    """Rows of different lengths on 8-token pages: a long row takes a page every 8 tokens (several allocations), a
+    short one ends mid-page, and the pages of ended rows go to the rows admitted after them."""
+    keys = list(INSTRUCTIONS)
+    ends = {k: len(prompts[k]) + len(reference[k]) for k in keys}
+    assert any(ends[k] % small_pages for k in SHORT)  # a row ends mid-page
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2)
+    in_use, handed = page_spy(generator)
+    rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys] and looped == [False] * len(keys)
+    per_slot = Counter(s for s, _ in handed)
+    grown = [n for n in per_slot.values()]
+    assert max(grown) > -(-(len(prompts["story"]) + fastgen.CHECK_EVERY + 1) // small_pages) + 2  # grew often
+    assert len(handed) > len(set(p for _, p in handed))  # a page was handed out again after its row ended
+    assert not any(generator.pages_of) and len(generator.free_pages) == generator.cache.pages - 1  # all returned
+    assert 0 not in {p for _, p in handed}  # the scratch page is nobody's
+
+
+def test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly(fast_model, tokenizer, prompts,
+                                                                             reference, stops, small_pages,
+                                                                             monkeypatch):
+    """A pool of pages smaller than four rows need: prompts wait for pages (fewer rows decode than slots), rows that
+    outgrow the pages give theirs back and are resumed later, and every answer is still generate's, none cut."""
+    monkeypatch.setattr(fastgen, "LENGTH_BUCKET", 128)  # the call's rows fit 128 tokens: a pool of 16 pages
+    keys = ["story", "photo", "sum", "yes", "hi"]
+    row_pages = -(-fastgen.LENGTH_BUCKET // small_pages)  # the pool must hold one whole row of the call's length
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4, pages=row_pages + 1)
+    in_use, _ = page_spy(generator)
+    need = sum(-(-(len(prompts[k]) + MAX_NEW) // small_pages) for k in keys[:4])
+    assert need > row_pages  # the first four rows together do not fit
+    rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys] and looped == [False] * len(keys)
+    assert generator.stats["preempted"] >= 1
+    assert max(pages for _, pages in in_use) <= row_pages  # never more pages than there are
+    assert min(rows_ for rows_, _ in in_use[:3]) < 4  # prompts were pending, slots free, yet they waited
+    assert not any(generator.pages_of) and len(generator.free_pages) == row_pages
+
+
+def test_a_pool_without_room_for_one_row_is_refused(fast_model, tokenizer, prompts, stops, small_pages):
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2, pages=4)
+    with pytest.raises(fastgen.SetupError, match="does not fit"):
+        generator.generate([prompts["sum"]], greedy(stops))
+
 
 def test_sampling_is_reproducible_for_a_seed_and_differs_for_another(fast_model, tokenizer, prompts, stops):
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
@@ -307,7 +385,7 @@ def test_a_decoding_kernel_that_disagrees_with_the_model_gives_way_to_the_next(f
     outputs (here a stand-in for the Triton kernel) is said to be off, and the next one (SDPA) decodes."""
     calls = []
 
-    def wrong(query, key, value, lengths, scale):
+    def wrong(query, key, value, lengths, table, scale):
         calls.append(query.shape[0])
         return torch.zeros_like(query).transpose(1, 2)
 
@@ -335,6 +413,42 @@ def test_engine_falls_back_when_the_fast_path_cannot_run(smol, fast_model, token
     assert all(e.fast is None for e in engines)
     err = capfd.readouterr().err
     assert err.count(PLAIN_MESSAGE) == 1 and f"{PLAIN_MESSAGE}{why})" in err
+
+
+class StandInQuantizer:
+    """What transformers hangs on a model it quantized (bitsandbytes needs a GPU, so the CPU tests mark the model)."""
+
+    quantization_config = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    is_compileable = False  # read by generate
+
+
+def test_a_quantized_model_takes_the_fast_path_where_its_check_passes(fast_model, tokenizer, monkeypatch, capfd,
+                                                                      fresh_say_once):
+    """4-bit models are no longer refused: the same check against a plain forward decides (tests/test_gpu.py runs
+    a real NF4 model on a GPU)."""
+    monkeypatch.setattr(fast_model, "hf_quantizer", StandInQuantizer(), raising=False)
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    engine = TransformersEngine("embedded:smollm2", dtype="float32", load_in_4bit=True, batch_size=4)
+    assert isinstance(engine.fast, fastgen.SlotGenerator)
+    assert PLAIN_MESSAGE not in capfd.readouterr().err
+
+
+def test_a_quantized_model_whose_check_fails_gets_plain_generate_said_once(fast_model, tokenizer, prompts, stops,
+                                                                           monkeypatch, capfd, fresh_say_once):
+    """Where the check disagrees with a plain forward (as a 4-bit kernel might), every decoding attention is tried
+    and the engine says once that plain generate runs, and why; its answers are generate's."""
+    monkeypatch.setattr(fast_model, "hf_quantizer", StandInQuantizer(), raising=False)
+    monkeypatch.setattr(fastgen.SlotGenerator, "check", lambda self: "largest relative logit difference 0.7 > 0.1")
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    engines = [TransformersEngine("embedded:smollm2", dtype="float32", load_in_4bit=True, batch_size=4)
+               for _ in range(2)]
+    assert all(e.fast is None for e in engines)
+    err = capfd.readouterr().err
+    assert err.count(PLAIN_MESSAGE) == 1
+    assert "the fast path disagrees with a plain forward on this model (largest relative logit difference 0.7" in err
+    sampling = engine_sampling(engines[0], max_new_tokens=8)
+    got = engines[0].sample([prompt_text(engines[0].tokenizer, INSTRUCTIONS["sum"])], sampling, seed=0)
+    assert got[0]["tokens"] >= 1 and got[0]["text"]
 
 
 def test_fast_engine_writes_the_records_of_plain_generate(plain_engine, fast_engine):

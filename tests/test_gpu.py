@@ -140,30 +140,138 @@ def test_a_longer_call_after_graphs_were_captured_regrows_the_cache(engines):
     assert got == plain.sample(long, sampling, seed=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (16, 2, 128), (9, 3, 64)])  # Llama-8B, Qwen-3B, SmolLM2
 @pytest.mark.parametrize("slots", [4, 64])  # few slots: keys split over programs; many: one program a slot and head
-def test_the_triton_decoding_kernel_matches_attention_over_each_slots_keys(heads, kv_heads, dim, slots):
-    """common/decode_kernel.py on random bf16 queries and a slot cache laid out as fastgen's, each slot holding a
-    different number of keys (one of them a single key), against float32 softmax attention over those keys alone;
-    keys past a slot's length are huge, so reading any of them would show."""
+def test_the_triton_decoding_kernel_matches_attention_over_each_slots_pages(heads, kv_heads, dim, slots, dtype):
+    """common/decode_kernel.py on random queries and a paged cache laid out as fastgen's (pages handed out in a
+    shuffled order, each slot holding a different number of keys, one of them a single key), against float32
+    softmax attention over each slot's keys alone; every position a slot does not hold is huge, so reading any of
+    them would show. fp16 is the T4's dtype."""
     from common import decode_kernel
 
     if not decode_kernel.available():
         pytest.skip("no triton")
     g = torch.Generator(device="cuda").manual_seed(0)
-    length = 700
-    cache_k = torch.randn(slots, length, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
-    cache_v = torch.randn(slots, length, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    page, length = 64, 700
+    max_pages = -(-length // page)
+    pool = 1 + slots * max_pages
+    cache_k = torch.full((pool, page, kv_heads, dim), 1e4, device="cuda", dtype=dtype)
+    cache_v = torch.full((pool, page, kv_heads, dim), 1e4, device="cuda", dtype=dtype)
+    table = (1 + torch.randperm(slots * max_pages, device="cuda", generator=g)).view(slots, max_pages).int()
     lengths = torch.randint(1, length + 1, (slots,), device="cuda", generator=g, dtype=torch.int32)
     lengths[0] = 1
+    keys = torch.randn(slots, max_pages * page, kv_heads, dim, device="cuda", dtype=dtype, generator=g)
+    values = torch.randn(slots, max_pages * page, kv_heads, dim, device="cuda", dtype=dtype, generator=g)
     for s, n in enumerate(lengths.tolist()):
-        cache_k[s, n:], cache_v[s, n:] = 1e4, 1e4
-    q = torch.randn(slots, 1, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
-    out = decode_kernel.attend(q, cache_k.transpose(1, 2), cache_v.transpose(1, 2), lengths, dim ** -0.5)
+        for p in range(-(-n // page)):
+            held = min(page, n - p * page)
+            cache_k[table[s, p], :held] = keys[s, p * page : p * page + held]
+            cache_v[table[s, p], :held] = values[s, p * page : p * page + held]
+        table[s, -(-n // page):] = 0  # pages a row does not hold point at the (huge) scratch page
+    q = torch.randn(slots, 1, heads, dim, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+    out = decode_kernel.attend(q, cache_k, cache_v, lengths, table, dim ** -0.5)
     assert out.shape == (slots, 1, heads, dim)
     groups = heads // kv_heads
     for s, n in enumerate(lengths.tolist()):
-        keys = cache_k[s, :n].float().transpose(0, 1).repeat_interleave(groups, 0)  # (heads, n, dim)
-        values = cache_v[s, :n].float().transpose(0, 1).repeat_interleave(groups, 0)
-        want = torch.softmax(q[s].float() @ keys.transpose(1, 2) * dim ** -0.5, -1) @ values  # (heads, 1, dim)
+        k = keys[s, :n].float().transpose(0, 1).repeat_interleave(groups, 0)  # (heads, n, dim)
+        v = values[s, :n].float().transpose(0, 1).repeat_interleave(groups, 0)
+        want = torch.softmax(q[s].float() @ k.transpose(1, 2) * dim ** -0.5, -1) @ v  # (heads, 1, dim)
         torch.testing.assert_close(out[s, 0].float(), want[:, 0], atol=2e-2, rtol=2e-2)
+
+
+@pytest.fixture
+def sm75(monkeypatch):
+    """A T4's decisions (compute capability 7.5): fp16, no flash attention for packed prefills (SDPA per prompt).
+    No T4 is lent here. Triton itself still builds for this GPU: reporting 7.5 to it makes it emit sm75 code that
+    a Hopper GPU cannot run (see the fallback test below), so only the project's own choices are forced."""
+    from common import fastgen, precision
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+        assert precision.decide.__wrapped__("auto") == torch.float16  # what DTYPE=auto gives on a T4 (uncached)
+        assert not fastgen.flash_varlen_available()
+    monkeypatch.setattr(fastgen, "flash_varlen_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def random_llama(tmp_path_factory):
+    """SmolLM2's architecture (bench/configs) with 4 layers and random weights, saved in fp16: a model that needs no
+    download (the embedded weights are too large to carry to a GPU machine). Larger initial weights make each
+    greedy choice decisive, so that two kernels rounding differently still pick the same tokens."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in json.loads((REPO / "bench" / "configs" / "smollm2-135m.json").read_text()).items()
+              if not k.startswith("_")}
+    config = AutoConfig.for_model(**{**fields, "num_hidden_layers": 4, "initializer_range": 0.2})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random-llama")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float16).save_pretrained(path)
+    return path
+
+
+def fast_against_generate(path, load_in_4bit=False, rows=7, max_new=48):
+    """Greedy rows from the fast path (make_generator, as the engine makes it) and from plain `generate`, one prompt
+    at a time, on the same fp16 model loaded from `path`; random prompts of different lengths, 4 slots; rows end at
+    token 2 (the config's EOS) or the cap. Returns (generator, fast rows, generate's rows)."""
+    from transformers import GenerationConfig
+
+    from common import fastgen
+    from common.generation import Sampling
+    from common.models import load_causal_lm
+
+    model = load_causal_lm(str(path), dtype="float16", load_in_4bit=load_in_4bit)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(5, 90, (rows,), generator=g).tolist()
+    prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths]
+    want = []
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=[2], pad_token_id=0, top_k=None,
+                              top_p=None, temperature=None)
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), device="cuda",
+                                 dtype=torch.long), generation_config=config)
+            want.append(out[0, len(p):].tolist())
+    generator, why = fastgen.make_generator(model, 0, slots=4)
+    assert why is None, why
+    got, _ = generator.generate(prompts, Sampling(max_new_tokens=max_new, temperature=0, stop_token_ids=(2,)))
+    return generator, got, want
+
+
+@pytest.mark.parametrize("kernel", ["triton", "sdpa"])
+def test_on_a_t4_the_fast_path_decodes_fp16_from_pages(random_llama, sm75, kernel, monkeypatch):
+    """sm75's choices: fp16, prefills packed without flash attention, decoding from the pages under CUDA graphs by
+    the Triton kernel or (where triton does not run) SDPA over gathered pages; in agreement with plain generate."""
+    from common import fastgen
+
+    if kernel == "sdpa":
+        monkeypatch.setattr(fastgen, "decode_kernels", lambda device: ["sdpa"])
+    generator, got, want = fast_against_generate(random_llama)
+    assert generator.kernel == kernel and generator.graphs_on and generator.graphs
+    assert generator.cache.keys[0].dtype == torch.float16
+    assert sum(a == b for a, b in zip(got, want)) >= 5, (got, want)
+
+
+def test_where_triton_cannot_build_for_the_gpu_the_check_falls_back_to_sdpa(random_llama, monkeypatch, capfd):
+    """Triton told the GPU is sm75 builds code a newer GPU cannot run: the check catches the error, says the kernel
+    is off, and SDPA decodes, still in agreement with plain generate."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a GPU newer than the capability reported")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    generator, got, want = fast_against_generate(random_llama)
+    assert generator.kernel == "sdpa" and generator.graphs_on
+    assert "generation: triton decoding attention off" in capfd.readouterr().err
+    assert sum(a == b for a, b in zip(got, want)) >= 5, (got, want)
+
+
+def test_a_4bit_model_takes_the_fast_path_on_a_t4(random_llama, sm75):
+    """The t4 tier's generator: NF4 weights, fp16 compute, sm75's choices. The fast path's check passes on the 4-bit
+    model itself, so it decodes (Triton, CUDA graphs replaying bitsandbytes' 4-bit layers) instead of plain
+    generate; greedy rows agree with plain generate on the same 4-bit model."""
+    pytest.importorskip("bitsandbytes")
+    generator, got, want = fast_against_generate(random_llama, load_in_4bit=True)
+    assert getattr(generator.model, "hf_quantizer", None) is not None
+    assert generator.kernel == "triton" and generator.graphs_on and generator.graphs
+    assert sum(a == b for a, b in zip(got, want)) >= 5, (got, want)

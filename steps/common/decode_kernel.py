@@ -1,16 +1,20 @@
-"""Decoding attention over the slot cache as a Triton kernel: one query token per slot, grouped-query heads, each
-slot reading only the keys it holds, the keys split over several programs when few slots decode (flash decoding).
+"""Decoding attention over the paged KV cache as a Triton kernel: one query token per slot, grouped-query heads, each
+slot reading only the keys it holds, page by page through its block table, the keys split over several programs
+when few slots decode (flash decoding).
 
-Why not flash attention's varlen kernel (the fallback): its tile is 128 query rows, and a decoding step has only a
-KV head's query heads to put in it (4 for Llama-3.1-8B), so it computes 32 times the useful products and is bound by
-that, not by reading the cache. Profiled on an H200 (bench/results/profile-step-flash-h200.txt): half of a 256-slot step
-of the 8B model, 350 us a layer for ~750 keys a slot, where reading those keys takes ~85 us. Here a program holds
-one slot's KV head with its query heads padded to 16 rows (tl.dot's least), so the work stays bound by the reads.
+Why not flash attention's varlen kernel (the earlier fallback, whose torch 2.11 form takes no block table): its
+tile is 128 query rows, and a decoding step has only a KV head's query heads to put in it (4 for Llama-3.1-8B), so
+it computes 32 times the useful products and is bound by that, not by reading the cache. Profiled on an H200
+(bench/results/profile-step-flash-h200.txt): half of a 256-slot step of the 8B model, 350 us a layer for ~750 keys
+a slot, where reading those keys takes ~85 us. Here a program holds one slot's KV head with its query heads padded
+to 16 rows (tl.dot's least), so the work stays bound by the reads.
 
-    out = attend(query, key, value, lengths, scale)   # (S, H, 1, D), (S, KV, L, D) views of the cache, (S,) int32
+    out = attend(query, key_pages, value_pages, lengths, table, scale)
+    # (S, H, 1, D); (pages, PAGE, KV, D) pools; (S,) int32 key counts; (S, max_pages) int32 page ids
 
-`available()` says whether it can run here (triton and a CUDA GPU); fastgen checks its output against a plain forward
-before it is used, and decodes with flash attention or SDPA where it is not. Measured against flash attention by
+`available()` says whether it can run here (triton and a CUDA GPU; on a T4, sm75, triton computes `tl.dot` in fp16
+without bf16); fastgen checks its output against a plain forward before it is used, and decodes with SDPA where it
+is not. Measured against flash attention by
 bench/decode_attention.py (bench/results/decode-attention-h200.json: 1.9x at 256 slots, 3.7x at 8, at ~4 TB/s).
 """
 
@@ -34,9 +38,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def partial(Q, K, V, Lens, Out, Acc, Stats, scale, stride_qs, stride_qh, stride_ks, stride_kh, stride_kl,
-                stride_vs, stride_vh, stride_vl, stride_os, stride_oh,
-                G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+    def partial(Q, K, V, Lens, Table, Out, Acc, Stats, scale, stride_qs, stride_qh, stride_kp, stride_kl, stride_kh,
+                stride_vp, stride_vl, stride_vh, stride_t, stride_os, stride_oh,
+                G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr,
+                SPLITS: tl.constexpr):
         s, h, j = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # s x stride: past 2**31
         length = tl.load(Lens + s)
         share = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
@@ -48,19 +53,21 @@ def _kernels():
         m = tl.full([ROWS], float("-inf"), tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, D], tl.float32)
-        for first in range(start, end, BLOCK):
+        for first in range(start, end, BLOCK):  # BLOCK keys, all on one page (PAGE is a multiple of BLOCK)
+            page = tl.load(Table + s * stride_t + first // PAGE).to(tl.int64)
             pos = first + n
             valid = pos < end
-            k = tl.load(K + s * stride_ks + h * stride_kh + pos[:, None] * stride_kl + d[None, :],
-                        mask=valid[:, None], other=0.0)
+            within = (first % PAGE + n)[:, None]
+            k = tl.load(K + page * stride_kp + within * stride_kl + h * stride_kh + d[None, :], mask=valid[:, None],
+                        other=0.0)
             scores = tl.dot(q, tl.trans(k)) * scale
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             total = total * alpha + tl.sum(p, 1)
-            v = tl.load(V + s * stride_vs + h * stride_vh + pos[:, None] * stride_vl + d[None, :],
-                        mask=valid[:, None], other=0.0)
+            v = tl.load(V + page * stride_vp + within * stride_vl + h * stride_vh + d[None, :], mask=valid[:, None],
+                        other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         if SPLITS == 1:  # the whole row here: normalise and write the output
@@ -109,12 +116,14 @@ def splits_for(slots, kv_heads, device):
     return splits
 
 
-def attend(query, key, value, lengths, scale):
-    """query (S, H, 1, D); key, value (S, KV, L, D) with unit stride on D (the slot cache's transposed views);
-    lengths (S,) int32: the keys slot s holds. Returns (S, 1, H, D), as transformers' attention functions do."""
+def attend(query, key, value, lengths, table, scale):
+    """query (S, H, 1, D); key, value (pages, PAGE, KV, D) pools with unit stride on D; lengths (S,) int32: the keys
+    slot s holds; table (S, max_pages) int32: slot s's pages in order. Returns (S, 1, H, D), as transformers'
+    attention functions do."""
     partial, combine = _kernels()
     slots, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
+    page_size, kv_heads = key.shape[1], key.shape[2]
+    assert page_size % BLOCK_N == 0, f"a page ({page_size} tokens) must hold whole blocks of {BLOCK_N}"
     groups = heads // kv_heads
     q = query[:, :, 0]
     if q.stride(-1) != 1:
@@ -129,9 +138,10 @@ def attend(query, key, value, lengths, scale):
         acc = stats = out  # unused
     scale = dim ** -0.5 if scale is None else scale
     partial[(slots, kv_heads, splits)](
-        q, key, value, lengths, out, acc, stats, scale, q.stride(0), q.stride(1), key.stride(0), key.stride(1),
-        key.stride(2), value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1),
-        G=groups, ROWS=rows, D=dim, BLOCK=BLOCK_N, SPLITS=splits, num_warps=4, num_stages=2)
+        q, key, value, lengths, table, out, acc, stats, scale, q.stride(0), q.stride(1), key.stride(0),
+        key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2), table.stride(0),
+        out.stride(0), out.stride(1),
+        G=groups, ROWS=rows, D=dim, BLOCK=BLOCK_N, PAGE=page_size, SPLITS=splits, num_warps=4, num_stages=2)
     if splits > 1:
         combine[(slots, kv_heads)](acc, stats, out, out.stride(0), out.stride(1), G=groups, ROWS=rows, D=dim,
                                    SPLITS=splits, num_warps=4)
