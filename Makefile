@@ -59,10 +59,25 @@ NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(
 # PY runs the steps; DEPS stamps `make setup` (prerequisites checked, requirements at env/constraints.txt's versions).
 include env/setup.mk
 
+# ---- Before a run: what it will cost ---------------------------------------------------------------------------
+# Each step's expected time for this tier, model and sizes, from per-unit costs measured on the device and scaled to
+# the tier's GPU (env/costs.json; steps/plan.py). Standard library only: the system Python runs it, before setup and
+# with no GPU. `make all` prints it once a run and keeps it as RUN/plan.json (a plan that fails doesn't stop the run).
+PLAN = $(PYTHON) steps/plan.py --tier $(GPU) --model $(MODEL) --model-id $(MODEL_ID) --model-size $(MODEL_SIZE) \
+  --generator $(GENERATOR) --num-samples $(NUM_SAMPLES) --gen-rows $(GEN_ROWS) \
+  --max-instruction-tokens=$(MAX_INSTRUCTION_TOKENS) --max-response-tokens=$(MAX_RESPONSE_TOKENS) \
+  --judge-rows $(JUDGE_ROWS) --num-responses $(NUM_RESPONSES) --pref-rows $(PREF_ROWS) \
+  --pref-max-tokens $(PREF_MAX_TOKENS) --sft-config $(SFT_CONFIG) --dpo-config $(DPO_CONFIG) --test-fraction $(TEST_FRACTION) --tasks $(TASKS) \
+  --limit=$(LIMIT) --max-gen-toks=$(MAX_GEN_TOKS) --eval-cost=$(EVAL_COST) --nproc $(NPROC) --engine $(ENGINE)
+
 # ---- The chain -----------------------------------------------------------------------------------------------
-.PHONY: all setup prepare generate judge filter preference sft dpo eval report report-png compare merge push dataset \
-  push-data test clean help
-all: report dataset
+.PHONY: all plan setup prepare generate judge filter preference sft dpo eval report report-png compare merge push \
+  dataset push-data test clean help
+all: $(RUN)/plan.json report dataset
+plan:
+	@$(PLAN) $(PLAN_ARGS)
+$(RUN)/plan.json:
+	-@$(PLAN) --json $@
 setup: $(DEPS)
 prepare: $(DEFAULT_MODEL_DIR)
 generate: $(RUN)/generated.jsonl
@@ -162,9 +177,11 @@ clean:
 	rm -rf $(RUN)
 
 help:
-	@echo "Targets: all (= report dataset) setup prepare generate judge filter preference sft dpo eval report report-png compare merge push"\
-	  "dataset push-data test clean help"
+	@echo "Targets: all (= plan, report, dataset) plan setup prepare generate judge filter preference sft dpo eval report"\
+	  "report-png compare merge push dataset push-data test clean help"
 	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun."
+	@echo "  plan: each step's expected time for GPU, MODEL and the sizes below, and what it rests on (env/costs.json);"\
+	  "no GPU or setup needed; make all prints it first, once a run (RUN/plan.json). PLAN_ARGS=\"--json FILE\" keeps it"
 	@echo "  eval: base, sft and dpo on TASKS (eval/<model>.json; one is redone only when deleted or its adapter changes)"
 	@echo "  report: RUN/report.md and RUN/report.html (funnel, diversity, judge tags, neighbour distances and map," \
 	  "rewards, training curves, evals, settings)"

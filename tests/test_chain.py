@@ -12,6 +12,17 @@ def test_second_make_all_does_nothing(chain_run):
     assert "steps/" not in result.stdout  # no step ran
 
 
+def test_make_all_printed_its_plan_first_and_kept_it(chain_run):
+    """`make all` runs the plan before the chain (make plan's table, with no GPU and no setup) and keeps it in RUN, so
+    the second `make all` has nothing to do (above)."""
+    import json
+
+    log = (chain_run.parent / "make-all.log").read_text()
+    assert log.index("make plan: GPU=cpu") < log.index("steps/generate.py")
+    plan = json.loads((chain_run / "plan.json").read_text())
+    assert plan["num_samples"] == 12 and [s["step"] for s in plan["steps"]][:2] == ["generate", "judge"]
+
+
 def test_bad_variables_list_the_valid_choices(tmp_path):
     result = make("help", tmp_path, GPU="v100")
     assert result.returncode != 0 and "GPU=v100 is not a tier; choose one of: a100 cpu h100 t4" in result.stderr

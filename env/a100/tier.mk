@@ -30,3 +30,8 @@ PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
 EVAL_BATCH ?= 16
 MAX_GEN_TOKS ?= 1280
+# Seconds per log-likelihood model pass (mean over the tasks' mix) and per generated token of a request at EVAL_BATCH,
+# per MODEL_SIZE: the time the eval step and `make plan` print. The H100's 4-bit measurements plus the A100's
+# slower compute and bandwidth (bench/README.md "Eval"); bf16 skips the dequantisation, so an upper bound.
+EVAL_COST_3b ?= 0.021,0.0077
+EVAL_COST_7b ?= 0.029,0.0081

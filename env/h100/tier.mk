@@ -33,3 +33,8 @@ PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
 EVAL_BATCH ?= 32
 MAX_GEN_TOKS ?= 1280
+# Seconds per log-likelihood model pass (mean over the tasks' mix) and per generated token of a request at EVAL_BATCH,
+# per MODEL_SIZE: the time the eval step and `make plan` print. The H100's 4-bit measurements (bench/results/
+# eval-h100.json); bf16 skips the dequantisation, so an upper bound.
+EVAL_COST_3b ?= 0.014,0.0032
+EVAL_COST_7b ?= 0.013,0.0037
