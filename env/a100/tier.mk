@@ -4,7 +4,7 @@ GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
 REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
 DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
-# Samples a batch and rows decoded at once (the fast path fits the rows to free memory); a batch is 16 times the rows,
+# Samples a batch and rows decoded at once at most (the paged KV cache holds what fits); a batch is 16 times the rows,
 # as on the h100 tier (each batch ends by draining its longest rows). Empty token caps: the generator recipe's
 # (Magpie's 1,024 / 4,096 for Llama-3.1).
 GEN_BATCH ?= 1024

@@ -4,8 +4,8 @@ GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
 REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
 DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
-# Samples a batch (the unit a resumed run restarts from) and rows decoded at once. The fast path refills a row's
-# slot when it ends and sizes its KV cache from free memory (fewer rows, said, where 4,096-token responses don't fit).
+# Samples a batch (the unit a resumed run restarts from) and rows decoded at once at most. The fast path refills a
+# row's slot when it ends; its paged KV cache, sized from free memory, holds the rows' tokens as they grow.
 # Each batch ends by draining its longest rows on a few slots (up to a cap's worth of steps), so a batch is 16 times
 # the rows: 4,096 realistic requests on 256 rows made 86% of the fixed-length rate, 1,024 made 76% (bench/README.md).
 # A crash loses at most the batch under way (a few minutes here). Empty token caps: the generator recipe's (Magpie's

@@ -1,8 +1,8 @@
 """Generation engines behind one interface: `engine.sample(prompts, sampling, seed)` -> one dict per prompt.
 
 - `transformers` (default): the fast path in common/fastgen.py (rows that stop free their slot for the next prompt;
-  on a GPU a KV cache sized from free memory, flash attention and CUDA graphs), or plain batched `generate` where it
-  can't run (4-bit models, sliding-window attention, a transformers version it does not work on).
+  a paged KV cache sized from free memory, on a GPU our Triton kernel and CUDA graphs; 4-bit models too), or plain
+  batched `generate` where it can't run (sliding-window attention, a transformers version it does not work on).
 - `vllm`: used when installed and asked for (ENGINE=vllm); produces the same records.
 
 `Sampling` holds every setting a call samples with, and both engines apply all of them: nothing is left for a
@@ -171,8 +171,8 @@ def finish(tokenizer, row, sampling, looped=False):
 
 
 class TransformersEngine:
-    """A Hugging Face model behind `sample()`: the fast path of common/fastgen.py where it runs (an unquantized model
-    on one device, full attention, the transformers internals it was written for), plain batched `generate`
+    """A Hugging Face model behind `sample()`: the fast path of common/fastgen.py where it runs (a model on one
+    device, 4-bit or not, full attention, the transformers internals it was written for), plain batched `generate`
     otherwise, said once. SIT_FAST_GENERATE=0 forces the plain path."""
 
     def __init__(self, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None, batch_size=64):
