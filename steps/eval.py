@@ -6,7 +6,9 @@
 Local task YAMLs under --include-path (data/tasks) are registered too, both offline and of our own writing:
 `ifeval_local`, instruction-following prompts in IFEval's format scored by lm-eval's own IFEval checks
 (generative), and `mc_local`, multiple-choice questions and sentence completions in MMLU/HellaSwag's format
-(log-likelihood: acc, acc_norm). Task names are checked before the model is loaded.
+(log-likelihood: acc, acc_norm). Task names are checked before the model is loaded. Generative requests (IFEval) go
+through the fast generation engine (continuous batching, --batch-size rows; common/eval_engine.py), which gives
+lm-eval's own answers; log-likelihood requests, and any the engine can't run, are answered by lm-eval's HF model.
 
 The chat template is applied the same way for base, SFT and DPO: an adapter's own tokenizer (saved by training)
 gives it, and the base model gets its tokenizer prepared exactly as training prepared it (a base model without a
@@ -289,10 +291,11 @@ def evaluate(args):
     announce(counts, expected, len(before), db)
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+
+    from common.eval_engine import EngineHFLM
 
     started = time.time()
-    lm = HFLM(pretrained=load_model(args, dtype), tokenizer=tokenizer, batch_size=args.batch_size)
+    lm = EngineHFLM(pretrained=load_model(args, dtype), tokenizer=tokenizer, batch_size=args.batch_size)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -315,7 +318,8 @@ def evaluate(args):
         "higher_is_better": results.get("higher_is_better", {}),
         "n_samples": results.get("n-samples", {}),
         "loglikelihoods": loglikelihood_checksums(samples, configs),
-        "requests": {**requests, "cache": str(db)},
+        # generative requests the fast engine answered (the others: lm-eval's generate, for the reason said)
+        "requests": {**requests, "by_fast_engine": lm.engine_answered, "cache": str(db)},
         "time": {"requests": counts, "cost": args.cost, "expected_s": expected,
                  "wall_s": round(time.time() - started, 1)},
         "settings": settings,

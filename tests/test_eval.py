@@ -68,6 +68,7 @@ def test_both_offline_tasks_ran_for_base_sft_and_dpo(chain_run):
         assert result["settings"]["chat_template"] == "model's own"
         assert result["settings"]["chat_template_sha256"] == sha256_16(smol_template())
         assert result["requests"]["total"] == 4 + 4 * 4 and result["loglikelihoods"]["mc_local"]["count"] == 16
+        assert result["requests"]["by_fast_engine"] == 4  # IFEval's prompts went through the engine (LoRA too)
 
 
 def sha256_16(text):

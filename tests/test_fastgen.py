@@ -212,6 +212,14 @@ def test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly(fas
     assert not any(generator.pages_of) and len(generator.free_pages) == row_pages
 
 
+def test_one_slot_passes_the_check_and_decodes_prompts_in_turn(fast_model, tokenizer, prompts, reference, stops):
+    """make_generator's check runs on as many slots as there are (eval at batch size 1 asks for one)."""
+    generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=1)
+    assert why is None and generator.slots == 1
+    rows, _ = generator.generate([prompts[k] for k in SHORT], greedy(stops))
+    assert rows == [reference[k] for k in SHORT]
+
+
 def test_a_pool_without_room_for_one_row_is_refused(fast_model, tokenizer, prompts, stops, small_pages):
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2, pages=4)
     with pytest.raises(fastgen.SetupError, match="does not fit"):

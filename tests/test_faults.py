@@ -80,6 +80,7 @@ def test_eval_killed_mid_work_reuses_its_cached_answers_and_matches_the_uninterr
     total = whole["requests"]["total"]
     assert whole["requests"] == {**whole["requests"], "from_cache": 0, "answered": total}
     assert total == cached_answers(tmp_path / "whole" / "cache") == 4 + 4 * 4  # 4 IFEval prompts, 4 x 4 choices
+    assert whole["requests"]["by_fast_engine"] == 4  # the IFEval answers came from the fast engine
 
     # Kill as soon as the first answer is committed to the cache: the model is loaded and answering.
     proc = subprocess.Popen([sys.executable, str(REPO / "steps" / "eval.py"), *map(str, args("killed"))], cwd=REPO,

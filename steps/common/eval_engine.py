@@ -1,0 +1,227 @@
+"""lm-evaluation-harness's HFLM with its generative requests answered by the fast engine (common/fastgen.py).
+
+`EngineHFLM.generate_until` hands greedy requests to `fastgen.make_generator`'s SlotGenerator (continuous batching:
+a row that ends frees its slot for the next prompt, where HFLM's batches wait for their longest answer) and gives
+each the answer lm-eval's HFLM.generate_until gives at batch size 1:
+
+- the context (already chat-templated by lm-eval when apply_chat_template is on) encoded by HFLM's own
+  `tok_batch_encode`, left-truncated to max_length - max_gen_toks;
+- `until` and `max_gen_toks` normalised as HFLM does (`normalize_gen_kwargs`, `handle_stop_sequences`: the
+  tokenizer's EOS text joins the stop strings);
+- a row ends where `generate` ends it: an EOS id of the model's generation_config or the tokenizer's EOS
+  (`common.generation.stop_ids`), max_gen_toks, or a stop string in the decoded last len+2 tokens (the check of
+  lm-eval's `stop_sequences_criteria`; the engine itself only stops on tokens, so the row is cut afterwards);
+- the text decoded without special tokens, `think_end_token` and `postprocess_generated_text` as in HFLM.
+
+One difference, on purpose: the cap is max_gen_toks even where the model's generation_config sets max_new_tokens,
+which `generate` lets override the max_length HFLM passes (HFLM's answers can then run past max_gen_toks).
+
+Each answer goes to lm-eval's request cache (`self.cache_hook.add_partial`, as HFLM does) once its engine call
+returns; a call takes ENGINE_CALL_SLOTS times the rows' worth of prompts, so a killed eval loses at most one call.
+At batch size 1 each request is answered alone, one call each, as HFLM does.
+
+HFLM's own `generate_until` answers what the engine can't: sampled requests (do_sample), options other than the
+stop strings and the length (num_beams, repetition_penalty, max_length...), a model whose generation_config changes
+greedy decoding (e.g. a repetition penalty), a seq2seq model, mixed precision, and every request where make_generator
+returns no generator (SIT_FAST_GENERATE=0, a transformers version or model it does not run on); the reason is said
+once. make_generator switches the model's attention to the engine's and may compile its norms and MLPs: both are
+undone after each generate_until (attention restored, `fastgen.uncompile_pointwise`) and the generator with its KV
+cache dropped, so log-likelihood requests run on the model exactly as loaded, whether or not generation ran first.
+
+Written against lm-eval 0.4.13. Relies on: HFLM.generate_until's behaviour as described above (re-implemented here,
+not called), HFLM's attributes `backend`, `truncation`, `think_end_token`, `mixed_precision_dtype`, `cache_hook`,
+`batch_size`, `max_length`, `max_gen_toks`, `tok_batch_encode`, `tok_decode`, and the module functions
+`lm_eval.models.utils.normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`; on the
+transformers side `config._attn_implementation` and `set_attn_implementation`. tests/test_eval_engine.py checks
+the answers against HFLM's own.
+"""
+
+import sys
+from typing import NamedTuple
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from . import fastgen, say_once
+from .generation import Sampling, stop_ids
+
+# Prompts per engine call, in slots: more keeps the slots busy (fewer drains at a call's end), fewer gets answers
+# into the request cache sooner (a killed eval redoes at most one call).
+ENGINE_CALL_SLOTS = 8
+# Rows for --batch-size auto (HFLM's batch size detection is for its own batches): at most this many decode at once,
+# as the engine's KV pages allow.
+AUTO_ROWS = 128
+# Generation options that do nothing when decoding greedily (lm-eval's gen_kwargs often carry a temperature).
+SAMPLING_ONLY = {"do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"}
+# generation_config settings that change greedy decoding, with the value at which they do nothing (None: unset).
+GREEDY_NEUTRAL = {
+    "num_beams": 1, "penalty_alpha": None, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+    "min_new_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "guidance_scale": 1.0, "watermarking_config": None,
+}
+
+
+class Plan(NamedTuple):
+    """How the engine answers a group of requests with the same options."""
+
+    until: tuple  # stop strings, the EOS text included
+    max_gen_toks: int
+    max_ctx_len: int  # prompts are left-truncated to this many tokens
+
+
+def neutral(key, value):
+    return value is None or value == GREEDY_NEUTRAL.get(key, object())
+
+
+class EngineHFLM(HFLM):
+    """HFLM whose generate_until runs on the fast engine where it can (see the module docstring); log-likelihood
+    requests are HFLM's own. `engine_answered` counts the requests the engine answered, `engine_off` holds why it
+    did not run (None while it does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine_answered = 0
+        self.engine_off = None
+
+    @property
+    def engine_rows(self):
+        """Rows the engine decodes at once: the eval's batch size (EVAL_BATCH)."""
+        return self.batch_size if isinstance(self.batch_size, int) else AUTO_ROWS
+
+    # ---- which requests the engine takes ---------------------------------------------------------------------------
+    def model_settings_why_not(self):
+        """Why greedy decoding by the model's generation_config is not plain argmax (None where it is)."""
+        config = getattr(self.model, "generation_config", None)
+        changed = sorted(k for k in GREEDY_NEUTRAL if not neutral(k, getattr(config, k, None)))
+        if changed:
+            return "the model's generation_config sets " + ", ".join(f"{k}={getattr(config, k)!r}" for k in changed)
+        return None
+
+    def plan(self, gen_kwargs):
+        """A Plan for a request's gen_kwargs, or why the engine can't answer it (a str)."""
+        if self.backend != "causal":
+            return f"a {self.backend} model"
+        if self.mixed_precision_dtype is not None:
+            return "mixed precision"
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        if kwargs.get("do_sample"):
+            return "sampling (do_sample)"
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        other = sorted(k for k, v in kwargs.items() if k not in SAMPLING_ONLY and not neutral(k, v))
+        if other:
+            return "options " + ", ".join(f"{k}={kwargs[k]!r}" for k in other)
+        if self.max_length - max_gen_toks <= 0:
+            return "max_gen_toks not below the model's max_length"  # HFLM's own says so
+        return self.model_settings_why_not() or Plan(tuple(until), max_gen_toks, self.max_length - max_gen_toks)
+
+    # ---- generate_until ------------------------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm=False):
+        plans = [self.plan(request.args[1]) for request in requests]
+        mine = [i for i, p in enumerate(plans) if isinstance(p, Plan)]
+        for why in dict.fromkeys(p for p in plans if not isinstance(p, Plan)):
+            say_once(f"eval: generative requests with {why} go through lm-eval's own generate, not the fast engine")
+        if not mine:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # PEFT: LoRA in it
+        attention = model.config._attn_implementation
+        generator, why_not = fastgen.make_generator(model, self.tokenizer.pad_token_id, slots=self.engine_rows)
+        if generator is None:
+            self.engine_off = why_not
+            say_once(f"eval: generative requests through lm-eval's own generate ({why_not})")
+            restore(model, attention)
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+        answers = [None] * len(requests)
+        try:
+            self.engine_off = None
+            rows = self.engine_rows
+            print(f"eval: {len(mine)} generative requests through the fast engine, {rows} row{'s' * (rows > 1)} "
+                  "at once", file=sys.stderr, flush=True)
+            self.run_engine(generator, requests, plans, mine, answers, disable_tqdm)
+        finally:
+            del generator
+            restore(model, attention)
+        rest = [i for i, p in enumerate(plans) if not isinstance(p, Plan)]
+        if rest:
+            for i, answer in zip(rest, super().generate_until([requests[i] for i in rest], disable_tqdm=disable_tqdm)):
+                answers[i] = answer
+        return answers
+
+    def run_engine(self, generator, requests, plans, mine, answers, disable_tqdm):
+        """Answer requests[i] for i in `mine` into answers[i]: per Plan, longest prompts first (as HFLM orders
+        them), ENGINE_CALL_SLOTS x rows prompts a call (one at batch size 1: each request alone), each answer into
+        the request cache as its call returns."""
+        stops = stop_ids(self.tokenizer, self.model)
+        chunk = 1 if self.engine_rows == 1 else ENGINE_CALL_SLOTS * self.engine_rows
+        pbar = tqdm(total=len(mine), disable=(disable_tqdm or (self.rank != 0)),
+                    desc="Running generate_until requests (fast engine)")
+        groups = {}
+        for i in mine:
+            groups.setdefault(plans[i], []).append(i)
+        for plan, members in groups.items():
+            sampling = Sampling(max_new_tokens=plan.max_gen_toks, temperature=0.0, stop_token_ids=stops,
+                                stop_strings=plan.until)
+            prompts = {i: self.encode_context(requests[i].args[0], plan.max_ctx_len) for i in members}
+            order = sorted(members, key=lambda i: (-len(prompts[i]), requests[i].args[0]))
+            for start in range(0, len(order), chunk):
+                part = order[start : start + chunk]
+                rows, _ = generator.generate([prompts[i] for i in part], sampling)
+                for i, row in zip(part, rows):
+                    answers[i] = self.answer_text(row, plan.until, stops)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, answers[i])
+                    pbar.update(1)
+                self.engine_answered += len(part)
+        pbar.close()
+
+    def encode_context(self, context, max_ctx_len):
+        """The prompt's token ids as HFLM.generate_until makes them (special tokens by its rule, left-truncated)."""
+        ids, _ = self.tok_batch_encode([context], left_truncate_len=max_ctx_len, truncation=self.truncation)
+        return ids[0].tolist()
+
+    def answer_text(self, row, until, stops):
+        """HFLM's text for an engine row: the row cut where generate's stopping criteria would have ended it, then
+        decoded and post-processed as HFLM.generate_until does."""
+        ids = [int(t) for t in row]
+        end = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))  # the engine ends rows there already
+        cont_toks = ids[: min(end, self.string_stop(ids, until))]
+        if isinstance(self.think_end_token, int):  # from here on, HFLM.generate_until's lines
+            think = [k for k, t in enumerate(cont_toks) if t == self.think_end_token]
+            if think:
+                cont_toks = cont_toks[think[-1] + 1 :]
+        s = self.tok_decode(cont_toks)
+        if isinstance(self.think_end_token, int):
+            s = s.lstrip()
+        return postprocess_generated_text(generation=s, stop=list(until),
+                                          think_end_token=self.think_end_token
+                                          if isinstance(self.think_end_token, str) else None)
+
+    def string_stop(self, ids, until):
+        """How many tokens generate keeps before lm-eval's stop-string criteria end the row (len(ids) if never):
+        MultiTokenEOSCriteria checks, after each token, whether a stop string is in the decoded last
+        len(tokens of the string) + 2 generated tokens."""
+        end = len(ids)
+        for stop in until:
+            width = len(self.tokenizer.encode(stop, add_special_tokens=False)) + 2
+            windows = [ids[max(0, k + 1 - width) : k + 1] for k in range(end)]
+            if windows:
+                hit = next((k + 1 for k, text in enumerate(self.tokenizer.batch_decode(windows)) if stop in text), end)
+                end = min(end, hit)
+        return end
+
+
+def restore(model, attention):
+    """The model as it was before make_generator: its attention implementation, its modules uncompiled, the freed
+    KV cache handed back to the GPU."""
+    if model.config._attn_implementation != attention:
+        model.set_attn_implementation(attention)
+    fastgen.uncompile_pointwise(model)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
