@@ -222,9 +222,9 @@ class SlotGenerator:
                          + 2 * 2**30)
             pages = min(wanted, int((free - workspace) // self.page_bytes()))
             if pages < wanted:
-                print(f"generation: KV cache of {pages * PAGE:,} tokens ({pages * self.page_bytes() / 2**30:.1f} GiB "
-                      f"free), shared by up to {self.slots} rows as they grow: fewer rows decode at once while rows are "
-                      f"long (rows of {length} tokens at most)", file=sys.stderr, flush=True)
+                print(f"generation: a KV cache of {pages * PAGE:,} tokens ({pages * self.page_bytes() / 2**30:.1f} "
+                      f"GiB, what free memory holds) shared by up to {self.slots} rows as they grow: fewer rows decode "
+                      f"at once while rows are long (rows of {length} tokens at most)", file=sys.stderr, flush=True)
         if pages < row_pages + 1:
             raise SetupError(
                 f"generation: the KV cache of one row of {length} tokens does not fit in free GPU memory: lower "
@@ -249,13 +249,17 @@ class SlotGenerator:
         self.logits = torch.zeros(self.slots, self.vocab, dtype=torch.float32, device=self.device)
         self.index = torch.arange(length, device=self.device)
 
+    def pages_for(self, tokens):
+        """Pages that hold `tokens` tokens of a row (at most a whole row's)."""
+        return min(self.cache.max_pages, -(-tokens // PAGE))
+
     def grow(self, wanted):
         """Give each slot of `wanted` {slot: tokens} the pages that hold that many tokens (from the free ones, which
         must suffice) and write them into the block table."""
         rows, cols, pages = [], [], []
         for slot, tokens in wanted.items():
             owned = self.pages_of[slot]
-            for col in range(len(owned), min(self.cache.max_pages, -(-tokens // PAGE))):
+            for col in range(len(owned), self.pages_for(tokens)):
                 owned.append(self.free_pages.pop())
                 rows.append(slot), cols.append(col), pages.append(owned[-1])
         if pages:
@@ -270,9 +274,6 @@ class SlotGenerator:
             self.pages_of[slot] = []
         if slots:
             self.cache.table[torch.tensor(slots, device=self.device)] = 0
-
-    def pages_for(self, tokens):
-        return min(self.cache.max_pages, -(-tokens // PAGE))
 
     def drop_graphs(self):
         """Forget the captured graphs, and their memory pool with them: a later capture into the pool of graphs that
