@@ -242,6 +242,22 @@ def test_sampling_is_reproducible_for_a_seed_and_differs_for_another(fast_model,
     assert run(1) != first
 
 
+def test_a_call_samples_the_same_whatever_the_calls_before_it(smol, fast_model, monkeypatch):
+    """Slots without a live row keep what earlier calls left (logits, cache pages): a sampled call must not depend on
+    it, as sharded runs (NPROC) make different calls before the same batch. Prompts and settings of the sharded
+    preference test, where it did."""
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    engine = TransformersEngine("embedded:smollm2", dtype="float32", batch_size=64)
+    text = lambda k: prompt_text(engine.tokenizer, f"Name a colour, number {k}.")  # noqa: E731
+    calls = [[text(0), text(0), text(1), text(1)], [text(2), text(2), text(3), text(3)], [text(4), text(4)]]
+    sampling = engine_sampling(engine, max_new_tokens=12, temperature=0.8, top_p=0.95)
+    after_two = [engine.sample(calls[b], sampling, seed=b) for b in (0, 1, 2)][-1]
+    engine.fast = fastgen.SlotGenerator(fast_model, engine.tokenizer.pad_token_id, slots=64)  # a fresh generator
+    after_one = [engine.sample(calls[b], sampling, seed=b) for b in (0, 2)][-1]
+    assert after_two == after_one
+    assert all(r["text"] for r in after_one)
+
+
 def test_first_token_suppression_is_honoured(fast_model, reference_model, tokenizer, prompts, reference, stops):
     """The tokens greedy decoding starts with are suppressed: each row starts with its next best token instead."""
     keys = ["sum", "hi", "story"]

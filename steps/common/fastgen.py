@@ -426,6 +426,8 @@ class SlotGenerator:
         window = sampling.loop_window
         rows = torch.arange(S, device=dev)
         admit_min = max(1, int(S * self.admit_fraction))
+        idle = torch.full((self.vocab,), -math.inf, device=dev)
+        idle[self.pad] = 0.0
 
         def choose(scores):
             if sampling.temperature > 0:
@@ -575,9 +577,11 @@ class SlotGenerator:
                     longest = int(cache.positions[:slots].max())
                     length = min(L, _round_up(longest + CHECK_EVERY + 1, LENGTH_BUCKET))
             self.step(slots, length)
-            scores = processors(history[:slots], self.logits[:slots])
-            token = torch.where(active[:slots], choose(scores), self.pad)
             live = active[:slots]
+            # a slot without a live row holds stale logits: it samples the pad token, so that nothing it holds changes
+            # how the live rows are sampled (nucleus_sample's path, multinomial's draws)
+            scores = torch.where(live[:, None], processors(history[:slots], self.logits[:slots]), idle)
+            token = torch.where(live, choose(scores), self.pad)
             at = (rows[:slots], hist_len[:slots].clamp(max=L))
             history[at] = torch.where(live, token, history[at])
             hist_len[:slots] += live
