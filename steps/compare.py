@@ -7,16 +7,16 @@ Reads only <run>/eval/{base,sft,dpo}.json. Cells are value ± standard error; SF
 the difference against the base model of the same run.
 """
 
-import argparse
 from pathlib import Path
 
 from common import run_step
 from common.evals import STAGES, eval_tasks, limit_text, metric_names, read_json, signed, table, value_cell
 from common.files import output_lock, write_text
+from common.options import step_parser
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
                    help="a run directory and the name its rows get (repeat for each run)")
     p.add_argument("--out", required=True, type=Path, help="markdown file to write")

@@ -11,16 +11,16 @@ all at once: OUT appears only when complete. The split is common.splits.split_of
 SFT and DPO steps hold their test split out with, so the same TEST_FRACTION gives the same records on each side.
 """
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
-from common import DataError, OptionError, run_step
+from common import DataError, run_step
 from common.cards import dataset_card
 from common.evals import read_json
 from common.files import atomic_path, output_lock
 from common.jsonl import read_jsonl, write_jsonl
+from common.options import fraction, step_parser
 from common.splits import DEFAULT_TEST_FRACTION, split_records
 from common.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
 
@@ -29,16 +29,13 @@ PAIR_FIELDS = ("id", "prompt", "chosen", "rejected", "score_chosen", "score_reje
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--run", required=True, type=Path, help="run directory (the chain's outputs)")
     p.add_argument("--out", required=True, type=Path, help="dataset directory to write")
-    p.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION,
+    p.add_argument("--test-fraction", type=fraction, default=DEFAULT_TEST_FRACTION,
                    help="share of record ids in the test split (make: TEST_FRACTION); 0: no test split")
     p.add_argument("--name", default=None, help="the dataset's title on its card (default: from the run directory)")
-    args = p.parse_args(argv)
-    if not 0 <= args.test_fraction < 1:
-        raise OptionError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
-    return args
+    return p.parse_args(argv)
 
 
 def messages_of(record):

@@ -19,6 +19,7 @@ from common import DataError, OptionError, run_step, varlen
 from common.files import output_lock
 from common.jsonl import read_jsonl
 from common.models import load_for_training, load_tokenizer
+from common.options import check_value, fraction
 from common.precision import training_flags
 from common.splits import DEFAULT_TEST_FRACTION
 from common.training import checkpoint_dir, compile_layer_by_layer, held_out, sharded, train_and_save
@@ -48,6 +49,9 @@ class DataArguments:
     sft_adapter: str = field(metadata={"help": "adapter directory written by steps/sft.py"})
     test_fraction: float = field(default=DEFAULT_TEST_FRACTION, metadata={
         "help": "share of pairs (by id) held out of training and evaluated on (0: none)"})
+
+    def __post_init__(self):  # TRL's parser takes the field's type as is: the range is checked here
+        self.test_fraction = check_value("--test_fraction", self.test_fraction, fraction)
 
 
 def pair_lengths(dataset):

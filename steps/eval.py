@@ -20,7 +20,6 @@ settings, the template used, a checksum of the log-likelihoods, request counts a
 models already evaluated.
 """
 
-import argparse
 import difflib
 import hashlib
 import json
@@ -32,6 +31,7 @@ from common import OptionError, SetupError, installed_versions, run_step
 from common.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
 from common.files import output_lock, write_json
 from common.models import device, hub_load, load_causal_lm, load_tokenizer, resolve
+from common.options import eval_batch_size, eval_limit, positive_int, step_parser
 from common.precision import dtype_name, resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,17 +41,19 @@ LOGLIKELIHOOD_TYPES = ("multiple_choice", "loglikelihood")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--model", required=True, help="base model: Hub id, directory or embedded:smollm2")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (SFT or DPO step output)")
     p.add_argument("--tasks", default="ifeval_local", help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=str(REPO / "data" / "tasks"), help="directory of local task YAMLs")
-    p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction)")
-    p.add_argument("--batch-size", default="auto")
+    p.add_argument("--limit", type=eval_limit, default=None,
+                   help="examples per task, or a fraction (0, 1) of each task; default: all")
+    p.add_argument("--batch-size", type=eval_batch_size, default="auto",
+                   help="requests per model pass: N, auto, or auto:N (lm-eval)")
     p.add_argument("--dtype", default="auto", help="weights' dtype (and the 4-bit compute dtype); auto: per device")
     p.add_argument("--load-in-4bit", action="store_true",
                    help="load the base model in 4-bit NF4 (bitsandbytes, CUDA only): a 7B model on a 16 GB T4")
-    p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens (generative tasks)")
+    p.add_argument("--max-gen-toks", type=positive_int, default=None, help="cap on generated tokens (generative tasks)")
     p.add_argument("--no-chat-template", action="store_true", help="prompt without the chat template")
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--cache-dir", default=None,

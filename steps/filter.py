@@ -65,6 +65,7 @@ from common import DataError, OptionError, run_step
 from common.files import output_lock, write_json, write_text
 from common.jsonl import read_jsonl, write_jsonl
 from common.judge import CATEGORIES, DIFFICULTY, QUALITY, SCALES, UNPARSED, rank, user_turns
+from common.options import non_negative_int, number, positive_int, share, step_parser
 
 FIELDS = {"id": str, "instruction": str}  # "response" is null in instruction-only output
 REFUSAL = re.compile(
@@ -86,17 +87,17 @@ def category_list(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--in", dest="inp", required=True, help="judged (or generated) JSONL")
     p.add_argument("--out", required=True, help="kept records (JSONL)")
     p.add_argument("--dropped", required=True, help="dropped records with a 'dropped_by' field (JSONL)")
     p.add_argument("--summary", required=True, help="counts per rule, tags, distances (JSON; .md and .png beside it)")
     p.add_argument("--tokenizer", default="embedded:smollm2", help="tokenizer that counts lengths")
-    p.add_argument("--min-instruction-tokens", type=int, default=4)
-    p.add_argument("--max-instruction-tokens", type=int, default=512)
-    p.add_argument("--min-response-tokens", type=int, default=4)
-    p.add_argument("--max-response-tokens", type=int, default=4096)
-    p.add_argument("--max-repeated-ngram-ratio", type=float, default=0.3,
+    p.add_argument("--min-instruction-tokens", type=non_negative_int, default=4)
+    p.add_argument("--max-instruction-tokens", type=positive_int, default=512)
+    p.add_argument("--min-response-tokens", type=non_negative_int, default=4)
+    p.add_argument("--max-response-tokens", type=positive_int, default=4096)
+    p.add_argument("--max-repeated-ngram-ratio", type=share, default=0.3,
                    help="drop a response in which more than this share of its word 4-grams repeat an earlier one")
     p.add_argument("--language", default="en", help="keep this language (langdetect code); 'any' keeps all")
     p.add_argument("--drop-refusals", action="store_true",
@@ -116,13 +117,18 @@ def parse_args(argv=None):
     p.add_argument("--embedder", default="embedded:minilm",
                    help="sentence-transformers model for near-duplicates and nn_distance (any Hub id or directory; "
                         "Magpie: sentence-transformers/all-mpnet-base-v2); 'none' skips both")
-    p.add_argument("--near-duplicate-threshold", type=float, default=0.9,
+    p.add_argument("--near-duplicate-threshold", type=share, default=0.9,
                    help="cosine similarity at or above which an instruction is a near-duplicate of an earlier one "
-                        "(default 0.9 with all-MiniLM-L6-v2; Magpie: squared L2 < 0.05 with all-mpnet-base-v2, "
+                        "(0.9 is for all-MiniLM-L6-v2; Magpie: squared L2 < 0.05 with all-mpnet-base-v2, "
                         "i.e. cosine > 0.975)")
     p.add_argument("--reward-model", default=None, help="score responses and drop those under --min-reward")
-    p.add_argument("--min-reward", type=float, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--min-reward", type=number, default=None)
+    args = p.parse_args(argv)
+    for side in ("instruction", "response"):
+        low, high = getattr(args, f"min_{side}_tokens"), getattr(args, f"max_{side}_tokens")
+        if low > high:
+            p.error(f"--min-{side}-tokens {low} is above --max-{side}-tokens {high}: no {side} could pass")
+    return args
 
 
 def tag_flags(args):

@@ -34,6 +34,8 @@ from common.files import output_lock
 from common.generation import ENGINES, declared_stop_ids, load_engine, process_device_map
 from common.batches import run_batches
 from common.models import load_tokenizer
+from common.options import (non_negative_float, non_negative_int, positive_float, positive_int,
+                            probability, step_parser)
 from common.precision import dtype_name
 from common.sanitize import sanitize
 from common.shards import process_rank
@@ -45,17 +47,17 @@ ANSWER_OPENING = re.compile(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--model", required=True, help="instruct model: Hub id or local directory")
     p.add_argument("--out", required=True, help="JSONL file to write")
-    p.add_argument("--num-samples", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="records to write")
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="samples handed to the engine at once, each batch appended to OUT.partial when done (the "
                         "unit a resumed run restarts from); larger batches leave the engine fewer idle rows")
-    p.add_argument("--decode-rows", type=int, default=16,
+    p.add_argument("--decode-rows", type=positive_int, default=16,
                    help="rows the engine decodes at once (on a GPU reduced to what free memory holds)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--turns", type=int, default=1, help="user/assistant turns per conversation")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--turns", type=positive_int, default=1, help="user/assistant turns per conversation")
     p.add_argument("--instruction-only", action="store_true", help="write instructions without responses")
     g = p.add_argument_group("recipe", "each of these defaults to the generator recipe's value (env/generators/)")
     g.add_argument("--recipe", default=None, help="recipe name (e.g. llama-3.1, qwen2.5, generic); default: matched "
@@ -65,14 +67,14 @@ def parse_args(argv=None):
                    help="task steering: a JSON/YAML list of system prompts, or a mapping prompt -> weight; one is "
                         "drawn per record (by seed and record number) and written into the record")
     for side in ("instruction", "response"):
-        g.add_argument(f"--{side}-temperature", type=float, default=None, help="0: greedy")
-        g.add_argument(f"--{side}-top-p", type=float, default=None, help="1: off")
-        g.add_argument(f"--{side}-top-k", type=int, default=None, help="0: off")
-        g.add_argument(f"--{side}-repetition-penalty", type=float, default=None, help="1: off")
-        g.add_argument(f"--{side}-loop-window", type=int, default=None, help="0: off; N: stop a row that loops "
-                       "in its last N tokens")
-    g.add_argument("--max-instruction-tokens", type=int, default=None)
-    g.add_argument("--max-response-tokens", type=int, default=None)
+        g.add_argument(f"--{side}-temperature", type=non_negative_float, default=None, help="0: greedy")
+        g.add_argument(f"--{side}-top-p", type=probability, default=None, help="1: off")
+        g.add_argument(f"--{side}-top-k", type=non_negative_int, default=None, help="0: off")
+        g.add_argument(f"--{side}-repetition-penalty", type=positive_float, default=None, help="1: off")
+        g.add_argument(f"--{side}-loop-window", type=non_negative_int, default=None,
+                       help="0: off; N: stop a row that loops in its last N tokens")
+    g.add_argument("--max-instruction-tokens", type=positive_int, default=None, help="cap on an instruction's tokens")
+    g.add_argument("--max-response-tokens", type=positive_int, default=None, help="cap on a response's tokens")
     g.add_argument("--suppress-at-start", default=None, metavar="TOKENS",
                    help="comma-separated token strings never sampled as an instruction's first token ('' for none)")
     g.add_argument("--stop-at-newline", action=argparse.BooleanOptionalAction, default=None,

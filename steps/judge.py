@@ -23,7 +23,6 @@ Records are appended to OUT.partial batch by batch; a rerun after a crash contin
 refuses a partial file written with other judge settings.
 """
 
-import argparse
 import sys
 
 from common import DataError, run_step
@@ -34,24 +33,26 @@ from common.generation import ENGINES, Sampling, declared_stop_ids, finish, load
 from common.jsonl import read_jsonl
 from common.judge import PREFILL, SCHEMA, AnswerConstraint, judge_message, merge, parse_answer, user_turns
 from common.models import load_tokenizer
+from common.options import non_negative_float, non_negative_int, positive_int, step_parser
 from common.precision import dtype_name
 from common.shards import process_rank
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--in", dest="inp", required=True, help="generated JSONL (id, instruction, response)")
     p.add_argument("--out", required=True, help="the same records with their tags (JSONL)")
     p.add_argument("--model", required=True, help="judge: any chat model (Hub id, directory or embedded:smollm2)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=positive_int, default=64,
                    help="records per batch (each batch is appended to OUT.partial: the unit a rerun resumes from)")
-    p.add_argument("--decode-rows", type=int, default=32, help="answers the engine decodes at once")
-    p.add_argument("--max-new-tokens", type=int, default=96,
+    p.add_argument("--decode-rows", type=positive_int, default=32, help="answers the engine decodes at once")
+    p.add_argument("--max-new-tokens", type=positive_int, default=96,
                    help="cap on one answer (the JSON object is ~50-70 tokens; a cut-off answer is retried once)")
-    p.add_argument("--max-response-tokens", type=int, default=256,
+    p.add_argument("--max-response-tokens", type=positive_int, default=256,
                    help="the response is shown to the judge (for the safety label) cut to this many tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as Magpie's tagging (unitag.py)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="0: greedy, as Magpie's tagging (unitag.py)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--engine", default="transformers", choices=ENGINES)
     p.add_argument("--dtype", default="auto", help="auto (see common/precision.py), bfloat16, float16 or float32")
     p.add_argument("--load-in-4bit", action="store_true")

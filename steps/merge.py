@@ -6,7 +6,6 @@ The base is loaded unquantized (in --dtype) even when the adapter was trained on
 4-bit weights would round the adapter away. Free disk space is checked before anything is loaded.
 """
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -14,11 +13,12 @@ from pathlib import Path
 from common import SetupError, run_step
 from common.files import atomic_path, output_lock
 from common.models import load_causal_lm, load_tokenizer, resolve
+from common.options import step_parser
 from common.precision import resolve_dtype
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--model", required=True, help="base model: Hub id, directory or embedded:smollm2")
     p.add_argument("--adapter", required=True, help="adapter directory (the SFT or DPO step's output)")
     p.add_argument("--out", required=True, help="directory to write")

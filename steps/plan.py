@@ -15,7 +15,6 @@ Standard library only, so that `make plan` runs on the system Python before setu
 imports no torch, and reads the tier's training YAMLs (flat `key: value` files) itself.
 """
 
-import argparse
 import json
 import math
 import textwrap
@@ -23,36 +22,41 @@ from pathlib import Path
 
 from common import OptionError, run_step
 from common.files import write_json
+from common.options import at_least, eval_limit, fraction, optional, positive_int, step_parser
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_EVALUATED = ("base", "sft", "dpo")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--costs", default=str(REPO / "env" / "costs.json"), help="per-unit costs (JSON)")
     p.add_argument("--tier", required=True, help="GPU tier: a key of the costs file's tiers")
     p.add_argument("--model", default="", help="MODEL (for the heading)")
     p.add_argument("--model-id", default="", help="MODEL_ID (for the heading)")
     p.add_argument("--model-size", required=True, help="MODEL_SIZE: picks the training and eval costs")
     p.add_argument("--generator", default="", help="GENERATOR (for the heading)")
-    p.add_argument("--num-samples", type=int, required=True)
-    p.add_argument("--gen-rows", type=int, required=True, help="GEN_ROWS: rows decoded at once")
-    p.add_argument("--max-instruction-tokens", default="", help="empty: the generator recipe's cap")
-    p.add_argument("--max-response-tokens", default="", help="empty: the generator recipe's cap")
-    p.add_argument("--judge-rows", type=int, required=True)
-    p.add_argument("--num-responses", type=int, required=True)
-    p.add_argument("--pref-rows", type=int, required=True)
-    p.add_argument("--pref-max-tokens", type=int, required=True)
+    p.add_argument("--num-samples", type=positive_int, required=True)
+    p.add_argument("--gen-rows", type=positive_int, required=True, help="GEN_ROWS: rows decoded at once")
+    p.add_argument("--max-instruction-tokens", type=optional(positive_int), default="",
+                   help="empty: the generator recipe's cap")
+    p.add_argument("--max-response-tokens", type=optional(positive_int), default="",
+                   help="empty: the generator recipe's cap")
+    p.add_argument("--judge-rows", type=positive_int, required=True)
+    p.add_argument("--num-responses", type=at_least(2), required=True)
+    p.add_argument("--pref-rows", type=positive_int, required=True)
+    p.add_argument("--pref-max-tokens", type=positive_int, required=True)
     p.add_argument("--sft-config", required=True, help="the tier's SFT YAML (epochs, max_length, batch)")
     p.add_argument("--dpo-config", required=True, help="the tier's DPO YAML")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="TEST_FRACTION: held out of training")
+    p.add_argument("--test-fraction", type=fraction, default=0.0, help="TEST_FRACTION: held out of training")
     p.add_argument("--tasks", required=True, help="TASKS, comma-separated")
-    p.add_argument("--limit", default="", help="LIMIT: examples per task (or a fraction); empty: all")
-    p.add_argument("--max-gen-toks", default="", help="MAX_GEN_TOKS: cap on an eval answer; empty: the task's")
+    p.add_argument("--limit", type=optional(eval_limit), default="",
+                   help="LIMIT: examples per task (or a fraction); empty: all")
+    p.add_argument("--max-gen-toks", type=optional(positive_int), default="",
+                   help="MAX_GEN_TOKS: cap on an eval answer; empty: the task's")
     p.add_argument("--eval-cost", default="", metavar="LL_S,TOKEN_S",
                    help="EVAL_COST: seconds per log-likelihood pass and per generated token of a request")
-    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--nproc", type=positive_int, default=1)
     p.add_argument("--engine", default="transformers")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
     return p.parse_args(argv)

@@ -13,7 +13,6 @@ preference format.
 With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
 """
 
-import argparse
 import sys
 
 from common import DataError, run_step
@@ -23,13 +22,15 @@ from common.files import output_lock
 from common.generation import ENGINES, Sampling, declared_stop_ids, load_engine, process_device_map
 from common.jsonl import read_jsonl, write_jsonl
 from common.models import load_tokenizer
+from common.options import (at_least, non_negative_float, non_negative_int, positive_float, positive_int,
+                            probability, step_parser)
 from common.precision import dtype_name
 from common.reward import load_reward, score_in_batches
 from common.shards import process_rank
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--in", dest="inp", required=True, help="filtered JSONL (id, instruction)")
     p.add_argument("--policy", required=True, help="model that samples the responses (Hub id or directory)")
     p.add_argument("--policy-adapter", default=None,
@@ -37,24 +38,27 @@ def parse_args(argv=None):
     p.add_argument("--reward-model", required=True, help="sequence classifier or sentence-transformers directory")
     p.add_argument("--scored", required=True, help="all responses and scores (JSONL)")
     p.add_argument("--out", required=True, help="preference pairs (JSONL)")
-    p.add_argument("--num-responses", type=int, default=4, help="responses sampled per instruction")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-response-tokens", type=int, default=512)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
-    p.add_argument("--loop-window", type=int, default=0, help="N > 0: stop a response that loops in its last N tokens")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--num-responses", type=at_least(2), default=4,
+                   help="responses sampled per instruction (a pair needs two)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
+    p.add_argument("--top-p", type=probability, default=0.95, help="1: off")
+    p.add_argument("--max-response-tokens", type=positive_int, default=512)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1: off")
+    p.add_argument("--loop-window", type=non_negative_int, default=0,
+                   help="N > 0: stop a response that loops in its last N tokens")
+    p.add_argument("--batch-size", type=positive_int, default=8,
                    help="instructions per batch (each batch's records are appended to --scored's partial file)")
-    p.add_argument("--decode-rows", type=int, default=32,
+    p.add_argument("--decode-rows", type=positive_int, default=32,
                    help="responses the engine decodes at once (on a GPU reduced to what free memory holds)")
-    p.add_argument("--reward-batch-size", type=int, default=16)
-    p.add_argument("--min-margin", type=float, default=0.0, help="drop pairs whose chosen-rejected margin is below")
+    p.add_argument("--reward-batch-size", type=positive_int, default=16)
+    p.add_argument("--min-margin", type=non_negative_float, default=0.0,
+                   help="drop pairs whose chosen-rejected margin is below")
     p.add_argument("--ties", choices=["drop", "keep"], default="drop",
                    help="pairs whose chosen and rejected score the same (margin 0): drop them, or keep them")
     p.add_argument("--allow-truncated-chosen", action="store_true",
                    help="let a response cut off at the token limit be chosen (default: only finished ones)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--engine", default="transformers", choices=ENGINES)
     p.add_argument("--dtype", default="auto", help="auto (see common/precision.py), bfloat16, float16 or float32")
     p.add_argument("--load-in-4bit", action="store_true")
@@ -65,7 +69,8 @@ def pair(record, responses, scores, finished=None):
     """Best vs worst response of one instruction, in TRL's conversational preference format.
 
     The chosen response must have ended on its own: a response cut off at the token limit would teach the model
-    not to stop. Returns None when no response finished.
+    not to stop. Returns None when no response finished. Among tied scores the earliest response is taken: the
+    first finished one of the highest score, the first one of the lowest.
     """
     finished = finished or [True] * len(scores)
     candidates = [i for i in range(len(scores)) if finished[i]]

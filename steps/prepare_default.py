@@ -7,19 +7,19 @@ loads the directory written here instead.
     python steps/prepare_default.py --out data/models/smollm2-135m-instruct
 """
 
-import argparse
 import importlib.util
 from pathlib import Path
 
 from common import SetupError, run_step
 from common.files import atomic_path, output_lock
 from common.models import EMBEDDED_DEFAULT
+from common.options import step_parser
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = step_parser(__doc__)
     parser.add_argument("--out", type=Path, default=EMBEDDED_DEFAULT, help="model directory to write")
     parser.add_argument("--dtype", default="bfloat16", help="storage dtype (bfloat16 halves the size of float32)")
     args = parser.parse_args(argv)

@@ -9,7 +9,6 @@ model card (README.md, written when training ended) goes up with the eval table 
 eval step has run (RUN/eval/*.json), and its base model recorded as a Hub id; the local files are left as they are.
 """
 
-import argparse
 import fnmatch
 import json
 import os
@@ -22,6 +21,7 @@ from common import DataError, OptionError, SetupError, run_step
 from common.cards import model_card, with_evaluation
 from common.evals import read_evals
 from common.models import hub_id, portable_base
+from common.options import step_parser
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer*", "chat_template.jinja",
                  "special_tokens_map.json", "training_config.json", "log_history.json", "curves.*", "README.md"]
@@ -30,7 +30,7 @@ REWRITTEN = {"README.md", "adapter_config.json"}  # copied, not linked, into the
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--adapter", type=Path, help="adapter directory (the SFT or DPO step's output)")
     what.add_argument("--dataset-dir", type=Path, help="dataset directory (the dataset step's output)")

@@ -15,7 +15,6 @@ Reads only the files the other steps wrote in the run directory. Plots are matpl
 them from <out>_plots/ (report_plots/ for report.md), the HTML page embeds them as data URIs, so it is one file.
 """
 
-import argparse
 import base64
 import csv
 import html
@@ -32,6 +31,7 @@ from common import DataError, run_step
 from common.evals import EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, read_json, share, table
 from common.files import atomic_path, output_lock, write_text
 from common.jsonl import read_jsonl
+from common.options import step_parser
 from common.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
 
 TOP = 10  # rows in the opening-word and verb tables
@@ -52,7 +52,7 @@ INSTRUCTION_VERBS = set("""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("--run", required=True, type=Path, help="run directory")
     p.add_argument("--out", required=True, type=Path, help="markdown file to write (plots go to <out>_plots/)")
     p.add_argument("--html", type=Path, default=None, help="also write this self-contained HTML page")

@@ -7,7 +7,6 @@ no Python package is needed: it loads the page, measures its height and sizes th
 screenshot. Needs `apt-get install chromium chromium-driver`. The page itself makes no requests (plots are data URIs).
 """
 
-import argparse
 import base64
 import json
 import shutil
@@ -19,14 +18,15 @@ from pathlib import Path
 
 from common import SetupError, run_step
 from common.files import atomic_path, output_lock
+from common.options import positive_int, step_parser
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = step_parser(__doc__)
     p.add_argument("page", type=Path, help="HTML file")
     p.add_argument("out", type=Path, help="PNG to write")
-    p.add_argument("--width", type=int, default=1200, help="window width in CSS pixels")
-    p.add_argument("--max-height", type=int, default=16000, help="cap on the page height captured")
+    p.add_argument("--width", type=positive_int, default=1200, help="window width in CSS pixels")
+    p.add_argument("--max-height", type=positive_int, default=16000, help="cap on the page height captured")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     p.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     return p.parse_args(argv)

@@ -21,6 +21,7 @@ from common.chat import prepare_tokenizer
 from common.files import output_lock
 from common.jsonl import read_jsonl
 from common.models import load_for_training, load_tokenizer
+from common.options import check_value, fraction
 from common.precision import training_flags
 from common.splits import DEFAULT_TEST_FRACTION
 from common.training import checkpoint_dir, compile_layer_by_layer, held_out, train_and_save
@@ -31,6 +32,9 @@ class DataArguments:
     train_file: str = field(metadata={"help": "filtered JSONL with 'instruction' and 'response'"})
     test_fraction: float = field(default=DEFAULT_TEST_FRACTION, metadata={
         "help": "share of records (by id) held out of training and evaluated on (0: none)"})
+
+    def __post_init__(self):  # TRL's parser takes the field's type as is: the range is checked here
+        self.test_fraction = check_value("--test_fraction", self.test_fraction, fraction)
 
 
 def to_examples(records):

@@ -40,6 +40,22 @@ def test_pair_takes_highest_as_chosen_and_lowest_as_rejected():
     assert pair(record, ["a", "b"], [1.0, 2.0], finished=[False, False]) is None
 
 
+def test_pair_breaks_ties_by_the_earliest_eligible_response():
+    """Ties, constructed (bf16 reward scores tie often): the highest score shared by a cut-off response and a finished
+    one goes to the finished one, whichever comes first; among finished ones, and for the lowest, the earliest."""
+    record = {"id": "x", "instruction": "Say hi."}
+    p = pair(record, ["cut", "done", "low"], [0.5, 0.5, 0.1], finished=[False, True, True])
+    assert p["chosen"][0]["content"] == "done" and p["rejected"][0]["content"] == "low"
+    p = pair(record, ["done", "cut", "low"], [0.5, 0.5, 0.1], finished=[True, False, True])
+    assert p["chosen"][0]["content"] == "done"
+    p = pair(record, ["first", "second", "low1", "low2"], [0.5, 0.5, 0.1, 0.1], finished=[True, True, True, True])
+    assert p["chosen"][0]["content"] == "first" and p["rejected"][0]["content"] == "low1"
+    assert p["margin"] == pytest.approx(0.4)
+    # The lowest may be a cut-off response: it is still the rejected one
+    p = pair(record, ["a", "b", "c"], [0.5, 0.1, 0.1], finished=[True, False, True])
+    assert p["rejected"][0]["content"] == "b"
+
+
 def test_ties_are_dropped_unless_kept(tmp_path):
     """A scored file whose instructions tie (all responses score the same) or not: --ties decides."""
     import preference
@@ -98,8 +114,13 @@ def test_preference_step_with_a_classifier_reward_model(tmp_path, tiny_deberta):
             continue
         p = pairs[r["id"]]
         assert p["score_chosen"] == max(finished) and p["score_rejected"] == min(r["scores"])
-        assert p["chosen"][0]["content"] == r["responses"][r["scores"].index(max(finished))]
-        assert p["margin"] > 0
+        # Which of tied responses is taken is test_pair_breaks_ties_by_the_earliest_eligible_response's business (bf16
+        # scores tie on some CPUs): here the chosen is a finished response of the top finished score, the rejected
+        # one of the lowest score.
+        best = [t for t, s, f in zip(r["responses"], r["scores"], r["finished"]) if f and s == max(finished)]
+        worst = [t for t, s in zip(r["responses"], r["scores"]) if s == min(r["scores"])]
+        assert p["chosen"][0]["content"] in best and p["rejected"][0]["content"] in worst
+        assert p["margin"] == p["score_chosen"] - p["score_rejected"] > 0
 
     # A margin no pair reaches drops them all; the scored file is reused, nothing is sampled again.
     strict = tmp_path / "strict.jsonl"
