@@ -180,9 +180,12 @@ def test_rows_take_pages_as_they_grow_give_them_back_and_match_generate(fast_mod
     keys = list(INSTRUCTIONS)
     ends = {k: len(prompts[k]) + len(reference[k]) for k in keys}
     assert any(ends[k] % small_pages for k in SHORT)  # a row ends mid-page
-    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2)
+    row_pages = -(-fastgen.LENGTH_BUCKET // small_pages)
+    # a page short of both slots' whole rows: pages come from the free list, not a slot's own (the fixed layout)
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2, pages=2 * row_pages)
     in_use, handed = page_spy(generator)
     rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert not generator.cache.fixed
     assert rows == [reference[k] for k in keys] and looped == [False] * len(keys)
     per_slot = Counter(s for s, _ in handed)
     grown = [n for n in per_slot.values()]
@@ -218,6 +221,28 @@ def test_one_slot_passes_the_check_and_decodes_prompts_in_turn(fast_model, token
     assert why is None and generator.slots == 1
     rows, _ = generator.generate([prompts[k] for k in SHORT], greedy(stops))
     assert rows == [reference[k] for k in SHORT]
+
+
+def test_where_every_slot_fits_its_whole_row_sdpa_reads_the_pages_in_place(fast_model, tokenizer, prompts,
+                                                                            reference, stops):
+    """The CPU's default pool holds every slot's longest row: slot s keeps its own pages, in order, so the masked
+    SDPA reads a view of the pool (no copy a step) and the answers are generate's."""
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2)
+    views = []
+    update = fastgen.PagedCache.update
+
+    def spy(cache, *args, **kwargs):
+        keys, values = update(cache, *args, **kwargs)
+        if cache.mode == "decode":
+            views.append(keys.untyped_storage().data_ptr() == cache.keys[args[2]].untyped_storage().data_ptr())
+        return keys, values
+
+    keys = list(INSTRUCTIONS)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fastgen.PagedCache, "update", spy)
+        rows, _ = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert generator.cache.fixed and views and all(views)
+    assert rows == [reference[k] for k in keys]
 
 
 def test_a_pool_without_room_for_one_row_is_refused(fast_model, tokenizer, prompts, stops, small_pages):

@@ -114,6 +114,9 @@ class PagedCache:
 
     def __init__(self, layers, pages, slots, max_pages, kv_heads, head_dim, dtype, device):
         shape = (pages, PAGE, kv_heads, head_dim)
+        # every slot's whole row fits: slot s keeps pages 1 + s * max_pages + j, so its positions lie in one piece
+        # and SDPA reads them in place (a view) instead of a gathered copy
+        self.fixed = pages >= slots * max_pages + 1
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.pages, self.slots, self.max_pages = pages, slots, max_pages
@@ -142,6 +145,10 @@ class PagedCache:
         flat_v.index_copy_(0, index, value_states.reshape(-1, self.head_dim))
         if not self.gather:
             return keys, values
+        if self.fixed:
+            rows = (self.slots, self.length, self.kv_heads, self.head_dim)
+            return (keys[1:].view(rows)[:slots, :length].transpose(1, 2),
+                    values[1:].view(rows)[:slots, :length].transpose(1, 2))
         pages = self.table[:slots, : length // PAGE].long()
         shape = (slots, length, self.kv_heads, self.head_dim)
         return keys[pages].view(shape).transpose(1, 2), values[pages].view(shape).transpose(1, 2)
@@ -260,7 +267,7 @@ class SlotGenerator:
         for slot, tokens in wanted.items():
             owned = self.pages_of[slot]
             for col in range(len(owned), self.pages_for(tokens)):
-                owned.append(self.free_pages.pop())
+                owned.append(1 + slot * self.cache.max_pages + col if self.cache.fixed else self.free_pages.pop())
                 rows.append(slot), cols.append(col), pages.append(owned[-1])
         if pages:
             table = self.cache.table
@@ -270,7 +277,8 @@ class SlotGenerator:
     def release(self, slots):
         """The pages of `slots` back to the free list; their table rows point at the scratch page again."""
         for slot in slots:
-            self.free_pages.extend(reversed(self.pages_of[slot]))
+            if not self.cache.fixed:
+                self.free_pages.extend(reversed(self.pages_of[slot]))
             self.pages_of[slot] = []
         if slots:
             self.cache.table[torch.tensor(slots, device=self.device)] = 0
@@ -444,7 +452,8 @@ class SlotGenerator:
                     r = pending[-1]
                     ids = resumed[r][0][:-1] if r in resumed else prompts[r]
                     in_flight = sum(q is not None for q in slot_request)
-                    if self.pages_for(len(ids) + CHECK_EVERY + 1) + in_flight > len(self.free_pages):
+                    need = self.pages_for(len(ids) + CHECK_EVERY + 1) + in_flight
+                    if not cache.fixed and need > len(self.free_pages):
                         break
                     pending.pop()
                     slot = free.pop(0)
@@ -502,7 +511,7 @@ class SlotGenerator:
                 need = sum(max(0, self.pages_for(t) - len(self.pages_of[s])) for s, t in wanted.items())
                 return need - len(self.free_pages)
 
-            while short() > 0:
+            while not cache.fixed and short() > 0:
                 victim = max(wanted, key=lambda s: admitted[s])
                 r, n = slot_request[victim], int(hist_len[victim])
                 resumed[r] = (history[victim, :n].tolist(), int(prompt_len[victim]), int(generated[victim]),
