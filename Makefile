@@ -27,6 +27,9 @@ DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GP
 # ---- Where outputs go (point RUN at Google Drive in Colab) ---------------------------------------------------
 RUNS_DIR ?= data/runs
 RUN ?= $(RUNS_DIR)/$(MODEL)-$(GPU)
+# Each output also depends on RUN/.settings/<step>, the settings that shape it (env/settings.mk): changing one (TASKS,
+# LIMIT, NUM_SAMPLES, a sampling flag, a tier YAML) redoes that output and what follows from it.
+include env/settings.mk
 SEED ?= 0
 # Share of record ids held out as the test split (common/splits.py: a hash of the id): the dataset step writes it,
 # SFT and DPO leave it out of training.
@@ -62,7 +65,8 @@ include env/setup.mk
 # ---- Before a run: what it will cost ---------------------------------------------------------------------------
 # Each step's expected time for this tier, model and sizes, from per-unit costs measured on the device and scaled to
 # the tier's GPU (env/costs.json; steps/plan.py). Standard library only: the system Python runs it, before setup and
-# with no GPU. `make all` prints it once a run and keeps it as RUN/plan.json (a plan that fails doesn't stop the run).
+# with no GPU. `make all` prints it once a run (and on a change of its settings) and keeps it as RUN/plan.json (a
+# plan that fails doesn't stop the run).
 PLAN = $(PYTHON) steps/plan.py --tier $(GPU) --model $(MODEL) --model-id $(MODEL_ID) --model-size $(MODEL_SIZE) \
   --generator $(GENERATOR) --num-samples $(NUM_SAMPLES) --gen-rows $(GEN_ROWS) \
   --max-instruction-tokens=$(MAX_INSTRUCTION_TOKENS) --max-response-tokens=$(MAX_RESPONSE_TOKENS) \
@@ -76,7 +80,7 @@ PLAN = $(PYTHON) steps/plan.py --tier $(GPU) --model $(MODEL) --model-id $(MODEL
 all: $(RUN)/plan.json report dataset
 plan:
 	@$(PLAN) $(PLAN_ARGS)
-$(RUN)/plan.json:
+$(RUN)/plan.json: $(RUN)/.settings/plan
 	-@$(PLAN) --json $@
 setup: $(DEPS)
 prepare: $(DEFAULT_MODEL_DIR)
@@ -92,31 +96,31 @@ report: $(RUN)/report.md $(RUN)/report.html
 $(DEFAULT_MODEL_DIR): | $(DEPS)
 	$(PY) steps/prepare_default.py --out $@
 
-$(RUN)/generated.jsonl: | $(DEPS) $(NEEDS_DEFAULT)
+$(RUN)/generated.jsonl: $(RUN)/.settings/generate | $(DEPS) $(NEEDS_DEFAULT)
 	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/generate.py --model $(GENERATOR) --out $@ --num-samples $(NUM_SAMPLES) --batch-size $(GEN_BATCH) \
 	  --decode-rows $(GEN_ROWS) $(if $(MAX_INSTRUCTION_TOKENS),--max-instruction-tokens $(MAX_INSTRUCTION_TOKENS)) \
 	  $(if $(MAX_RESPONSE_TOKENS),--max-response-tokens $(MAX_RESPONSE_TOKENS)) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(GENERATE_ARGS)
 
-$(RUN)/judged.jsonl: $(RUN)/generated.jsonl | $(if $(findstring embedded:smollm2,$(JUDGE_MODEL)),$(DEFAULT_MODEL_DIR))
+$(RUN)/judged.jsonl: $(RUN)/generated.jsonl $(RUN)/.settings/judge | $(if $(findstring embedded:smollm2,$(JUDGE_MODEL)),$(DEFAULT_MODEL_DIR))
 	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/judge.py --in $< --out $@ --model $(JUDGE_MODEL) --batch-size $(JUDGE_BATCH) \
 	  --decode-rows $(JUDGE_ROWS) --max-new-tokens $(JUDGE_MAX_TOKENS) --max-response-tokens $(JUDGE_RESPONSE_TOKENS) \
 	  --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) $(JUDGE_ARGS)
 
-$(RUN)/filtered.jsonl: $(RUN)/judged.jsonl
+$(RUN)/filtered.jsonl: $(RUN)/judged.jsonl $(RUN)/.settings/filter
 	$(PY) steps/filter.py --in $< --out $@ --dropped $(RUN)/dropped.jsonl --summary $(RUN)/filter_summary.json \
 	  --tokenizer $(GENERATOR) --embedder $(EMBEDDER) $(FILTER_ARGS)
 
-$(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(if $(filter sft,$(PREF_POLICY)),$(RUN)/sft)
+$(RUN)/preference.jsonl: $(RUN)/filtered.jsonl $(RUN)/.settings/preference $(if $(filter sft,$(PREF_POLICY)),$(RUN)/sft)
 	$(CHECK_CUDA)$(LAUNCH_SHARDED) steps/preference.py --in $< $(POLICY_ARGS) --reward-model $(REWARD_MODEL) \
 	  --scored $(RUN)/scored.jsonl --out $@ --num-responses $(NUM_RESPONSES) --batch-size $(PREF_BATCH) --decode-rows $(PREF_ROWS) \
 	  --max-response-tokens $(PREF_MAX_TOKENS) --dtype $(DTYPE) --engine $(ENGINE) --seed $(SEED) $(LOAD_IN_4BIT) \
 	  $(PREFERENCE_ARGS)
 
-$(RUN)/sft: $(RUN)/filtered.jsonl
+$(RUN)/sft: $(RUN)/filtered.jsonl $(RUN)/.settings/sft
 	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/sft.py --config $(SFT_CONFIG) --model_name_or_path $(MODEL_ID) --train_file $< --output_dir $@ \
 	  --dtype $(DTYPE) --seed $(SEED) --test_fraction $(TEST_FRACTION) $(SFT_ARGS)
 
-$(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft
+$(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft $(RUN)/.settings/dpo
 	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
 	  --train_file $< --output_dir $@ --dtype $(DTYPE) --seed $(SEED) --test_fraction $(TEST_FRACTION) $(DPO_ARGS)
 
@@ -126,19 +130,19 @@ EVAL_COST = $(EVAL_COST_$(MODEL_SIZE))
 EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --dtype $(DTYPE) \
   --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_4BIT) $(if $(EVAL_COST),--cost $(EVAL_COST)) \
   $(EVAL_ARGS)
-$(RUN)/eval/base.json: | $(DEPS) $(NEEDS_DEFAULT)
+$(RUN)/eval/base.json: $(RUN)/.settings/eval | $(DEPS) $(NEEDS_DEFAULT)
 	$(CHECK_CUDA)$(EVAL) --out $@
-$(RUN)/eval/%.json: $(RUN)/%
+$(RUN)/eval/%.json: $(RUN)/% $(RUN)/.settings/eval
 	$(CHECK_CUDA)$(EVAL) --adapter $< --out $@
 
 # One page in two forms: markdown (plots in report_plots/) and self-contained HTML (plots embedded).
-$(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json
+$(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json $(RUN)/.settings/report
 	$(PY) steps/report.py --run $(RUN) --out $(RUN)/report.md --html $(RUN)/report.html --tier $(GPU) --model-name $(MODEL)
 
 # The HTML report as a full-page PNG, rendered by headless Chromium (apt-get install chromium chromium-driver).
 REPORT_PNG_WIDTH ?= 1200
 report-png: $(RUN)/report.png
-$(RUN)/report.png: $(RUN)/report.html
+$(RUN)/report.png: $(RUN)/report.html $(RUN)/.settings/report-png
 	$(PY) steps/report_png.py $< $@ --width $(REPORT_PNG_WIDTH)
 
 # Several MODELs side by side: each one's run ($(RUNS_DIR)/<model>-$(GPU)) is evaluated where it is not yet (the
@@ -151,7 +155,7 @@ compare:
 
 # ---- After the chain: a standalone merged model, and the adapter on the Hub -----------------------------------
 merge: $(RUN)/merged
-$(RUN)/merged: $(RUN)/$(MERGE_FROM)
+$(RUN)/merged: $(RUN)/$(MERGE_FROM) $(RUN)/.settings/merge
 	$(CHECK_CUDA)$(PY) steps/merge.py --model $(MODEL_ID) --adapter $< --out $@ --dtype $(DTYPE)
 # The adapter's model card goes up with the eval table where `make eval` has run (RUN/eval/*.json).
 push: $(RUN)/$(MERGE_FROM)
@@ -161,7 +165,7 @@ push: $(RUN)/$(MERGE_FROM)
 
 # ---- The data as a dataset: SFT conversations (messages) and preference pairs, train/test, with a dataset card ----
 dataset: $(RUN)/dataset
-$(RUN)/dataset: $(RUN)/filtered.jsonl $(RUN)/preference.jsonl
+$(RUN)/dataset: $(RUN)/filtered.jsonl $(RUN)/preference.jsonl $(RUN)/.settings/dataset
 	$(PY) steps/dataset.py --run $(RUN) --out $@ --test-fraction $(TEST_FRACTION) $(DATASET_ARGS)
 push-data: $(RUN)/dataset
 	$(if $(HUB_DATASET),,$(error set HUB_DATASET=namespace/name (and HF_TOKEN) to push the dataset))
@@ -179,10 +183,13 @@ clean:
 help:
 	@echo "Targets: all (= plan, report, dataset) plan setup prepare generate judge filter preference sft dpo eval report"\
 	  "report-png compare merge push dataset push-data test clean help"
-	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun."
+	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun;" \
+	  "changing a setting that shapes an output (RUN/.settings/<step>) redoes it and what follows"
 	@echo "  plan: each step's expected time for GPU, MODEL and the sizes below, and what it rests on (env/costs.json);"\
-	  "no GPU or setup needed; make all prints it first, once a run (RUN/plan.json). PLAN_ARGS=\"--json FILE\" keeps it"
-	@echo "  eval: base, sft and dpo on TASKS (eval/<model>.json; one is redone only when deleted or its adapter changes)"
+	  "no GPU or setup needed; make all prints it first, once a run and after a change of its settings (RUN/plan.json)." \
+	  "PLAN_ARGS=\"--json FILE\" keeps it"
+	@echo "  eval: base, sft and dpo on TASKS (eval/<model>.json; redone when deleted, its adapter changes or" \
+	  "TASKS, LIMIT or another eval setting changes)"
 	@echo "  report: RUN/report.md and RUN/report.html (funnel, diversity, judge tags, neighbour distances and map," \
 	  "rewards, training curves, evals, settings)"
 	@echo "  report-png: RUN/report.png, the HTML page rendered by headless Chromium (chromium, chromium-driver)," \

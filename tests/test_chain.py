@@ -2,7 +2,12 @@
 
 The report's and the evals' contents are checked in test_report.py and test_eval.py."""
 
-from conftest import make
+import os
+import re
+import shutil
+import subprocess
+
+from conftest import REPO, make, make_command
 
 
 def test_second_make_all_does_nothing(chain_run):
@@ -46,3 +51,136 @@ def test_every_step_records_the_one_dtype_decision(chain_run):
         assert (config["bf16"], config["fp16"]) == (decided == "bfloat16", False)
     for model in ("base", "sft", "dpo"):
         assert json.loads((chain_run / "eval" / f"{model}.json").read_text())["settings"]["dtype"] == decided
+
+
+# ---- Settings stamps (env/settings.mk): an output follows the settings that shape it -------------------------------
+
+EVALS = ["eval/base", "eval/dpo", "eval/sft"]
+# What `make -n all` runs on the finished test chain when a setting upstream of everything changes (base's eval
+# depends on no output of the chain, so only a change of the eval settings redoes it).
+AFTER_GENERATE = sorted(["generate", "judge", "filter", "preference", "sft", "dpo", "eval/sft", "eval/dpo", "report",
+                         "dataset"])
+
+
+def would_run(run, target="all", **changed):
+    """The steps `make -n TARGET` would run on the finished run `run` with `changed` settings, sorted; an eval as
+    eval/<model>. make -n writes nothing, settings stamps included."""
+    result = subprocess.run([*make_command(target, run, **changed), "-n"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = []
+    for line in result.stdout.splitlines():
+        if step := re.search(r"steps/(\w+)\.py", line):
+            steps.append("eval/" + re.search(r"/eval/(\w+)\.json", line)[1] if step[1] == "eval" else step[1])
+    return sorted(steps)
+
+
+def stamps(run):
+    """Each settings stamp of `run`: its text and mtime."""
+    return {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in (run / ".settings").iterdir()}
+
+
+def test_a_changed_setting_redoes_its_output_and_what_follows_and_only_that(chain_run):
+    """make -n on the finished chain: a setting redoes the outputs it shapes and those that follow from them, and
+    nothing else (issue 25: `make eval TASKS=...` on a finished run did nothing)."""
+    before = stamps(chain_run)
+    assert would_run(chain_run) == []  # unchanged: up to date, and so by make -q
+    assert subprocess.run([*make_command("all", chain_run), "-q"]).returncode == 0
+    assert would_run(chain_run, HUB_REPO="me/model", PY="python3") == []  # shapes no output
+
+    assert would_run(chain_run, TASKS="mc_local") == sorted(EVALS + ["report", "plan"])
+    assert would_run(chain_run, "eval", TASKS="mc_local") == EVALS
+    assert would_run(chain_run, LIMIT="2") == sorted(EVALS + ["report", "plan"])
+    assert would_run(chain_run, NUM_SAMPLES="13") == sorted(AFTER_GENERATE + ["plan"])
+    assert would_run(chain_run, GENERATE_ARGS="--response-temperature 0") == AFTER_GENERATE
+    assert would_run(chain_run, PREFERENCE_ARGS="--allow-truncated-chosen --temperature 0.5") == \
+        sorted(["preference", "dpo", "eval/dpo", "report", "dataset"])
+    assert would_run(chain_run, SFT_ARGS="--max_steps 3 --save_steps 1") == sorted(["sft", "dpo", "eval/sft",
+                                                                                       "eval/dpo", "report"])
+    # make -n and -q wrote no stamp: the next unchanged make has nothing to do
+    assert {name: stamp for name, stamp in stamps(chain_run).items() if name in before} == before
+    assert "TASKS=ifeval_local,mc_local\nEVAL_BATCH=4\n" in before["eval"][0]  # the settings, readable
+
+
+def test_a_changed_tier_yaml_redoes_training_and_what_follows(chain_run, tmp_path):
+    """SFT_CONFIG's content, not only its name, is part of the SFT stamp."""
+    run, config = tmp_path / "run", tmp_path / "sft.yaml"
+    shutil.copytree(chain_run, run, ignore=shutil.ignore_patterns("*.safetensors"))  # copy2 keeps the times
+    shutil.copy(REPO / "env" / "cpu" / "sft.yaml", config)
+    for stamp in (run / ".settings").iterdir():  # as if the chain had run with SFT_CONFIG=config
+        times = stamp.stat()
+        stamp.write_text(stamp.read_text().replace("env/cpu/sft.yaml", str(config)))
+        os.utime(stamp, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert would_run(run, SFT_CONFIG=config) == []
+    config.write_text(config.read_text().replace("max_length: 512", "max_length: 256"))
+    assert would_run(run, SFT_CONFIG=config) == sorted(["sft", "dpo", "eval/sft", "eval/dpo", "report", "plan"])
+
+
+def test_a_run_made_before_settings_stamps_is_kept_and_a_change_then_redoes_eval_alone(chain_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(chain_run, run, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.rmtree(run / ".settings")
+    # PY=false: a step that ran would fail at once
+    adopted = make("all", run, PY="false", PYTHON="false")
+    assert adopted.returncode == 0 and "steps/" not in adopted.stdout, adopted.stdout + adopted.stderr
+    assert {mtime for _, mtime in stamps(run).values()} == {0}  # dated 1970: they make nothing stale
+    assert subprocess.run([*make_command("all", run), "-q"]).returncode == 0
+
+    changed = subprocess.run([*make_command("eval", run, PY="false", TASKS="mc_local"), "-k"],  # -k: try each eval
+                             capture_output=True, text=True)
+    assert changed.returncode != 0  # PY=false
+    assert "settings of eval changed: TASKS=mc_local\n" in changed.stdout
+    assert sorted(re.findall(r"steps/(\w+)\.py .*--tasks mc_local .*/eval/(\w+)\.json", changed.stdout)) == \
+        [("eval", "base"), ("eval", "dpo"), ("eval", "sft")]
+    assert len(re.findall(r"steps/\w+\.py", changed.stdout)) == 3
+    assert "TASKS=mc_local\n" in (run / ".settings" / "eval").read_text()
+
+
+def makefile_definitions():
+    """Each variable the Makefile defines, with its continuation lines joined."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    return {m[1]: m[2] for m in re.finditer(r"^([A-Z_]+) *[:?]?= *(.*)$", text, re.M)}
+
+
+def step_rules():
+    """(targets, prerequisites, recipe) of each Makefile rule whose recipe runs a step and writes under RUN."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("$(RUN)/") and (rule := re.match(r"(.*?) *&?: *(.*)$", line)):
+            recipe = []
+            for follow in lines[i + 1:]:
+                if not follow.startswith("\t"):
+                    break
+                recipe.append(follow)
+            if "steps/" in " ".join(recipe) or "$(EVAL)" in " ".join(recipe) or "$(PLAN)" in " ".join(recipe):
+                yield rule[1], rule[2], " ".join(recipe)
+
+
+def test_every_step_rule_has_a_stamp_holding_what_its_recipe_passes():
+    """env/settings.mk lists each step's settings by hand: every variable a step's recipe passes is in it, less where
+    the output goes, which Python runs it, a launcher that merges shards into the same records, and the eval's time
+    estimate (EVAL_COST)."""
+    defined = makefile_definitions()
+    composite = {"EVAL", "PLAN", "POLICY_ARGS", "LAUNCH_TRAINING"}  # expanded to the variables they hold
+    exempt = {"RUN", "PY", "PYTHON", "CHECK_CUDA", "LAUNCH_SHARDED"}
+
+    def passed(text):
+        names = set(re.findall(r"\$\(([A-Z][A-Z0-9_]*)\)", text))
+        return set().union(*(passed(defined[n]) if n in composite else {n} for n in names)) if names else set()
+
+    rules = list(step_rules())
+    stamp_of = {targets: re.findall(r"\$\(RUN\)/\.settings/([\w-]+)", prerequisites)
+                for targets, prerequisites, _ in rules}
+    assert all(len(names) == 1 for names in stamp_of.values()), stamp_of  # each rule has its one stamp
+    names = sorted({names[0] for names in stamp_of.values()})
+    assert len(rules) == 13 and names == ["dataset", "dpo", "eval", "filter", "generate", "judge", "merge", "plan",
+                                          "preference", "report", "report-png", "sft"]
+    show = f"show-settings: ; @$(foreach s,{' '.join(names)},echo $(s) $(SETTINGS.$(s));) echo cuda $(CUDA_STEPS)"
+    listed = subprocess.run(["make", "-C", str(REPO), "--no-print-directory", f"--eval={show}", "show-settings",
+                             "GPU=cpu", "PREF_POLICY=sft"], capture_output=True, text=True, check=True).stdout
+    listed = {line.split()[0]: set(line.split()[1:]) for line in listed.splitlines()}
+    for targets, _, recipe in rules:
+        name = stamp_of[targets][0]
+        # a GPU tier without a GPU stops before the stamp too, where it stops before the step
+        assert ("$(CHECK_CUDA)" in recipe) == (name in listed["cuda"]), f"{targets}: CUDA_STEPS"
+        missing = passed(recipe) - exempt - ({"EVAL_COST"} if name == "eval" else set()) - listed[name]
+        assert not missing, f"{targets}: its recipe passes {sorted(missing)}, not in SETTINGS.{name} (env/settings.mk)"
