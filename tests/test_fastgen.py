@@ -128,17 +128,19 @@ def test_empty_slots_beside_the_prompts_change_nothing(fast_model, tokenizer, pr
     assert steps and set(steps) == {4}  # one slot never held a prompt, yet decoded along
 
 
+@pytest.mark.parametrize("pages", [None, 16])  # every slot's whole row (fixed pages); a page short (free list)
 def test_tail_compaction_moves_live_rows_to_the_lowest_slots(fast_model, tokenizer, prompts, reference, stops,
-                                                            monkeypatch):
+                                                            monkeypatch, pages):
     """The long row sits in the highest slot and outlives the others: without compaction every step would run all
     four slots; compacted, it moves to slot 0 and the tail steps run on fewer."""
     monkeypatch.setattr(fastgen, "MIN_SLOT_BUCKET", 1)
-    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4, pages=pages)
     steps, _ = spy(generator)
     keys = ["sum", "yes", "hi", "story"]
     rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
     assert rows == [reference[k] for k in keys] and looped == [False] * 4
     assert steps[0] == 4 and min(steps) < 4
+    assert generator.cache.fixed == (pages is None)
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------------

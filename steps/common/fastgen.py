@@ -525,7 +525,8 @@ class SlotGenerator:
 
         def compact():
             """Once nothing is pending, move the live rows into the lowest slots, so that the step runs on fewer
-            (their pages stay where they are: the block table's rows move)."""
+            (their pages stay where they are and the block table's rows move; in the fixed layout the keys and
+            values move to the new slot's own pages)."""
             used = [s for s in range(S) if slot_request[s] is not None]
             target = _pow2_bucket(len(used), S)
             movers = [s for s in used if s >= target]
@@ -533,13 +534,25 @@ class SlotGenerator:
             if not movers:
                 return
             src, dst = torch.tensor(movers, device=dev), torch.tensor(holes, device=dev)
-            for t in (cache.table, history, hist_len, prompt_len, generated, active, looped, cache.positions,
-                      self.tokens):
+            if cache.fixed:  # each slot keeps its own pages: the keys and values move, the table rows stay
+                for pool in (*cache.keys, *cache.values):
+                    by_slot = pool[1:].view(S, cache.max_pages, *pool.shape[1:])
+                    by_slot[dst] = by_slot[src]
+            else:
+                cache.table[dst] = cache.table[src]
+            for t in (history, hist_len, prompt_len, generated, active, looped, cache.positions, self.tokens):
                 t[dst] = t[src]
-            active[src], cache.table[src] = False, 0
+            active[src] = False
+            held = {b: len(self.pages_of[a]) for a, b in zip(movers, holes)}
             for a, b in zip(movers, holes):
                 slot_request[b], slot_request[a] = slot_request[a], None
-                admitted[b], self.pages_of[b], self.pages_of[a] = admitted[a], self.pages_of[a], []
+                admitted[b] = admitted[a]
+                self.pages_of[b], self.pages_of[a] = [] if cache.fixed else self.pages_of[a], []
+            if cache.fixed:  # the new slot's own pages, as many as the row held
+                self.release(movers)
+                self.grow({b: n * PAGE for b, n in held.items()})
+            else:
+                cache.table[src] = 0
 
         def harvest():
             """Collect the rows that ended and free their pages; return the free slots (lowest first)."""
