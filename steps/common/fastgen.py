@@ -9,12 +9,14 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
   and gives them back when it ends, so the rows decoded at once are bounded by the tokens really in flight, not by
   rows x cap. A prompt is admitted only while the free pages hold it beside a page of growth for each row in
   flight; where rows outgrow the pages anyway, the rows admitted last give theirs back and are resumed later (their
-  tokens so far prefilled again), so no row is ever cut short. Steps run on the first S' slots (the highest in
-  use, rounded up to a power of two; new rows take the lowest free slot), so a draining batch costs less.
+  tokens so far prefilled again), so no row is ever cut short. Where the pool holds every slot's whole row (always
+  on a CPU), slot s keeps pages of its own in order, so SDPA reads them in place. Steps run on the first S' slots
+  (the highest in use, rounded up to a power of two; new rows take the lowest free slot), so a draining batch costs
+  less.
 - Decoding steps are captured as CUDA graphs, one per slot bucket, on a GPU; the CPU runs the same code eagerly.
 - Decoding attention on a GPU: a Triton kernel of ours (common/decode_kernel.py) reads each slot's pages in place
   through the block table, only the keys the row holds (fp16 or bf16; it runs on a T4 too). Elsewhere, or where it
-  disagrees with a plain forward, SDPA over a contiguous copy of the pages under a mask over the first Lb
+  disagrees with a plain forward, SDPA over the pages (a view or a contiguous copy) under a mask over the first Lb
   positions (Lb: the longest live row, rounded up to LENGTH_BUCKET). Flash attention's varlen kernel, the earlier
   fallback, takes no block table in torch 2.11 and was 1.9-3.7x slower than the Triton kernel
   (bench/results/decode-attention-h200.json), so it only serves packed prefills.
