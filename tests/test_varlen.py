@@ -2,6 +2,8 @@
 them to the kernel, with the kernel replaced by per-sequence causal SDPA that takes the same arguments (the real
 Flash kernel needs a GPU: tests/test_varlen_gpu.py and bench/varlen_check.py check it there)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,11 +34,12 @@ def tiny_llama(monkeypatch):
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # grouped-query heads
     model = LlamaForCausalLM(config).eval()
-    reference = LlamaForCausalLM(config).eval()
+    reference = LlamaForCausalLM(copy.deepcopy(config)).eval()  # a config of its own: the attention is set in it
     reference.load_state_dict(model.state_dict())
     reference.set_attn_implementation("sdpa")
     varlen.register()
     model.set_attn_implementation(varlen.NAME)
+    assert reference.config._attn_implementation == "sdpa"
     return model, reference
 
 
@@ -60,13 +63,24 @@ def test_packed_sequences_attend_only_within_themselves(tiny_llama):
     assert (control - alone)[lengths[0]:].abs().max() > 1e-2  # every sequence after the first sees the earlier ones
 
 
-def test_a_padded_batch_is_unpadded_for_the_kernel(tiny_llama):
+def test_a_padded_batch_is_unpadded_for_the_kernel(tiny_llama, monkeypatch):
+    """Padded on the left, as generation pads: a kernel that took each row whole would let the real tokens attend to
+    the padding before them (causal masking alone does not hide it). The kernel gets the real tokens alone, one
+    sequence a row, and their outputs match SDPA's with the mask."""
     model, reference = tiny_llama
+    seen = []
+
+    def recording_kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        seen.append((cu_q.tolist(), max_q, q.shape[0]))
+        return reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    monkeypatch.setattr(varlen, "kernel", lambda: recording_kernel)
     ids = torch.randint(0, 97, (3, 8))
-    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6])
+    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5, [0] * 6 + [1] * 2])
     with torch.no_grad():
         got = model(ids, attention_mask=mask, use_cache=False).logits
         want = reference(ids, attention_mask=mask, use_cache=False).logits
+    assert seen == [([0, 8, 13, 15], 8, 15)] * 2  # each layer: the rows' 8, 5 and 2 real tokens, padding left out
     valid = mask.bool()
     assert (got[valid] - want[valid]).abs().max() < 1e-5
 
