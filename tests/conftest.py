@@ -34,6 +34,19 @@ def run_step(script, *args, check=True, env=None):
     return result
 
 
+def stand_in_hub_env(record_dir):
+    """Environment for a step run in a subprocess against the stand-in Hub (tests/fixtures/stand_in_hub): what the
+    step asks of the Hub is recorded under `record_dir` (hub_calls) instead of sent."""
+    path = [str(REPO / "tests" / "fixtures" / "stand_in_hub"), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(filter(None, path)), "SIT_STAND_IN_HUB": str(record_dir)}
+
+
+def hub_calls(record_dir):
+    """[(call, details)] the stand-in Hub recorded under `record_dir`, in order; [] where none came."""
+    calls = Path(record_dir) / "calls.jsonl"
+    return [(c.pop("call"), c) for c in read_lines(calls)] if calls.exists() else []
+
+
 def whole_lines(path):
     """How many complete lines (ending in a newline) a file holds: a torn last line does not count."""
     return path.read_bytes().count(b"\n") if path.exists() else 0

@@ -1,6 +1,7 @@
 """make push / make push-data up to the network boundary: HfApi is replaced by a recorder, so the tests see which
 files an upload would send (the allow-list, the card), to which kind of repository, how private, and with which
-token; and that the token never reaches stdout or stderr. Also: adapters record their base model portably."""
+token; and that the token never reaches stdout or stderr. A step run in a subprocess meets the stand-in Hub of
+tests/fixtures/stand_in_hub instead. Also: adapters record their base model portably."""
 
 import json
 import shutil
@@ -117,12 +118,17 @@ def test_dataset_push_sends_the_splits_and_the_card(tmp_path, hub, capsys):
 
 
 def test_no_token_no_upload_and_the_hubs_refusal_is_explained(tmp_path, hub, monkeypatch, capsys):
-    from conftest import run_step
+    from conftest import hub_calls, run_step, stand_in_hub_env
 
     run = make_run(tmp_path / "run")
-    result = run_step("push", "--adapter", run / "sft", "--repo-id", "me/x", check=False, env={"HF_TOKEN": ""})
+    # the step in a process of its own, as make runs it, against the stand-in Hub, which records what it is asked
+    push_x = ("push", "--adapter", run / "sft", "--repo-id", "me/x")
+    result = run_step(*push_x, check=False, env={"HF_TOKEN": "", **stand_in_hub_env(tmp_path / "no-token")})
+    assert hub_calls(tmp_path / "no-token") == []  # not even a client made
     assert result.returncode == 2 and "HF_TOKEN is not set" in result.stderr
-    assert not [c for c in hub if c[0] != "init"]
+    # control: with a token the same command reaches the stand-in
+    run_step(*push_x, env={"HF_TOKEN": SENTINEL_TOKEN, **stand_in_hub_env(tmp_path / "token")})
+    assert [call for call, _ in hub_calls(tmp_path / "token")] == ["init", "create_repo", "upload_folder"]
 
     from unittest import mock
 
