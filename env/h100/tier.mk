@@ -6,12 +6,12 @@ DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
 # Samples a batch (the unit a resumed run restarts from) and rows decoded at once at most. The fast path refills a
 # row's slot when it ends; its paged KV cache, sized from free memory, holds the rows' tokens as they grow.
-# Each batch ends by draining its longest rows on a few slots (up to a cap's worth of steps), so a batch is 16 times
-# the rows: 4,096 realistic requests on 256 rows made 86% of the fixed-length rate, 1,024 made 76% (bench/README.md).
+# Each batch ends by draining its longest rows on a few slots (up to a cap's worth of steps), so a batch is many
+# times the rows; 512 rows at Magpie's 4,096 cap fit in 79 GiB and outrun 256 (bench/README.md).
 # A crash loses at most the batch under way (a few minutes here). Empty token caps: the generator recipe's (Magpie's
 # 1,024 / 4,096 for Llama-3.1).
 GEN_BATCH ?= 4096
-GEN_ROWS ?= 256
+GEN_ROWS ?= 512
 MAX_INSTRUCTION_TOKENS ?=
 MAX_RESPONSE_TOKENS ?=
 # The judge (steps/judge.py; JUDGE_MODEL defaults to the generator): records a batch, answers decoded at once, the
