@@ -84,3 +84,22 @@ def test_training_without_dtype_decides_auto(fresh):
     fresh.setattr(torch.cuda, "is_available", lambda: False)
     _, args, _ = parse(["--config", str(CPU_SFT), "--model_name_or_path", "m", "--train_file", "x", "--output_dir", "o"])
     assert (args.bf16, args.fp16) == (False, False)
+
+
+@pytest.mark.parametrize("gpu, capability, dtype", [("Tesla T4", (7, 5), torch.float16),
+                                                    ("NVIDIA A100-SXM4-40GB", (8, 0), torch.bfloat16),
+                                                    ("NVIDIA H100 80GB HBM3", (9, 0), torch.bfloat16)])
+def test_auto_on_a_gpu_follows_its_compute_capability(fresh, capsys, gpu, capability, dtype):
+    """bf16 from compute capability 8.0 (Ampere) up, fp16 below (a T4), whatever torch.cuda.is_bf16_supported() says
+    (newer torch says True on a T4, through emulation); the weights load in it and the trainer mixes in it."""
+    fresh.setattr(torch.cuda, "is_available", lambda: True)
+    fresh.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    fresh.setattr(torch.cuda, "get_device_name", lambda *a: gpu)
+    fresh.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    fresh.setattr(precision, "_cpu_flags", lambda: pytest.fail("a GPU host asked about its CPU"))
+    assert precision.resolve_dtype("auto") == dtype
+    assert f"dtype auto -> {precision.dtype_name(dtype)}: {gpu} has compute capability" in capsys.readouterr().err
+    flags = precision.training_flags(["--config", str(CPU_SFT)])
+    name = precision.dtype_name(dtype)
+    assert flags[-6:] == ["--dtype", name, "--bf16", str(name == "bfloat16").lower(), "--fp16",
+                          str(name == "float16").lower()]
