@@ -84,7 +84,8 @@ def test_gated_error_names_the_license_page_and_token():
 
 
 def test_multi_turn_records_are_well_formed_conversations(tmp_path, smol):
-    """The real model through the script: whatever it writes, records are alternating, whole conversations."""
+    """The real model through the script: whatever it writes, records are alternating, whole conversations (how many
+    turns they reach depends on what it writes: test_multi_turn_conversations_have_the_turns_asked counts them)."""
     out = tmp_path / "multi.jsonl"
     run_step("generate", *ARGS, "--turns", "3", "--max-instruction-tokens", "32", "--max-response-tokens", "32",
              "--out", out)
@@ -116,6 +117,39 @@ class ScriptedEngine:
         assert len(answers) == len(prompts)
         return [{"text": text, "finished": finished, "stop_reason": "stop" if finished else "length", "tokens": 3}
                 for text, finished in answers]
+
+
+class WholeTurnsEngine:
+    """An engine whose every instruction and response comes out whole: a conversation then runs to --turns."""
+
+    stop_token_ids = ()
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def sample(self, prompts, sampling, seed):
+        self.calls += 1
+        text = "Why is that?" if self.calls % 2 else "Because it is."  # instructions and responses alternate
+        return [{"text": text, "finished": True, "stop_reason": "stop", "tokens": 4} for _ in prompts]
+
+
+@pytest.mark.parametrize("turns", [2, 3])
+def test_multi_turn_conversations_have_the_turns_asked(tmp_path, smol, monkeypatch, turns):
+    """The step in-process with an engine whose turns all come out whole: every conversation holds --turns turns."""
+    import generate
+    from common.chat import prepare_tokenizer
+    from common.models import load_tokenizer
+
+    monkeypatch.setattr(generate, "load_engine", lambda *a, **k: WholeTurnsEngine(
+        prepare_tokenizer(load_tokenizer("embedded:smollm2"))))
+    out = tmp_path / "multi.jsonl"
+    generate.main(["--model", "embedded:smollm2", "--num-samples", "3", "--turns", str(turns), "--out", str(out)])
+    records = read_lines(out)
+    assert len(records) == 3 and all(r["settings"]["turns"] == turns for r in records)
+    for r in records:
+        assert [m["role"] for m in r["conversation"]] == ["user", "assistant"] * turns
+        assert r["conversation"][:2] == [{"role": "user", "content": r["instruction"]},
+                                         {"role": "assistant", "content": r["response"]}]
 
 
 def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_whole(smol):
