@@ -217,6 +217,21 @@ def test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly(fas
     assert not any(generator.pages_of) and len(generator.free_pages) == row_pages
 
 
+def test_a_prefill_holds_at_most_prefill_tokens_prompt_tokens(fast_model, tokenizer, prompts, reference, stops):
+    """Free slots for every prompt, but a prefill budget of about two prompts: the prompts go in several prefills,
+    none over the budget (a prompt longer than it goes alone)."""
+    keys = list(INSTRUCTIONS)
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=len(keys))
+    generator.prefill_tokens = budget = 2 * max(len(prompts[k]) for k in keys) - 1
+    sizes = []
+    prefill = generator.prefill
+    generator.prefill = lambda assignments: sizes.append([len(p) for _, p in assignments]) or prefill(assignments)
+    rows, _ = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys]
+    assert len(sizes) > 1 and sum(map(len, sizes)) == len(keys)
+    assert all(sum(s) <= budget or len(s) == 1 for s in sizes), sizes
+
+
 def test_one_slot_passes_the_check_and_decodes_prompts_in_turn(fast_model, tokenizer, prompts, reference, stops):
     """make_generator's check runs on as many slots as there are (eval at batch size 1 asks for one)."""
     generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=1)
@@ -464,6 +479,22 @@ def test_engine_falls_back_when_the_fast_path_cannot_run(smol, fast_model, token
     assert all(e.fast is None for e in engines)
     err = capfd.readouterr().err
     assert err.count(PLAIN_MESSAGE) == 1 and f"{PLAIN_MESSAGE}{why})" in err
+
+
+def test_a_generator_that_does_not_run_leaves_the_model_as_loaded(fast_model, tokenizer, monkeypatch):
+    """make_generator switches the model's attention to the engine's: where the check fails it switches it back, and
+    a working generator's close() does the same."""
+    fast_model.set_attn_implementation("sdpa")  # as loaded (earlier tests' generators left it switched)
+    before = fast_model.config._attn_implementation
+    monkeypatch.setattr(fastgen.SlotGenerator, "check", lambda self: "largest relative logit difference 0.7 > 0.1")
+    generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=2)
+    assert generator is None and "disagrees" in why
+    assert fast_model.config._attn_implementation == before != fastgen.SLOT_ATTENTION
+    monkeypatch.undo()
+    generator, _ = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=2)
+    assert fast_model.config._attn_implementation == fastgen.SLOT_ATTENTION
+    generator.close()
+    assert fast_model.config._attn_implementation == before and generator.cache is None
 
 
 class StandInQuantizer:

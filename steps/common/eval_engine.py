@@ -24,22 +24,20 @@ HFLM's own `generate_until` answers what the engine can't: sampled requests (do_
 stop strings and the length (num_beams, repetition_penalty, max_length...), a model whose generation_config changes
 greedy decoding (e.g. a repetition penalty), a seq2seq model, mixed precision, and every request where make_generator
 returns no generator (SIT_FAST_GENERATE=0, a transformers version or model it does not run on); the reason is said
-once. make_generator switches the model's attention to the engine's and may compile its norms and MLPs: both are
-undone after each generate_until (attention restored, `fastgen.uncompile_pointwise`) and the generator with its KV
-cache dropped, so log-likelihood requests run on the model exactly as loaded, whether or not generation ran first.
+once. make_generator switches the model's attention to the engine's and may compile its norms and MLPs: the
+generator's close() undoes both after each generate_until and drops its KV cache, so log-likelihood requests run on
+the model exactly as loaded, whether or not generation ran first.
 
 Written against lm-eval 0.4.13. Relies on: HFLM.generate_until's behaviour as described above (re-implemented here,
 not called), HFLM's attributes `backend`, `truncation`, `think_end_token`, `mixed_precision_dtype`, `cache_hook`,
 `batch_size`, `max_length`, `max_gen_toks`, `tok_batch_encode`, `tok_decode`, and the module functions
-`lm_eval.models.utils.normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`; on the
-transformers side `config._attn_implementation` and `set_attn_implementation`. tests/test_eval_engine.py checks
-the answers against HFLM's own.
+`lm_eval.models.utils.normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`.
+tests/test_eval_engine.py checks the answers against HFLM's own.
 """
 
 import sys
 from typing import NamedTuple
 
-import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
@@ -130,12 +128,10 @@ class EngineHFLM(HFLM):
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # PEFT: LoRA in it
-        attention = model.config._attn_implementation
         generator, why_not = fastgen.make_generator(model, self.tokenizer.pad_token_id, slots=self.engine_rows)
-        if generator is None:
+        if generator is None:  # make_generator left the model as it was
             self.engine_off = why_not
             say_once(f"eval: generative requests through lm-eval's own generate ({why_not})")
-            restore(model, attention)
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
         answers = [None] * len(requests)
@@ -146,8 +142,7 @@ class EngineHFLM(HFLM):
                   "at once", file=sys.stderr, flush=True)
             self.run_engine(generator, requests, plans, mine, answers, disable_tqdm)
         finally:
-            del generator
-            restore(model, attention)
+            generator.close()
         rest = [i for i, p in enumerate(plans) if not isinstance(p, Plan)]
         if rest:
             for i, answer in zip(rest, super().generate_until([requests[i] for i in rest], disable_tqdm=disable_tqdm)):
@@ -214,14 +209,3 @@ class EngineHFLM(HFLM):
                 hit = next((k + 1 for k, text in enumerate(self.tokenizer.batch_decode(windows)) if stop in text), end)
                 end = min(end, hit)
         return end
-
-
-def restore(model, attention):
-    """The model as it was before make_generator: its attention implementation, its modules uncompiled, the freed
-    KV cache handed back to the GPU."""
-    if model.config._attn_implementation != attention:
-        model.set_attn_implementation(attention)
-    fastgen.uncompile_pointwise(model)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-

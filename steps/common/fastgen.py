@@ -193,6 +193,7 @@ class SlotGenerator:
         self.cache_kw = cache_argument(model)
         self.cache = None
         self.graphs, self.pool = {}, None
+        self.attention_before = model.config._attn_implementation  # close() puts it back
         use_slot_attention(model)
         self.kernel = decode_kernels(self.device)[0]  # decoding attention; make_generator checks it, falls back
         if compiled is None:  # SIT_COMPILE_DECODE=0: eager norms and MLPs
@@ -288,6 +289,18 @@ class SlotGenerator:
             self.pages_of[slot] = []
         if slots:
             self.cache.table[torch.tensor(slots, device=self.device)] = 0
+
+    def close(self):
+        """The model as it was before this generator: its attention implementation, its norms and MLPs uncompiled;
+        the KV cache and graphs dropped and their memory handed back to the GPU."""
+        self.cache = None
+        self.drop_graphs()
+        if self.model.config._attn_implementation != self.attention_before:
+            self.model.set_attn_implementation(self.attention_before)
+        uncompile_pointwise(self.model)
+        self.compiled = False
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def drop_graphs(self):
         """Forget the captured graphs, and their memory pool with them: a later capture into the pool of graphs that
@@ -452,21 +465,23 @@ class SlotGenerator:
             """Prefill pending prompts into the free slots (lowest first), prefill_tokens at a time, while the free
             pages hold each prompt and its next CHECK_EVERY tokens beside a page of growth for every row in flight;
             else they wait for rows to end."""
+            in_flight = sum(q is not None for q in slot_request)
             while pending and free:
                 assignments, budget = [], self.prefill_tokens
                 while pending and free and budget > 0:
                     r = pending[-1]
                     ids = resumed[r][0][:-1] if r in resumed else prompts[r]
-                    in_flight = sum(q is not None for q in slot_request)
                     need = self.pages_for(len(ids) + CHECK_EVERY + 1) + in_flight
-                    if not cache.fixed and need > len(self.free_pages):
+                    if (not cache.fixed and need > len(self.free_pages)) or (assignments and len(ids) > budget):
                         break
                     pending.pop()
                     slot = free.pop(0)
                     self.grow({slot: len(ids) + CHECK_EVERY + 1})
                     assignments.append((slot, ids))
+                    budget -= len(ids)
                     slot_request[slot], admitted[slot] = r, self.stats["admitted"]
                     self.stats["admitted"] += 1
+                    in_flight += 1
                 if not assignments:
                     return
                 start(assignments)
@@ -512,12 +527,9 @@ class SlotGenerator:
                 return
             positions = cache.positions[:, 0].tolist()
             wanted = {s: positions[s] + CHECK_EVERY + 1 for s in live}
-
-            def short():
-                need = sum(max(0, self.pages_for(t) - len(self.pages_of[s])) for s, t in wanted.items())
-                return need - len(self.free_pages)
-
-            while not cache.fixed and short() > 0:
+            missing = {s: max(0, self.pages_for(t) - len(self.pages_of[s])) for s, t in wanted.items()}
+            need = sum(missing.values())
+            while not cache.fixed and need > len(self.free_pages):
                 victim = max(wanted, key=lambda s: admitted[s])
                 r, n = slot_request[victim], int(hist_len[victim])
                 resumed[r] = (history[victim, :n].tolist(), int(prompt_len[victim]), int(generated[victim]),
@@ -526,6 +538,7 @@ class SlotGenerator:
                 active[victim], slot_request[victim] = False, None
                 self.release([victim])
                 del wanted[victim]
+                need -= missing.pop(victim)
                 self.stats["preempted"] += 1
             self.grow(wanted)
 
@@ -770,6 +783,8 @@ def make_generator(model, pad_token_id, slots=None):
         return None, "a model split over devices"
     if not full_attention_only(model.config.get_text_config(decoder=True)):
         return None, "sliding-window attention"
+    attention = model.config._attn_implementation
+    generator = None
     try:
         generator = SlotGenerator(model, pad_token_id, slots=slots or 128)
         *kernels, last = decode_kernels(generator.device)
@@ -787,9 +802,14 @@ def make_generator(model, pad_token_id, slots=None):
             generator.kernel = last
             error = checked(generator)
     except Exception as e:  # what the mechanism needs is missing or changed in this transformers version
-        uncompile_pointwise(model)
+        if generator is not None:
+            generator.close()
+        else:
+            uncompile_pointwise(model)
+            if model.config._attn_implementation != attention:
+                model.set_attn_implementation(attention)
         return None, f"the fast path does not run on this model or transformers version ({type(e).__name__}: {e})"
     if error is not None:
-        uncompile_pointwise(model)
+        generator.close()
         return None, f"the fast path disagrees with a plain forward on this model ({error})"
     return generator, None
