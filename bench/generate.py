@@ -279,7 +279,7 @@ def profile(generator, prompts, prefix):
 
     S, L = generator.cache.slots, generator.cache.length
     generator.cache.positions[:, 0] = torch.randint(200, 1300, (S,), device=generator.device)  # mid-run lengths
-    for name, work in (("step", lambda: generator._forward_step(S, L)),
+    for name, work in (("step", lambda: generator.forward_step(S, L)),
                        ("prefill", lambda: generator.prefill([(s, prompts[s]) for s in range(16)]))):
         with torch.no_grad():
             work()

@@ -1,6 +1,11 @@
 """The static-cache engine the transformers engine used before continuous batching (commit 13e49bd), kept here only
 as the benchmark's "today's engine" row: `StaticGenerator(model).generate(prompt_ids, max_new_tokens, pad_token_id,
-**generate_options)`. A batch runs until its longest row ends; see bench/generate.py."""
+**generate_options)`. A batch runs until its longest row ends; see bench/generate.py.
+
+Library internals (transformers 5.17, torch 2.11), as that engine used them: the generation mixin's `_prefill`,
+`_update_model_kwargs_for_generation`, `_valid_auto_compile_criteria` and `_pad_token_tensor`, `torch._dynamo`, and
+`transformers.masking_utils`.
+"""
 
 import os
 import sys

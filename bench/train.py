@@ -521,7 +521,7 @@ def run_packcheck(work, env):
     t = time.time()
     path = work / "packcheck.json"
     try:
-        subprocess.run([sys.executable, __file__, "--_packcheck", str(path)], env=env, timeout=240, check=False)
+        subprocess.run([sys.executable, __file__, "--pack-check", str(path)], env=env, timeout=240, check=False)
         result = json.loads(path.read_text()) if path.exists() else {"error": "no result"}
     except subprocess.TimeoutExpired:
         result = {"error": "timeout"}
@@ -677,13 +677,13 @@ def main():
                    help="a directory with tokenizer files (SmolLM2's: vocab 49152, fine for random-id benchmarks)")
     p.add_argument("--deadline", type=float, default=540, help="seconds; runs that would end later are skipped")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--_build", nargs=3, metavar=("CONFIG", "OUT_DIR", "TOKENIZER"), help=argparse.SUPPRESS)
-    p.add_argument("--_packcheck", metavar="JSON", help=argparse.SUPPRESS)
+    p.add_argument("--build-model", nargs=3, metavar=("CONFIG", "OUT_DIR", "TOKENIZER"), help=argparse.SUPPRESS)
+    p.add_argument("--pack-check", metavar="JSON", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a._build:
-        return build_model(*a._build)
-    if a._packcheck:
-        Path(a._packcheck).write_text(json.dumps(packing_check(), indent=1))
+    if a.build_model:
+        return build_model(*a.build_model)
+    if a.pack_check:
+        Path(a.pack_check).write_text(json.dumps(packing_check(), indent=1))
         return
 
     start = time.time()
@@ -751,7 +751,7 @@ def main():
             continue
         if build_s:
             t = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--_build", run.model, str(model_dir), a.tokenizer],
+            proc = subprocess.run([sys.executable, __file__, "--build-model", run.model, str(model_dir), a.tokenizer],
                                   env=env)
             print(f"built {run.model} in {time.time() - t:.0f}s (rc {proc.returncode})", flush=True)
             if proc.returncode != 0:

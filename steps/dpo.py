@@ -11,6 +11,9 @@ handled as in the SFT step, and so is the held-out split (TEST_FRACTION, by id):
 logged every eval_steps and after the last step. `train_sampling_strategy: group_by_length` (the h100 tier) puts
 pairs of similar length in the same micro-batch: TRL pads chosen and rejected rows to the longest of the batch, and
 its padding-free DPO is disabled (TRL 1.16).
+
+Library internals (transformers 5.24, TRL 1.16): the trainer's `_get_train_sampler` and `_get_eval_sampler`,
+overridden for the length-grouped sampler (DPOTrainer has no public hook for it).
 """
 
 from dataclasses import dataclass, field

@@ -27,12 +27,14 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
   on each slot's token history, so the settings mean what they mean in `generate`.
 - Models in 4-bit (bitsandbytes NF4, the t4 tier's generator) run it too: their linear layers replay in the graphs.
 
-This leans on transformers internals: a cache object of our own passed to the model's forward (the keyword is
-`cache` from 5.2x on, `past_key_values` before), 4-D attention masks and extra keywords (`block_table`,
-`decode_kernel`) passed through to the attention function unchanged, and the attention interface registry.
-make_generator checks the mechanism on the model itself (one prefill and one decoding step against a plain forward)
-and returns why not where it fails; the engine then uses plain `generate`. Measured on transformers 5.17 (device)
-and 5.24 (CPU tests).
+Library internals (transformers 5.17 on the device and 5.24 in the CPU tests, torch 2.11 and 2.13): a cache object
+of our own passed to the model's forward (the keyword is `cache` from 5.2x on, `past_key_values` before), 4-D
+attention masks and extra keywords (`block_table`, `decode_kernel`) passed through to the attention function
+unchanged, the attention registries of `transformers.masking_utils` and the SDPA function of
+`transformers.integrations.sdpa_attention`; `config._attn_implementation` (the attention in use, put back by
+close()); `module._compiled_call_impl` (undoing `Module.compile`); `torch.ops.aten._flash_attention_forward` (packed
+prefills). make_generator checks the mechanism on the model itself (one prefill and one decoding step against a
+plain forward) and returns why not where it fails; the engine then uses plain `generate`.
 """
 
 import inspect
@@ -308,7 +310,7 @@ class SlotGenerator:
         self.graphs, self.pool = {}, None
 
     # ---- one decoding step ----------------------------------------------------------------------------------------
-    def _forward_step(self, slots, length):
+    def forward_step(self, slots, length):
         cache = self.cache
         cache.mode, cache.view, cache.gather = "decode", (slots, length), not self.reads_lengths
         positions = cache.positions[:slots]
@@ -326,7 +328,7 @@ class SlotGenerator:
         self.stats[slots] += 1
         if not self.graphs_on:
             with torch.no_grad():
-                self._forward_step(slots, length)
+                self.forward_step(slots, length)
             return
         graph = self.graphs.get((slots, length))
         if graph is None:
@@ -335,13 +337,13 @@ class SlotGenerator:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(2):
-                    self._forward_step(slots, length)
+                    self.forward_step(slots, length)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-                self._forward_step(slots, length)
+                self.forward_step(slots, length)
             self.graphs[(slots, length)] = graph
         graph.replay()
 
@@ -651,9 +653,9 @@ def compile_pointwise(model):
         return False
     compiled = 0
     for module in model.modules():
-        if type(module).__name__.endswith(POINTWISE_MODULES) and not hasattr(module, "_sit_compiled"):
+        if type(module).__name__.endswith(POINTWISE_MODULES) and not hasattr(module, "sit_compiled"):
             module.compile(dynamic=True)
-            module._sit_compiled = True
+            module.sit_compiled = True
             compiled += 1
     return compiled > 0
 
@@ -661,9 +663,9 @@ def compile_pointwise(model):
 def uncompile_pointwise(model):
     """Undo compile_pointwise: the modules run eagerly again."""
     for module in model.modules():
-        if hasattr(module, "_sit_compiled"):
+        if hasattr(module, "sit_compiled"):
             module._compiled_call_impl = None
-            del module._sit_compiled
+            del module.sit_compiled
 
 
 def flash_varlen_available():

@@ -336,3 +336,22 @@ class VLLMEngine:
         looped = [bool(sampling.loop_window) and len(r) >= sampling.loop_window
                   and bool(looping(torch.tensor([r[-sampling.loop_window:]]))[0]) for r in rows]
         return [finish(self.tokenizer, row, sampling, loop) for row, loop in zip(rows, looped)]
+
+    def sample_json(self, prompts, sampling, seed, schema):
+        """Like sample, each answer held to a JSON schema by vLLM's structured outputs (vLLM >= 0.11:
+        StructuredOutputsParams; earlier: GuidedDecodingParams)."""
+        from vllm import TokensPrompt
+
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            constraint = {"structured_outputs": StructuredOutputsParams(json=schema)}
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams
+
+            constraint = {"guided_decoding": GuidedDecodingParams(json=schema)}
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        params = [self._params(sampling, seed, i, **constraint) for i in range(len(ids))]
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False,
+                                lora_request=self.lora)
+        return [finish(self.tokenizer, list(o.outputs[0].token_ids), sampling) for o in out]

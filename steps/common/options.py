@@ -3,6 +3,9 @@
 Each check is an argparse `type=`: a bad value stops the step while its arguments are parsed, before anything loads,
 and argparse names the option: "error: argument --num-samples: must be a whole number at least 1, got -3" (exit
 status 2, the usage above it). Standard library only: steps/plan.py runs on the system Python before setup.
+
+Library internals (argparse of Python 3.11-3.13): HelpFormatter's `_get_help_string` and `_format_action`,
+overridden to show defaults only where they mean something (argparse documents only its formatters' names).
 """
 
 import argparse

@@ -1,4 +1,8 @@
-"""Training plumbing shared by the SFT and DPO steps: resumable checkpoints and an atomic final adapter."""
+"""Training plumbing shared by the SFT and DPO steps: resumable checkpoints and an atomic final adapter.
+
+Library internals (accelerate 1.15): `accelerate.utils.other.compile_regions_deepspeed`, which compiles each
+repeated block in place (its name says DeepSpeed; it works on any model).
+"""
 
 import json
 import os

@@ -18,6 +18,10 @@ mask from the position ids (correct, slower).
 
 On torch 2.11 the kernel has no `is_causal`: causal is `window_size=(-1, 0)`; and keys/values need the query's head
 count, so grouped-query heads are repeated (torch 2.12 takes `enable_gqa`, used where it exists).
+
+Library internals (transformers 5.17 on the device and 5.24 in the CPU tests): `config._attn_implementation` (the
+attention in use), the mask registry `AttentionMaskInterface` of `transformers.masking_utils` and
+`transformers.integrations.sdpa_attention`'s function for what the kernel does not take.
 """
 
 import functools
