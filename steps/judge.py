@@ -11,7 +11,8 @@ asks for every tag of one user turn (steps/common/judge.py: Magpie's categories 
   holds every later token to the schema: values from their lists, a quote-free reason, the keys in order, then the
   end. Answers are parsed and validated either way.
 An answer that does not parse or holds a value outside its list (malformed, cut off at --max-new-tokens, in
-another language, an unknown category) is asked again once, with what was wrong; a tag still without a valid value
+another language, an unknown category), or whose reason only repeats the prompt's wording or the query
+(common/judge.py copied_reason), is asked again once, with what was wrong; a tag still without a valid value
 is "unparsed", and the answers are kept in the record's `judge_unparsed`.
 
 Output: every input record, with
@@ -36,6 +37,7 @@ from common.models import load_tokenizer
 from common.options import non_negative_float, non_negative_int, positive_int, step_parser
 from common.precision import dtype_name
 from common.shards import process_rank
+from common.tag_stats import COPIED_REASON, reason_status
 
 
 def parse_args(argv=None):
@@ -121,7 +123,7 @@ class Judge:
         results = self.sample([self.prompt(*t) for t in turns], seed)
         tokens = sum(r["tokens"] for r in results)
         answers = [self.answer_text(r) for r in results]
-        parsed = [parse_answer(a) for a in answers]
+        parsed = [parse_answer(a, turn[0]) for a, turn in zip(answers, turns)]
         retry = [i for i, (_, faults) in enumerate(parsed) if faults]
         out = [(tags, None) for tags, _ in parsed]
         if retry:
@@ -129,7 +131,7 @@ class Judge:
             tokens += sum(r["tokens"] for r in again)
             for i, result in zip(retry, again):
                 second = self.answer_text(result)
-                tags2, faults2 = parse_answer(second)
+                tags2, faults2 = parse_answer(second, turns[i][0])
                 tags = merge(parsed[i][0], tags2)
                 failed = None
                 if "unparsed" in tags.values():
@@ -216,7 +218,9 @@ def write_judged(args, records):
                        unit="record", order=lambda r: position[r["id"]])
     if done is not None:
         unparsed = sum("unparsed" in r["tags"].values() for r in done)
-        print(f"judged {len(done)} records; {unparsed} with an \"unparsed\" tag", file=sys.stderr)
+        copied = sum(reason_status(r) == COPIED_REASON for r in done)
+        print(f"judged {len(done)} records; {unparsed} with an \"unparsed\" tag, {copied} of them an unparsed reason "
+              "that only repeated the prompt's wording", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,18 @@ whose cosine score measures only whether a response is on the instruction's topi
 
 Outputs: --scored holds every instruction with all its responses and scores (appended in batches, resumable);
 --out holds the pairs whose margin reaches --min-margin (ties only with --ties keep), in TRL's conversational
-preference format.
+preference format; <out stem>_summary.json beside it (preference_summary.json) counts the instructions without a
+pair by cause (NO_PAIR_CAUSES).
 With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
 """
 
 import sys
+from pathlib import Path
 
 from common import DataError, run_step
 from common.batches import run_batches
 from common.chat import end_of_turn, prepare_tokenizer, prompt_text
-from common.files import output_lock
+from common.files import output_lock, write_json
 from common.generation import ENGINES, Sampling, declared_stop_ids, load_engine, process_device_map
 from common.jsonl import read_jsonl, write_jsonl
 from common.models import load_tokenizer
@@ -89,6 +91,35 @@ def pair(record, responses, scores, finished=None):
     }
 
 
+# Why an instruction gives no pair, checked in this order (no_pair_cause): the summary's keys are these texts.
+NO_PAIR_CAUSES = {
+    "responses": "fewer than 2 responses",
+    "unfinished": "no finished response (every one cut at the token cap)",
+    "tie": "tie: the best finished response scores no higher than the worst",
+    "margin": "margin under --min-margin",
+}
+
+
+def no_pair_cause(record, candidate, min_margin, ties):
+    """The NO_PAIR_CAUSES key of why `record` (a scored instruction) gives no pair, None when it gives one;
+    `candidate`: pair()'s result for it."""
+    if len(record["scores"]) < 2:
+        return "responses"
+    if candidate is None:
+        return "unfinished"
+    if candidate["margin"] <= 0 and ties == "drop":
+        return "tie"
+    if candidate["margin"] < min_margin:
+        return "margin"
+    return None
+
+
+def summary_path(out):
+    """preference_summary.json for preference.jsonl: the counts beside the pairs."""
+    out = Path(out)
+    return out.with_name(out.stem + "_summary.json")
+
+
 def settings_of(args, sampling):
     """What every scored record was made with (a resumed --scored partial file must match)."""
     return {"policy": args.policy, "policy_adapter": args.policy_adapter, "reward_model": args.reward_model,
@@ -149,12 +180,22 @@ def main(argv=None):
 
 
 def write_pairs(args, scored):
-    pairs = [pair(r, r["responses"], r["scores"], None if args.allow_truncated_chosen else r["finished"])
-             for r in scored]
-    kept = [p for p in pairs if p and p["margin"] >= args.min_margin and (p["margin"] > 0 or args.ties == "keep")]
+    kept, causes = [], dict.fromkeys(NO_PAIR_CAUSES, 0)
+    for r in scored:
+        candidate = pair(r, r["responses"], r["scores"], None if args.allow_truncated_chosen else r["finished"])
+        cause = no_pair_cause(r, candidate, args.min_margin, args.ties)
+        if cause is None:
+            kept.append(candidate)
+        else:
+            causes[cause] += 1
+    # the summary first: a finished preference.jsonl always has its summary beside it
+    write_json(summary_path(args.out), {
+        "instructions": len(scored), "pairs": len(kept),
+        "no_pair": {NO_PAIR_CAUSES[k]: n for k, n in causes.items()},
+        "min_margin": args.min_margin, "ties": args.ties, "allow_truncated_chosen": args.allow_truncated_chosen})
     write_jsonl(args.out, kept)
-    print(f"wrote {args.out}: {len(kept)} pairs of {len(pairs)} instructions ({pairs.count(None)} without a "
-          f"finished response, the rest under the margin {args.min_margin} or tied)", file=sys.stderr)
+    print(f"wrote {args.out}: {len(kept)} pairs of {len(scored)} instructions; no pair: " + (", ".join(
+        f"{n} {NO_PAIR_CAUSES[k]}" for k, n in causes.items() if n) or "none"), file=sys.stderr)
 
 
 if __name__ == "__main__":

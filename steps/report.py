@@ -3,13 +3,14 @@
     python steps/report.py --run data/runs/smol-cpu --out data/runs/smol-cpu/report.md \
         --html data/runs/smol-cpu/report.html --tier cpu --model-name smol
 
-Sections: data funnel (generated, kept, dropped per filter rule, scored, pairs), instruction diversity (opening
-words, first verbs, length histograms), the judge's tags of generated and kept samples (category, input quality,
-difficulty, safety), nearest-neighbour distances and a 2-D map of the kept instructions coloured by category (these
-three where the records carry tags and distances), reward scores and margins, training curves (SFT loss; DPO loss,
-reward margin and accuracy; each with its value on the held-out test split where the trainer logged one), the
-evaluation table (base, SFT, DPO with standard errors and deltas against base) and the settings used (models, tier,
-seeds, package versions).
+Sections: data funnel (generated, kept, dropped per filter rule, scored, pairs, and why the rest gave no pair),
+instruction diversity (opening words, first verbs, length histograms), the judge's tags of generated and kept
+samples (category, input quality, difficulty, safety, and the quality reasons that only repeat the judge's prompt),
+nearest-neighbour distances and a 2-D map of the kept instructions coloured by category (these three where the
+records carry tags and distances), reward scores and margins, training curves (SFT loss; DPO loss, reward margin and
+accuracy; each with its value on the held-out test split where the trainer logged one, and that split's size n), the
+evaluation table (base, SFT, DPO with standard errors where lm-eval gives one, deltas against base, examples per
+task) and the settings used (models, tier, seeds, package versions).
 
 Reads only the files the other steps wrote in the run directory. Plots are matplotlib PNGs: the markdown links
 them from <out>_plots/ (report_plots/ for report.md), the HTML page embeds them as data URIs, so it is one file.
@@ -23,16 +24,19 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import DataError, run_step
-from common.evals import EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, read_json, share, table
+from common.evals import (EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, metric_names, read_json, share,
+                          stderr_of, table)
 from common.files import atomic_path, output_lock, write_text
 from common.jsonl import read_jsonl
 from common.options import step_parser
-from common.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
+from common.tag_stats import (COPIED_REASON, TAG_FIELDS, TAG_TITLES, distribution_table, reason_status, tagged,
+                              tags_of)
 
 TOP = 10  # rows in the opening-word and verb tables
 OFFLINE_SCORER_NOTE = (
@@ -86,6 +90,8 @@ def load_run(run):
         "filtered": read_jsonl(run / "filtered.jsonl"),
         "scored": read_jsonl(run / "scored.jsonl"),
         "pairs": read_jsonl(run / "preference.jsonl"),
+        # Instructions without a pair by cause (the preference step's count); absent in older runs.
+        "preference_summary": read_optional_json(run / "preference_summary.json", None),
         "curves": {stage: read_curves(run / stage) for stage in ("sft", "dpo")},
         # Every logged entry, eval_* ones included (curves.csv has the training steps only); absent in older runs.
         "histories": {stage: read_optional_json(run / stage / "log_history.json", []) for stage in ("sft", "dpo")},
@@ -173,12 +179,15 @@ def funnel_section(d):
     stages = [("generated", total), ("kept by the filters", summary["kept"]),
               ("scored for preference", len(scored)), ("preference pairs", len(pairs))]
     rows = [(name, n, share(n, total)) for name, n in stages]
-    dropped = list(summary["dropped"].items())
+    dropping, idle = fold_rules(summary["dropped"])
     responses = sum(len(r["scores"]) for r in scored)
+    causes, source = no_pair_causes(d)
     fig, (left, right) = new_figure(2)
     left.barh([s for s, _ in stages][::-1], [n for _, n in stages][::-1], color="#4c72b0")
     left.set_title("samples at each stage")
-    right.barh([r for r, _ in dropped][::-1], [n for _, n in dropped][::-1], color="#c44e52")
+    bars = dropping + ([(idle, 0)] if idle else [])
+    right.barh([textwrap.fill(r, 40) for r, _ in bars][::-1], [n for _, n in bars][::-1], color="#c44e52")
+    right.tick_params(axis="y", labelsize=7)
     right.set_title("dropped by each filter rule")
     return [
         Heading("Data funnel"),
@@ -186,11 +195,55 @@ def funnel_section(d):
         *generation_yield(d["generated"], summary),
         Para(f"{total - summary['kept']} samples were dropped by the filters. {responses} responses to "
              f"{len(scored)} instructions were sampled and scored; {len(scored) - len(pairs)} instructions gave no "
-             "pair (tied scores, margin under the minimum, or no finished response to choose)."),
+             "pair."),
+        Heading("Instructions without a pair, by cause", 3),
+        *([Table(["cause", "instructions", "of scored"],
+                 [(c, n, share(n, len(scored))) for c, n in causes.items() if n]), Para(source)]
+          if any(causes.values()) else [Para("Every scored instruction gave a pair.")]),
         Heading("Dropped by each filter rule", 3),
-        Table(["rule", "dropped", "of generated"], [(rule, n, share(n, total)) for rule, n in dropped]),
-        plot("funnel", fig, "Samples at each stage of the chain, and what each filter rule dropped."),
+        Table(["rule", "dropped", "of generated"],
+              [(rule, n, share(n, total)) for rule, n in dropping] + ([(idle, 0, share(0, total))] if idle else [])),
+        plot("funnel", fig, "Samples at each stage of the chain, and what each filter rule dropped"
+                            + (" (the rules that dropped nothing on one line)." if idle else ".")),
     ]
+
+
+def fold_rules(dropped):
+    """([(rule, n)] of the filter rules that dropped something, "no drops: rule, rule, ..." or None): the rules that
+    dropped nothing on one line."""
+    idle = [rule for rule, n in dropped.items() if not n]
+    return [(rule, n) for rule, n in dropped.items() if n], ("no drops: " + ", ".join(idle) if idle else None)
+
+
+# The preference step's causes (steps/preference.py NO_PAIR_CAUSES), as its summary names them.
+FEW_RESPONSES, NO_FINISHED, TIED, UNDER_MARGIN = (
+    "fewer than 2 responses", "no finished response (every one cut at the token cap)",
+    "tie: the best finished response scores no higher than the worst", "margin under --min-margin")
+
+
+def no_pair_causes(d):
+    """({cause: instructions} of the scored instructions that gave no pair, where the counts come from): the
+    preference step's summary, or for a run made before it wrote one, the same causes found in scored.jsonl (a
+    response cut at the cap may have been allowed as chosen there: --allow-truncated-chosen is not recorded)."""
+    summary = d["preference_summary"]
+    if summary is not None:
+        return summary["no_pair"], ("Causes as the preference step counted them (preference_summary.json: min margin "
+                                    f"{summary['min_margin']}, ties {summary['ties']}).")
+    paired = {p["id"] for p in d["pairs"]}
+    causes = Counter()
+    for r in d["scored"]:
+        if r["id"] in paired:
+            continue
+        scores, finished = r["scores"], r.get("finished") or [True] * len(r["scores"])
+        ends = [s for s, f in zip(scores, finished) if f]
+        if len(scores) < 2:
+            causes[FEW_RESPONSES] += 1
+        elif not ends:
+            causes[NO_FINISHED] += 1
+        else:
+            causes[TIED if max(ends) <= min(scores) else UNDER_MARGIN] += 1
+    return dict(causes), ("Causes found in scored.jsonl (this run's preference step wrote no "
+                          "preference_summary.json).")
 
 
 def generation_yield(generated, summary):
@@ -314,6 +367,13 @@ def tags_section(d):
             ax.set_title(TAG_TITLES[field].lower())
             ax.legend(fontsize=7)
     blocks.append(plot("tags", fig, "The judge's tags of every judged sample and of those kept by the filters."))
+    header, rows = distribution_table("quality_reason", populations)
+    copied = sum(reason_status(r) == COPIED_REASON for r in tagged(judged))
+    blocks += [Heading(TAG_TITLES["quality_reason"], 3), Table(header, rows),
+               Para(f"{copied} of the {len(tagged(judged))} judged reasons only repeat the judge prompt's wording or "
+                    "the query, and count as unparsed: a reason with no word, one that is a value from the prompt's "
+                    "lists, or two words or more found in a row in the prompt's fixed text or the query "
+                    "(common/judge.py copied_reason).")]
     return blocks
 
 
@@ -400,35 +460,66 @@ def eval_points(history, metric):
     return [(h["step"], h[f"eval_{metric}"]) for h in history if isinstance(h.get(f"eval_{metric}"), (int, float))]
 
 
+HELD_OUT_UNITS = {"sft": ("row", "rows"), "dpo": ("pair", "pairs")}
+FEW_HELD_OUT = 30  # below this many held-out rows or pairs the report says the eval curves are noise
+
+
+def held_out_n(d, stage):
+    """How many rows (SFT) or pairs (DPO) the trainer evaluated on: training_config.json's eval_records, None where
+    the run did not record it."""
+    n = d["configs"][stage].get("eval_records")
+    return n if isinstance(n, int) else None
+
+
+def n_text(n, stage):
+    """'n=3 rows' (or 'n not recorded')."""
+    if n is None:
+        return "n not recorded"
+    one, many = HELD_OUT_UNITS[stage]
+    return f"n={n} {one if n == 1 else many}"
+
+
 def training_section(d):
     rows, panels = [], []
     for stage, metric in TRAINING_METRICS:
         train = [(c["step"], c[metric]) for c in d["curves"][stage] if metric in c]
         held_out = eval_points(d["histories"][stage], metric)
-        for name, points in ((metric, train), (f"eval_{metric}", held_out)):
+        for name, points, n in ((metric, train, ""), (f"eval_{metric}", held_out,
+                                                       n_text(held_out_n(d, stage), stage))):
             if points:
                 values = [v for _, v in points]
                 rows.append((stage, name, len(points), fmt(values[0]), fmt(values[-1]), fmt(min(values)),
-                             fmt(max(values)), int(points[-1][0])))
+                             fmt(max(values)), int(points[-1][0]), n))
         if train or held_out:
             panels.append((stage, metric, train, held_out))
     blocks = [Heading("Training"),
-              Table(["stage", "metric", "logged steps", "first", "last", "min", "max", "last step"], rows)]
+              Table(["stage", "metric", "logged steps", "first", "last", "min", "max", "last step", "held-out n"],
+                    rows)]
+    evaluated = sorted({stage for stage, _, _, held_out in panels if held_out}, key=list(HELD_OUT_UNITS).index)
     if panels:
         fig, axes = new_figure(len(panels))
         for ax, (stage, metric, train, held_out) in zip(axes, panels):
             ax.plot([s for s, _ in train], [v for _, v in train], marker=".", label="train")
+            title = f"{stage.upper()} {metric}"
             if held_out:  # the test split, held out of training (TEST_FRACTION)
-                ax.plot([s for s, _ in held_out], [v for _, v in held_out], marker="o", label="eval (test split)")
-                ax.legend()
-            ax.set_title(f"{stage.upper()} {metric}")
+                n = n_text(held_out_n(d, stage), stage)
+                ax.plot([s for s, _ in held_out], [v for _, v in held_out], marker="o", label=f"eval (held out, {n})")
+                ax.legend(fontsize=7)
+                title += f"\n(eval on {n})"
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
-        evaluated = any(held_out for *_, held_out in panels)
+        sizes = "; ".join(f"{stage.upper()} {n_text(held_out_n(d, stage), stage)}" for stage in evaluated)
         blocks.append(plot("training", fig, "Training curves from the adapters' curves.csv (one point a logged step)"
-                                            + (", and the same metrics on the held-out test split (eval_*, from "
-                                               "log_history.json)." if evaluated else ".")))
+                                            + (f", and the same metrics on the held-out test split (eval_*, from "
+                                               f"log_history.json; {sizes})." if evaluated else ".")))
     if not rows:
         blocks.append(Para("No training step was logged (a run shorter than logging_steps)."))
+    few = [f"{stage.upper()} on {n_text(held_out_n(d, stage), stage)}" for stage in evaluated
+           if held_out_n(d, stage) is not None and held_out_n(d, stage) < FEW_HELD_OUT]
+    if few:
+        blocks.append(Para(f"The held-out metrics rest on few examples ({', '.join(few)}): an accuracy over n of them "
+                           "moves in steps of 1/n and a loss is an average of n values, so their changes from step "
+                           "to step are mostly noise at this size."))
     blocks.append(Para("DPO's reference model is the SFT model, so its reward margin and accuracy start at 0."))
     return blocks
 
@@ -446,36 +537,78 @@ def template_note(evals):
         f"{stage} {source} ({digest})" for stage, (source, digest) in used.items()) + "."
 
 
+def examples(evaluation, task):
+    """Examples lm-eval scored of a task (its n_samples' effective count), None where not recorded."""
+    n = evaluation.get("n_samples", {}).get(task, {}).get("effective")
+    return n if isinstance(n, int) else None
+
+
+def eval_bars(evals):
+    """[(task, metric, n, values, standard errors)] of every metric eval_rows tables, for the bar chart: a value or
+    standard error lm-eval did not give (IFEval's instruction-level metrics have none) is None, never 0."""
+    base = evals["base"]
+    bars = []
+    for task in eval_tasks(base):
+        results = [evals[stage]["results"].get(task, {}) for stage in STAGES]
+        for key in metric_names(results[0]):
+            values = [r.get(key) if isinstance(r.get(key), (int, float)) else None for r in results]
+            errors = [stderr_of(r, key) for r in results]
+            errors = [e if e is not None and math.isfinite(e) else None for e in errors]
+            bars.append((task, key.split(",")[0], examples(base, task), values, errors))
+    return bars
+
+
 def eval_section(d):
     evals = d["evals"]
     base = evals["base"]
-    rows, bars = eval_rows(evals)
+    rows, _ = eval_rows(evals)
+    bars = eval_bars(evals)
+    # n (examples scored) beside each metric: the table's third column
+    n_of = {(task, metric): n for task, metric, n, _, _ in bars}
+    rows = [(task, metric, "?" if n_of.get((task, metric)) is None else n_of[task, metric], *rest)
+            for task, metric, *rest in rows]
     subtasks = len(base["results"]) - len(eval_tasks(base))
     samples = ", ".join(f"{t} {base.get('n_samples', {}).get(t, {}).get('effective', '?')}" for t in eval_tasks(base))
-    notes = [f"Examples per task: {samples} (LIMIT: {limit_text(base.get('limit'))})."
+    no_stderr = [f"{task} {metric}" for task, metric, _, values, errors in bars
+                 if any(v is not None and e is None for v, e in zip(values, errors))]
+    notes = [f"Examples per task (n): {samples} (LIMIT: {limit_text(base.get('limit'))})."
              " ± is lm-eval's standard error; a delta is given ± the standard error of the difference "
              "(the two errors combined as if independent, which overstates it for the same questions), so a delta "
              "within about twice that is noise."]
+    if no_stderr:
+        notes.append(f"lm-eval gives no standard error for {', '.join(no_stderr)}: no ± in the table, no error bar "
+                     "in the chart.")
     if subtasks > 0:
         notes.append(f"{subtasks} subtasks and subgroups of these are in eval/*.json, not listed here.")
     if any(t.startswith("ifeval") for t in eval_tasks(base)):
-        notes.append(f"IFEval sentence checks used punkt: {base.get('punkt')}.")
+        notes.append("IFEval's inst_level metrics are shares of the instructions within its n prompts; its sentence "
+                     f"checks used punkt: {base.get('punkt')}.")
     notes.append(template_note(evals))
     fig, (ax,) = new_figure(1)
     fig.set_size_inches(min(12, max(6, 1.6 * len(bars))), 4.2)
     width = 0.27
     for i, stage in enumerate(STAGES):
         xs = [j + (i - 1) * width for j in range(len(bars))]
-        ax.bar(xs, [b[1][i] or 0 for b in bars], width, yerr=[b[2][i] for b in bars], capsize=3, label=stage)
-    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8, rotation=20, ha="right")
+        values = [b[3][i] or 0 for b in bars]
+        ax.bar(xs, values, width, label=stage)
+        # error bars only where a standard error exists: a missing one is not drawn as a zero-height bar
+        shown = [j for j, b in enumerate(bars) if b[3][i] is not None and b[4][i] is not None]
+        if shown:
+            ax.errorbar([xs[j] for j in shown], [values[j] for j in shown], yerr=[bars[j][4][i] for j in shown],
+                        fmt="none", ecolor="black", capsize=3, linewidth=1)
+    labels = [f"{task} {metric}\n(n={'?' if n is None else n})" + ("\nno std. error" if f"{task} {metric}" in no_stderr
+                                                                   else "") for task, metric, n, _, _ in bars]
+    ax.set_xticks(range(len(bars)), labels, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("score")
-    ax.set_title("evaluation (bars: ± standard error)")
+    ax.set_title("evaluation (error bars: ± standard error, where lm-eval gives one)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    caption = "Every metric of every task for base, SFT and DPO, n examples each; error bars: ± standard error" + (
+        f", none for {', '.join(no_stderr)} (lm-eval gives none)." if no_stderr else ".")
     return [
         Heading("Evaluation (lm-evaluation-harness)"),
-        Table(EVAL_HEADER, rows),
+        Table([*EVAL_HEADER[:2], "n", *EVAL_HEADER[2:]], rows),
         Para(" ".join(notes)),
-        plot("eval", fig, "Every metric of every task for base, SFT and DPO, with standard errors."),
+        plot("eval", fig, caption),
     ]
 
 

@@ -3,7 +3,9 @@ import json
 import judge as judge_step
 import pytest
 from common import DataError
-from common.judge import PREFILL, UNPARSED, AnswerConstraint, judge_message, parse_answer, user_turns
+from common.judge import (COPIED, PREFILL, UNPARSED, AnswerConstraint, copied_reason, judge_message, parse_answer,
+                          user_turns)
+from common.tag_stats import COPIED_REASON, reason_status
 from conftest import read_lines
 
 GOOD = ('{"category": "Creative writing", "reason": "Clear and specific.", "input_quality": "good", '
@@ -34,6 +36,43 @@ def test_bad_answers_leave_unparsed_tags_never_a_default(kind):
     assert faults and tags["category"] == UNPARSED
     if kind == "unknown category":  # the rest of the answer is fine and kept
         assert tags["input_quality"] == "good" and tags["difficulty"] == "easy"
+
+
+COPIES = {  # reasons that only repeat the prompt (its description of the reason, a listed value) or the query
+    "the reason's description": "one sentence on the query's clarity, specificity and coherence",
+    "part of it, capitalised": "One sentence.",
+    "the placeholder": "[...]",
+    "a listed value": "Very easy",
+    "a one-word value": "Math",
+    "a rubric phrase": "clear, specific, mostly well-formed",
+    "the query": "Write a poem about the sea",
+}
+OWN = ["Clear and specific.", "Clear.", "lack of clarity", "The query asks for a poem but gives no length or style.",
+       "very clear query about the sea"]
+
+
+@pytest.mark.parametrize("kind", list(COPIES))
+def test_a_reason_that_only_repeats_the_prompt_is_unparsed(kind):
+    answer = GOOD.replace("Clear and specific.", COPIES[kind])
+    tags, faults = parse_answer(answer, "Write a poem about the sea.")
+    assert faults == [COPIED] and tags["quality_reason"] == UNPARSED
+    assert tags["category"] == "Creative writing" and tags["input_quality"] == "good"  # the rest is kept
+
+
+@pytest.mark.parametrize("reason", OWN)
+def test_a_reason_of_the_judges_own_parses(reason):
+    tags, faults = parse_answer(GOOD.replace("Clear and specific.", reason), "Write a poem about the sea.")
+    assert faults == [] and tags["quality_reason"] == reason
+
+
+def test_the_copy_rule():
+    """No word, a listed value, or two words or more in a row of the prompt's fixed wording or of the query."""
+    assert copied_reason("...") and copied_reason("Others") and copied_reason("very EASY!")
+    assert copied_reason("specificity and coherence") and copied_reason("answer again with only the json object")
+    assert not copied_reason("coherence")  # a single word of the prompt may be the judge's own
+    assert not copied_reason("coherence and specificity")  # not in a row in the prompt
+    assert copied_reason("a poem about", "Write a poem about the sea.")
+    assert not copied_reason("a poem about", None) and not copied_reason("poem sea", "Write a poem about the sea.")
 
 
 class FakeEngine:
@@ -94,6 +133,20 @@ def test_a_good_answer_is_not_retried_and_a_retry_can_fix_one(tokenizer):
     assert "a follow-up turn" in engine.prompts[1] and "a follow-up turn" not in engine.prompts[0]
 
 
+def test_a_copied_reason_is_retried_once_then_counted_unparsed(tokenizer):
+    copy = GOOD.replace("Clear and specific.", COPIES["the reason's description"])
+    judge, engine = make_judge(tokenizer, lambda call, prompts: [copy] * len(prompts))
+    [(tags, failed)], _ = judge.tag([("Write a poem about the sea.", "The sea...", False)], seed=0)
+    assert engine.calls == 2 and f"could not be used ({COPIED})" in engine.prompts[1]
+    assert tags["quality_reason"] == UNPARSED and tags["category"] == "Creative writing"
+    assert failed["faults"] == [[COPIED], [COPIED]]
+    assert reason_status({"tags": tags, "judge_unparsed": [{"turn": 1, **failed}]}) == COPIED_REASON
+
+    judge, engine = make_judge(tokenizer, lambda call, prompts: [copy if call == 0 else GOOD] * len(prompts))
+    [(tags, failed)], _ = judge.tag([("Write a poem about the sea.", "The sea...", False)], seed=0)
+    assert failed is None and tags["quality_reason"] == "Clear and specific."  # the retry's own reason is taken
+
+
 def test_every_user_turn_is_judged():
     conversation = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
                     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
@@ -121,16 +174,18 @@ class Crash(Exception):
     pass
 
 
-def run_judge(monkeypatch, tmp_path, crash_at=None, extra=()):
-    """steps/judge.py's main() with a fake engine (good answers, except 'Question number 4' gets a cut-off one);
-    the engine raises at call `crash_at`, as a killed run stops. Returns the instructions the engine was asked."""
+def run_judge(monkeypatch, tmp_path, crash_at=None, extra=(), answer=None):
+    """steps/judge.py's main() with a fake engine (good answers, except 'Question number 4' gets a cut-off one, or
+    `answer(prompt)`); the engine raises at call `crash_at`, as a killed run stops. Returns the instructions the
+    engine was asked."""
     asked = []
+    answer = answer or (lambda p: BAD["truncated"] if "Question number 4?" in p else GOOD)
 
     def script(call, prompts):
         if call == crash_at:
             raise Crash()
         asked.extend(p for p in prompts)
-        return [BAD["truncated"] if "Question number 4?" in p else GOOD for p in prompts]
+        return [answer(p) for p in prompts]
 
     monkeypatch.setattr(judge_step, "load_engine", lambda *a, **k: FakeEngine(k_tokenizer(), script))
     judge_step.main(["--in", str(tmp_path / "gen.jsonl"), "--out", str(tmp_path / "judged.jsonl"),
@@ -175,6 +230,17 @@ def test_step_tags_every_record_and_resumes_without_redoing_batches(monkeypatch,
     assert [len(r["turn_tags"]) for r in judged if "turn_tags" in r] == [2, 2]
     assert judged[4]["tags"]["category"] == UNPARSED and judged[4]["judge_unparsed"][0]["turn"] == 1
     assert judged[0]["tags"]["input_quality"] == "good" and "judge_unparsed" not in judged[0]
+
+
+def test_the_step_counts_copied_reasons_as_unparsed(monkeypatch, tmp_path, capsys, smol):
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(4)))
+    copy = GOOD.replace("Clear and specific.", "Question number 1")  # the query, repeated
+    run_judge(monkeypatch, tmp_path, answer=lambda p: copy if "Question number 1?" in p else GOOD)
+    judged = read_lines(tmp_path / "judged.jsonl")
+    assert [reason_status(r) for r in judged] == ["a reason", COPIED_REASON, "a reason", "a reason"]
+    assert judged[1]["tags"]["quality_reason"] == UNPARSED
+    assert ("judged 4 records; 1 with an \"unparsed\" tag, 1 of them an unparsed reason that only repeated the "
+            "prompt's wording") in capsys.readouterr().err
 
 
 def test_a_partial_file_from_another_judge_setting_is_refused(monkeypatch, tmp_path, smol):
@@ -227,8 +293,12 @@ def test_the_embedded_judge_answers_within_the_schema_on_both_engine_paths(monke
     judge_step.main(["--in", str(src), "--out", str(out), "--model", "embedded:smollm2", "--max-new-tokens", "48",
                      "--max-response-tokens", "16", "--dtype", "float32", "--decode-rows", "4"])
     judged = read_lines(out)
-    assert len(judged) == 3 and all("judge_unparsed" not in r for r in judged)
+    assert len(judged) == 3
     for r in judged:
         for tags in [r["tags"], *r.get("turn_tags", [])]:
-            assert UNPARSED not in tags.values() and tags["quality_reason"], tags
+            # every value from its list; the reason is free text, unparsed only where it copied the prompt
+            assert UNPARSED not in {k: v for k, v in tags.items() if k != "quality_reason"}.values(), tags
+            assert tags["quality_reason"], tags
+        for failed in r.get("judge_unparsed", []):
+            assert all(faults == [COPIED] for faults in failed["faults"]), failed
         assert r["judge"]["constrained"].startswith("logits processor")

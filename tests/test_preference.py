@@ -82,6 +82,43 @@ def test_ties_are_dropped_unless_kept(tmp_path):
     assert other.returncode == 2 and "other settings (sampling differ" in other.stderr
 
 
+def test_instructions_without_a_pair_are_counted_by_cause(tmp_path, capsys):
+    """preference_summary.json beside the pairs says why each instruction without a pair has none."""
+    import preference
+
+    def scored(id, scores, finished):
+        return {"id": id, "instruction": f"Say {id}.", "responses": [f"r{i}" for i in range(len(scores))],
+                "scores": scores, "finished": finished}
+
+    rows = [scored("cut", [0.9, 0.1], [False, False]),  # every response cut at the token cap
+            scored("tie", [0.5, 0.5], [True, True]),
+            scored("best-cut", [0.9, 0.2], [False, True]),  # the one finished response is the worst: margin 0
+            scored("small", [0.5, 0.45], [True, True]),  # margin 0.05 < --min-margin 0.1
+            scored("one", [0.9], [True]),
+            scored("gap", [0.9, 0.1], [True, True])]
+    out = tmp_path / "preference.jsonl"
+    args = preference.parse_args(["--in", "x", "--policy", "p", "--reward-model", "r", "--scored", "s",
+                                  "--out", str(out), "--min-margin", "0.1"])
+    preference.write_pairs(args, rows)
+    assert [p["id"] for p in read_lines(out)] == ["gap"]
+    summary = json.loads((tmp_path / "preference_summary.json").read_text())
+    assert summary == {"instructions": 6, "pairs": 1, "min_margin": 0.1, "ties": "drop",
+                       "allow_truncated_chosen": False, "no_pair": {"fewer than 2 responses": 1,
+                                   "no finished response (every one cut at the token cap)": 1,
+                                   "tie: the best finished response scores no higher than the worst": 2,
+                                   "margin under --min-margin": 1}}
+    assert ("1 pairs of 6 instructions; no pair: 1 fewer than 2 responses, 1 no finished response (every one cut at "
+            "the token cap), 2 tie: the best finished response scores no higher than the worst, 1 margin under "
+            "--min-margin") in capsys.readouterr().err
+    # --ties keep pairs the ties; a tie under --min-margin then counts as under the margin
+    args.ties, args.min_margin = "keep", 0.0
+    preference.write_pairs(args, rows)
+    assert [p["id"] for p in read_lines(out)] == ["tie", "best-cut", "small", "gap"]
+    assert json.loads((tmp_path / "preference_summary.json").read_text())["no_pair"] == {
+        "fewer than 2 responses": 1, "no finished response (every one cut at the token cap)": 1,
+        "tie: the best finished response scores no higher than the worst": 0, "margin under --min-margin": 0}
+
+
 def test_classifier_reward_scores_text_pairs_with_the_head_logit(tiny_deberta):
     reward = load_reward(str(tiny_deberta), dtype="float32")
     assert isinstance(reward, ClassifierReward)

@@ -14,6 +14,7 @@ from run_fixture import make_run
 
 import compare
 import report as report_step
+from common.evals import metric_names, stderr_of
 
 SECTIONS = ["Data funnel", "Generation yield", "Dropped by each filter rule", "Instruction diversity", "Most common opening words",
             "Most common first verbs", "Lengths (words)", "Reward scores", "Training",
@@ -32,6 +33,13 @@ def row(report, *first_cells):
     lines = [line for line in report.splitlines() if line.startswith(start)]
     assert len(lines) == 1, f"{start!r}: {len(lines)} rows"
     return [c.strip() for c in lines[0].strip("|").split("|")]
+
+
+def folded_rules(report):
+    """The rules on the funnel's one line of rules that dropped nothing ("no drops: a, b")."""
+    cells = [c.strip() for line in report.splitlines() if line.startswith("| no drops: ") for c in line.split("|")]
+    assert cells and cells[2] == "0", cells
+    return cells[1].removeprefix("no drops: ").split(", ")
 
 
 def section(report, title):
@@ -80,7 +88,10 @@ def test_funnel_counts_match_the_run_files(chain_run, report):
     assert row(report, "scored for preference")[1] == str(len(scored))
     assert row(report, "preference pairs")[1] == str(len(pairs))
     for rule, n in summary["dropped"].items():
-        assert row(report, rule)[1] == str(n)
+        if n:
+            assert row(report, rule)[1] == str(n)
+        else:  # folded into the one line of the rules that dropped nothing
+            assert rule in folded_rules(report)
     generated = read_lines(chain_run / "generated.jsonl")
     assert row(report, "yield: kept by the filters")[1] == str(summary["kept"])
     capped = sum(r["instruction_stop"] == "length" for r in generated)
@@ -120,8 +131,14 @@ def test_training_rows_match_the_curves(chain_run, report):
             points = [(float(r["step"]), float(r[metric])) for r in csv.DictReader(f)]
         values = [v for _, v in points]
         assert row(report, stage, metric)[2:] == [str(len(points)), f"{values[0]:.3f}", f"{values[-1]:.3f}",
-                                                  f"{min(values):.3f}", f"{max(values):.3f}", str(int(points[-1][0]))]
+                                                  f"{min(values):.3f}", f"{max(values):.3f}", str(int(points[-1][0])),
+                                                  ""]
     assert row(report, "dpo", "rewards/margins")[3] == "0.000"  # the reference is the SFT model itself
+    for stage, unit in (("sft", "row"), ("dpo", "pair")):  # the held-out split's size beside its metrics
+        n = json.loads((chain_run / stage / "training_config.json").read_text())["eval_records"]
+        for line in report.splitlines():
+            if line.startswith(f"| {stage} | eval_"):
+                assert line.endswith(f"| n={n} {unit}{'' if n == 1 else 's'} |")
 
 
 def test_eval_table_has_standard_errors_and_deltas_against_base(chain_run, report):
@@ -130,12 +147,17 @@ def test_eval_table_has_standard_errors_and_deltas_against_base(chain_run, repor
         cells = row(report, task, metric)
         values = [evals[m][task][f"{metric},none"] for m in ("base", "sft", "dpo")]
         errors = [evals[m][task][f"{metric}_stderr,none"] for m in ("base", "sft", "dpo")]
-        assert cells[2:5] == [f"{v:.3f} ± {e:.3f}" for v, e in zip(values, errors)]
-        for cell, value, error in zip(cells[5:], values[1:], errors[1:]):
+        assert cells[2] == "4"  # n: the examples scored
+        assert cells[3:6] == [f"{v:.3f} ± {e:.3f}" for v, e in zip(values, errors)]
+        for cell, value, error in zip(cells[6:], values[1:], errors[1:]):
             assert cell == f"{value - values[0]:+.3f} ± {(error ** 2 + errors[0] ** 2) ** 0.5:.3f}"
     no_stderr = row(report, "ifeval_local", "inst_level_strict_acc")  # lm-eval gives none for this one
-    assert no_stderr[2] == f"{evals['base']['ifeval_local']['inst_level_strict_acc,none']:.3f}"
-    assert "Examples per task: ifeval_local 4, mc_local 4 (LIMIT: 4)" in report
+    assert no_stderr[3] == f"{evals['base']['ifeval_local']['inst_level_strict_acc,none']:.3f}"
+    ifeval = evals["base"]["ifeval_local"]
+    without = [f"ifeval_local {k.split(',')[0]}" for k in metric_names(ifeval) if stderr_of(ifeval, k) is None]
+    assert "ifeval_local inst_level_strict_acc" in without  # the chart says which metrics have no error bar
+    assert f"error bars: ± standard error, none for {', '.join(without)} (lm-eval gives none)" in report
+    assert "Examples per task (n): ifeval_local 4, mc_local 4 (LIMIT: 4)" in report
 
 
 def test_settings_name_tier_models_seeds_and_versions(chain_run, report):
@@ -227,8 +249,137 @@ def test_eval_loss_and_accuracy_next_to_the_training_curves(tagged_run):
         history = json.loads((run / stage / "log_history.json").read_text())
         values = [h[metric] for h in history if metric in h]
         assert row(text, stage, metric)[2:5] == [str(len(values)), f"{values[0]:.3f}", f"{values[-1]:.3f}"]
+        assert row(text, stage, metric)[-1] == "n not recorded"  # training_config.json without eval_records
     assert row(text, "sft", "loss")[2] == "4"
     assert "on the held-out test split" in text
+
+
+def render(run):
+    """The report of a run directory, as markdown (the HTML page beside it)."""
+    report_step.main(["--run", str(run), "--out", str(run / "report.md"), "--html", str(run / "report.html")])
+    return (run / "report.md").read_text()
+
+
+def test_error_bars_only_where_lm_eval_gives_a_standard_error(tmp_path):
+    """IFEval's instruction-level metrics come without a standard error ("N/A"): no error bar is drawn for them (not
+    a zero-height one), and the chart says which metrics have none."""
+    run = make_run(tmp_path / "run")
+    for stage in ("base", "sft", "dpo"):
+        path = run / "eval" / f"{stage}.json"
+        result = json.loads(path.read_text())
+        result["tasks"].append("ifeval_local")
+        result["results"]["ifeval_local"] = {
+            "alias": "ifeval_local", "prompt_level_strict_acc,none": 0.5, "prompt_level_strict_acc_stderr,none": 0.25,
+            "inst_level_strict_acc,none": 0.6, "inst_level_strict_acc_stderr,none": "N/A"}
+        result["n_samples"]["ifeval_local"] = {"original": 8, "effective": 4}
+        path.write_text(json.dumps(result))
+    text = render(run)
+    bars = report_step.eval_bars(report_step.load_run(run)["evals"])
+    assert [(task, metric, n, errors) for task, metric, n, _, errors in bars] == [
+        ("mc_local", "acc", 4, [0.2] * 3), ("ifeval_local", "prompt_level_strict_acc", 4, [0.25] * 3),
+        ("ifeval_local", "inst_level_strict_acc", 4, [None] * 3)]
+    caption = re.search(r"!\[(.*)\]\(report_plots/eval\.png\)", text).group(1)
+    assert caption.endswith("error bars: ± standard error, none for ifeval_local inst_level_strict_acc "
+                            "(lm-eval gives none).")
+    notes = section(text, "Evaluation (lm-evaluation-harness)")
+    assert "no standard error for ifeval_local inst_level_strict_acc: no ± in the table, no error bar" in notes
+    assert row(text, "ifeval_local", "inst_level_strict_acc")[2:4] == ["4", "0.600"]  # n, then the value alone
+    assert row(text, "mc_local", "acc")[2:4] == ["4", "0.250 ± 0.200"]
+
+
+def test_held_out_metrics_carry_their_n(tmp_path):
+    """Every eval_* metric (the held-out test split) has beside it how many rows or pairs it was computed on, in the
+    table and the chart's caption; few of them are called noise."""
+    run = make_run(tmp_path / "run")
+    for stage, n in (("sft", 3), ("dpo", 1)):
+        path = run / stage / "training_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_records": 12, "eval_records": n}))
+    training = section(render(run), "Training")
+    assert row(training, "sft", "eval_loss")[-1] == "n=3 rows"
+    for metric in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
+        assert row(training, "dpo", metric)[-1] == "n=1 pair"
+    assert row(training, "sft", "loss")[-1] == row(training, "dpo", "rewards/accuracies")[-1] == ""  # not held out
+    assert "on the held-out test split (eval_*, from log_history.json; SFT n=3 rows; DPO n=1 pair)" in training
+    assert "The held-out metrics rest on few examples (SFT on n=3 rows, DPO on n=1 pair)" in training
+
+
+def test_rules_that_dropped_nothing_share_one_line(tagged_run):
+    _, text = tagged_run
+    part = section(text, "Dropped by each filter rule")
+    rules = [line.split("|")[1].strip() for line in part.splitlines() if line.startswith("| ")][1:]
+    assert rules == ["response_length", "no drops: truncated, near_duplicate"]
+    assert row(part, "response_length")[1] == "5" and folded_rules(part) == ["truncated", "near_duplicate"]
+    assert report_step.fold_rules({"a": 0, "b": 2, "c": 0}) == ([("b", 2)], "no drops: a, c")
+    assert report_step.fold_rules({"b": 2}) == ([("b", 2)], None)
+
+
+def test_instructions_without_a_pair_by_cause(tmp_path):
+    """The pairs' funnel by cause: from the preference step's summary, or found in scored.jsonl for a run without
+    one; both give the same counts."""
+    import preference
+
+    run = make_run(tmp_path / "run")
+    scored = read_lines(run / "scored.jsonl")
+    for i, r in enumerate(scored):
+        if i < 4:  # every response cut at the token cap
+            r["finished"] = [False, False]
+        elif i < 6:  # tied
+            r["scores"] = [0.3, 0.3]
+        elif i == 6:  # a margin under --min-margin 0.05
+            r["scores"] = [0.31, 0.3]
+    (run / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
+    pairs = read_lines(run / "preference.jsonl")
+    (run / "preference.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[7:]))
+    expected = [["no finished response (every one cut at the token cap)", "4", "27%"],
+                ["tie: the best finished response scores no higher than the worst", "2", "13%"],
+                ["margin under --min-margin", "1", "7%"]]
+
+    def causes(text):
+        part = section(text, "Instructions without a pair, by cause")
+        return [[c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()
+                if line.startswith("| ")][1:], part
+
+    text = render(run)
+    found, part = causes(text)
+    assert found == expected and "Causes found in scored.jsonl" in part
+    assert "15 instructions were sampled and scored; 7 instructions gave no pair." in text
+
+    args = preference.parse_args(["--in", "x", "--policy", "p", "--reward-model", "r", "--scored", "s", "--out",
+                                  str(run / "preference.jsonl"), "--min-margin", "0.05"])
+    preference.write_pairs(args, scored)
+    assert read_lines(run / "preference.jsonl") == pairs[7:]
+    counted, part = causes(render(run))
+    assert counted == expected and "as the preference step counted them" in part
+
+
+def test_reasons_that_repeat_the_prompt_count_as_unparsed(tmp_path):
+    """Judged reasons that only repeat the judge's prompt or the query: as text in a run judged before the rule, as
+    "unparsed" with the fault after it; both counted apart from the judge's own reasons."""
+    from common.judge import COPIED
+
+    run = make_run(tmp_path / "run")
+    reasons = {0: "one sentence on the query's clarity, specificity and coherence", 1: "One sentence.",
+               2: "[...]", 3: "Very easy", 6: "explain a haiku about autumn", 7: "Compound interest, in simple words."}
+
+    def retag(r):
+        i = int(r["id"].split("-")[1])
+        if i in reasons:
+            r["tags"]["quality_reason"] = reasons[i]
+        elif i in (4, 5):
+            r["tags"]["quality_reason"] = "unparsed"
+            r["judge_unparsed"] = [{"turn": 1, "answers": ["..", ".."],
+                                    "faults": [[COPIED], [COPIED]] if i == 4 else [["no reason"], ["no reason"]]}]
+        return r
+
+    for name in ("generated.jsonl", "filtered.jsonl"):
+        records = [retag(r) for r in read_lines(run / name)]
+        (run / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    part = section(render(run), "Quality reason")
+    # generated: 0-4, 6 and 7 copied, 5 unparsed otherwise; kept (i % 4 != 3): 0, 1, 2, 4 and 6 copied, 5
+    assert row(part, "a reason")[1:4] == ["12", "60%", "9"]
+    assert row(part, "unparsed: repeats the prompt's wording")[1:4] == ["7", "35%", "5"]
+    assert row(part, "unparsed: another fault")[1:4] == ["1", "5%", "1"]
+    assert "7 of the 20 judged reasons only repeat the judge prompt's wording or the query" in part
 
 
 def test_a_run_from_before_the_judge_renders_as_before(tmp_path):

@@ -59,6 +59,14 @@ Fill in the placeholders, in English, each value from its list:
 
 RETRY = "\n\nYour previous answer could not be used ({why}). Answer again with only the JSON object."
 
+# A reason that only repeats what the judge was shown says nothing about the query (the 135M judge copied the reason's
+# description above into most answers): it counts as unparsed, and is asked again. What counts as copied, words
+# compared lower-cased:
+# - no word at all ("[...]", "..."), or a value from one of the lists ("Math", "very easy");
+# - two words or more found word for word, in a row, in the prompt's own wording (a retry's message included) or in
+#   the query it was shown.
+COPIED = "the reason only repeats the prompt's wording"
+
 
 def judge_message(instruction, response, follow_up=False, why=None):
     """The user message that asks for one turn's tags; `why` (the previous answer's fault) makes it the retry."""
@@ -66,6 +74,32 @@ def judge_message(instruction, response, follow_up=False, why=None):
                          follow_up=" (a follow-up turn of a conversation)" if follow_up else "",
                          categories=", ".join(CATEGORIES))
     return text + (RETRY.format(why=why) if why else "")
+
+
+def words(text):
+    """Lower-cased runs of letters, digits and apostrophes."""
+    return re.findall(r"[a-z0-9']+", str(text).lower())
+
+
+def _fixed_wording():
+    """The prompt's words without the query and response, with everything else a judge may be shown."""
+    text = PROMPT.format(instruction="", response="", follow_up=" (a follow-up turn of a conversation)",
+                         categories=", ".join(CATEGORIES))
+    return " ".join(words(text + RETRY.format(why=COPIED)))
+
+
+FIXED_WORDING = _fixed_wording()
+LISTED_VALUES = {" ".join(words(v)) for scale in SCALES.values() for v in scale}
+
+
+def copied_reason(reason, query=None):
+    """Whether `reason` only repeats the judge's prompt (the rule at COPIED); `query`: the query it was shown."""
+    said = " ".join(words(reason))
+    if not said or said in LISTED_VALUES:
+        return True
+    if len(said.split()) < 2:
+        return False
+    return any(f" {said} " in f" {source} " for source in (FIXED_WORDING, " ".join(words(query or ""))))
 
 
 def _canonical(value, allowed):
@@ -76,9 +110,10 @@ def _canonical(value, allowed):
     return next((a for a in allowed if a.lower() == key), None)
 
 
-def parse_answer(text):
+def parse_answer(text, query=None):
     """(tags, faults) from one judge answer (the prefill included): every tag in TAG_KEYS, "unparsed" where the
-    answer did not give a valid value; `faults` says what was wrong (empty when every tag parsed)."""
+    answer did not give a valid value (a reason copied from the prompt or from `query`, the query the judge was
+    shown, is not one); `faults` says what was wrong (empty when every tag parsed)."""
     tags = {key: UNPARSED for key in TAG_KEYS}
     start, end = text.find("{"), text.rfind("}")
     try:
@@ -95,10 +130,12 @@ def parse_answer(text):
         else:
             tags[key] = value
     reason = answer.get("reason")
-    if isinstance(reason, str) and reason.strip():
-        tags["quality_reason"] = " ".join(reason.split())  # one line
-    else:
+    if not isinstance(reason, str) or not reason.strip():
         faults.append("no reason")
+    elif copied_reason(reason, query):
+        faults.append(COPIED)
+    else:
+        tags["quality_reason"] = " ".join(reason.split())  # one line
     return tags, faults
 
 

@@ -1,16 +1,21 @@
-"""Counting the judge's tags (category, input quality, difficulty, safety) of records, for the run report and the
-dataset card. Records without tags (runs from before the judge) count as untagged, so both still render."""
+"""Counting the judge's tags (category, input quality, difficulty, safety, and whether the quality reason is the
+judge's own) of records, for the run report and the dataset card. Records without tags (runs from before the judge)
+count as untagged, so both still render."""
 
 from collections import Counter
 
 from .evals import share
-from .judge import DIFFICULTY, QUALITY, SCALES, UNPARSED
+from .judge import COPIED, DIFFICULTY, QUALITY, SCALES, UNPARSED, copied_reason
 
 TAG_FIELDS = tuple(SCALES)  # category, input_quality, difficulty, safety
 TAG_TITLES = {"category": "Task category", "input_quality": "Input quality", "difficulty": "Difficulty",
-              "safety": "Safety"}
+              "safety": "Safety", "quality_reason": "Quality reason"}
+# What became of a record's quality_reason (reason_status), in table order.
+OWN_REASON, COPIED_REASON, OTHER_UNPARSED = ("a reason", "unparsed: repeats the prompt's wording",
+                                             "unparsed: another fault")
 # Magpie's scales, worst to best / easiest to hardest; values are compared in lower case with '_' and '-' as spaces.
-ORDERS = {"input_quality": QUALITY, "difficulty": DIFFICULTY}
+ORDERS = {"input_quality": QUALITY, "difficulty": DIFFICULTY,
+          "quality_reason": (OWN_REASON, COPIED_REASON, OTHER_UNPARSED)}
 
 
 def tags_of(record):
@@ -23,8 +28,25 @@ def tagged(records):
     return [r for r in records if tags_of(r)]
 
 
+def reason_status(record):
+    """What became of a tagged record's (first turn's) quality_reason: a reason; one that only repeats the judge's
+    prompt or the query (common/judge.py copied_reason: still the copied text in records judged before that rule,
+    "unparsed" with the fault in `judge_unparsed` after it); unparsed for another fault; or "missing"."""
+    reason = tags_of(record).get("quality_reason")
+    if reason is None:
+        return "missing"
+    if reason == UNPARSED:
+        failed = [f for f in record.get("judge_unparsed") or [] if f.get("turn", 1) == 1]
+        copied = any(COPIED in faults for f in failed for faults in f.get("faults") or [])
+        return COPIED_REASON if copied else OTHER_UNPARSED
+    return COPIED_REASON if copied_reason(reason, record.get("instruction")) else OWN_REASON
+
+
 def counts(records, field):
-    """How many tagged records have each value of `field` ("missing" where a tagged record lacks it)."""
+    """How many tagged records have each value of `field` ("missing" where a tagged record lacks it); for
+    quality_reason, each reason_status."""
+    if field == "quality_reason":
+        return Counter(reason_status(r) for r in tagged(records))
     return Counter(str(tags_of(r).get(field, "missing")) for r in tagged(records))
 
 
