@@ -54,10 +54,9 @@ LENGTH_BUCKET = 256  # SDPA attention reads a multiple of this many positions (a
 CHECK_EVERY = 8  # decoding steps between looks at which rows ended (each look waits for the GPU)
 PREFILL_TOKENS = 16384  # at most this many prompt tokens in one prefill forward...
 PREFILL_SHARE = 0.1  # ... and fewer where their activations would take more than this share of free GPU memory
-# GPU memory a decoding row takes beyond its KV pages, per vocabulary entry: its logits in every captured graph's pool
-# and the sampling's copies. Measured (bench/README.md): Llama-3.1-8B's 128k vocabulary at 512 rows took 4.0 GiB more
-# than at 256 rows, about 130 bytes a row and entry.
-SLOT_BYTES_PER_VOCAB = 130
+# GPU memory a decoding row takes beyond its KV pages, per vocabulary entry: its logits and the sampling's copies
+# (six float32 values)
+SLOT_BYTES_PER_VOCAB = 24
 # Free slots wait until this share of them (or every pending prompt) can be prefilled together: each prefill is a
 # forward of its own between decoding steps, so a few large ones cost less than many of a row or two each
 ADMIT_FRACTION = 1 / 16
@@ -235,7 +234,7 @@ class SlotGenerator:
             per_token = (8 * config.hidden_size + 3 * intermediate) * 2
             self.prefill_tokens = int(min(PREFILL_TOKENS, max(1024, PREFILL_SHARE * free // per_token)))
             workspace = (self.prefill_tokens * per_token + self.slots * (length * 8 + self.vocab * SLOT_BYTES_PER_VOCAB)
-                         + 2**30)
+                         + 2 * 2**30)
             pages = min(wanted, int((free - workspace) // self.page_bytes()))
             if pages < wanted:
                 print(f"generation: a KV cache of {pages * PAGE:,} tokens ({pages * self.page_bytes() / 2**30:.1f} "
