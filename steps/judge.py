@@ -30,7 +30,7 @@ from common import DataError, run_step
 from common.batches import run_batches
 from common.chat import end_of_turn, prepare_tokenizer, prompt_text
 from common.files import output_lock
-from common.generation import ENGINES, Sampling, declared_stop_ids, finish, load_engine, process_device_map
+from common.generation import ENGINES, Sampling, declared_stop_ids, load_engine, process_device_map
 from common.jsonl import read_jsonl
 from common.judge import PREFILL, SCHEMA, AnswerConstraint, judge_message, merge, parse_answer, user_turns
 from common.models import load_tokenizer
@@ -103,7 +103,7 @@ class Judge:
 
     def sample(self, prompts, seed):
         if self.constrained:
-            return constrained_sample(self.engine, prompts, self.sampling, seed)
+            return self.engine.sample_json(prompts, self.sampling, seed, SCHEMA)
         if self.token_constraint:
             if self.constraint is None:
                 self.constraint = AnswerConstraint(self.tokenizer, prompts[0][: -len(PREFILL)],
@@ -138,26 +138,6 @@ class Judge:
                     failed = {"answers": [answers[i], second], "faults": [parsed[i][1], faults2]}
                 out[i] = (tags, failed)
         return out, tokens
-
-
-def constrained_sample(engine, prompts, sampling, seed):
-    """vLLM with the answer's JSON schema as a structured-output constraint (vLLM >= 0.11: StructuredOutputsParams;
-    earlier: GuidedDecodingParams); results as the engines return them."""
-    from vllm import TokensPrompt
-
-    try:
-        from vllm.sampling_params import StructuredOutputsParams
-
-        constraint = {"structured_outputs": StructuredOutputsParams(json=SCHEMA)}
-    except ImportError:
-        from vllm.sampling_params import GuidedDecodingParams
-
-        constraint = {"guided_decoding": GuidedDecodingParams(json=SCHEMA)}
-    ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    params = [engine._params(sampling, seed, i, **constraint) for i in range(len(ids))]
-    out = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False,
-                              lora_request=engine.lora)
-    return [finish(engine.tokenizer, list(o.outputs[0].token_ids), sampling) for o in out]
 
 
 def judged_records(judge, records, settings, seed):
