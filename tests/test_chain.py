@@ -9,6 +9,8 @@ import subprocess
 
 from conftest import REPO, make, make_command
 
+from common.models import EMBEDDED_DEFAULT
+
 
 def test_second_make_all_does_nothing(chain_run):
     result = make("all", chain_run)
@@ -35,10 +37,31 @@ def test_bad_variables_list_the_valid_choices(tmp_path):
     assert result.returncode != 0 and "choose one of: llama mistral qwen smol" in result.stderr
 
 
-def test_every_step_records_the_one_dtype_decision(chain_run):
+def tiny_generator(out):
+    """A two-layer random model with the embedded default's tokenizer and chat template: a step runs on it at once."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(EMBEDDED_DEFAULT)
+    config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=32))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for f in EMBEDDED_DEFAULT.iterdir():
+        if f.name.startswith(("tokenizer", "generation_config", "chat_template")):
+            shutil.copy(f, out)
+    return out
+
+
+def test_every_step_records_the_one_dtype_decision(chain_run, tmp_path, monkeypatch):
     """The cpu tier's DTYPE=auto is decided once (bf16 only on a CPU with native bf16) and each output says what it
-    ran in: generation and scoring settings, the trainers' mixed precision, eval settings."""
+    ran in: generation and scoring settings, the trainers' mixed precision, eval settings. Set to the other dtype,
+    DTYPE reaches every step that loads a model, and a step runs and records it."""
     import json
+
+    import generate
+    import torch
+    from conftest import read_lines
 
     from common.precision import dtype_name, resolve_dtype
 
@@ -51,6 +74,21 @@ def test_every_step_records_the_one_dtype_decision(chain_run):
         assert (config["bf16"], config["fp16"]) == (decided == "bfloat16", False)
     for model in ("base", "sft", "dpo"):
         assert json.loads((chain_run / "eval" / f"{model}.json").read_text())["settings"]["dtype"] == decided
+
+    other = "float32" if decided == "bfloat16" else "bfloat16"
+    dry = subprocess.run([*make_command("all", tmp_path / "dry", DTYPE=other), "-n"], capture_output=True, text=True)
+    commands = dry.stdout.replace("\\\n", " ").splitlines()
+    loading = [c for c in commands if re.search(r"steps/(generate|judge|preference|sft|dpo|eval)\.py", c)]
+    assert len(loading) == 8 and all(f"--dtype {other} " in c for c in loading), loading  # eval: base, sft, dpo
+
+    engines = []
+    monkeypatch.setattr(generate, "load_engine", lambda *a, real=generate.load_engine, **k: engines.append(
+        real(*a, **k)) or engines[-1])
+    out = tmp_path / "generated.jsonl"
+    generate.main(["--model", str(tiny_generator(tmp_path / "tiny")), "--out", str(out), "--num-samples", "1",
+                   "--max-instruction-tokens", "2", "--max-response-tokens", "2", "--dtype", other])
+    assert read_lines(out)[0]["settings"]["dtype"] == other
+    assert engines[0].model.dtype == getattr(torch, other)  # and the model ran in it
 
 
 # ---- Settings stamps (env/settings.mk): an output follows the settings that shape it -------------------------------
@@ -113,6 +151,19 @@ def test_a_changed_tier_yaml_redoes_training_and_what_follows(chain_run, tmp_pat
     assert would_run(run, SFT_CONFIG=config) == []
     config.write_text(config.read_text().replace("max_length: 512", "max_length: 256"))
     assert would_run(run, SFT_CONFIG=config) == sorted(["sft", "dpo", "eval/sft", "eval/dpo", "report", "plan"])
+
+
+def test_a_new_adapter_redoes_its_eval_and_only_what_follows(chain_run, tmp_path):
+    """An adapter written after its eval (the step renames a new directory into place) is evaluated again; a new SFT
+    adapter also retrains DPO on it. make -n and -q: nothing runs."""
+    run = tmp_path / "run"
+    shutil.copytree(chain_run, run, ignore=shutil.ignore_patterns("*.safetensors", "cache"))  # copy2 keeps the times
+    assert subprocess.run([*make_command("eval", run), "-q"]).returncode == 0
+    os.utime(run / "dpo")  # now: newer than eval/dpo.json
+    assert would_run(run, "eval") == ["eval/dpo"]
+    assert subprocess.run([*make_command("eval", run), "-q"]).returncode == 1
+    os.utime(run / "sft")
+    assert would_run(run, "eval") == ["dpo", "eval/dpo", "eval/sft"]
 
 
 def test_a_run_made_before_settings_stamps_is_kept_and_a_change_then_redoes_eval_alone(chain_run, tmp_path):

@@ -38,6 +38,31 @@ def test_splits_are_stable_across_reruns_and_record_order():
     assert {r["id"] for r in first} <= {r["id"] for r in split_records(records, 0.2)[1]}
 
 
+# Which of s0-0000000 ... s0-0000015 are held out, computed once from common/splits.py: a split keyed on anything that
+# differs between processes or versions (Python's salted hash(), a record's position) would move ids across, and
+# SFT, DPO and the dataset step, each in its own process, would disagree.
+PINNED_TEST_IDS = {0.05: ["s0-0000001"],
+                   0.25: ["s0-0000001", "s0-0000003", "s0-0000009", "s0-0000013", "s0-0000014"]}
+
+
+def test_splits_give_the_answers_pinned_once():
+    ids = [f"s0-{i:07d}" for i in range(16)]
+    for fraction, test in PINNED_TEST_IDS.items():
+        assert [i for i in ids if split_of(i, fraction) == "test"] == test, fraction
+
+
+def test_the_chain_trains_without_the_rows_its_dataset_calls_test(chain_run):
+    """SFT and DPO (their own processes) held out as many records as the dataset step wrote to its test splits."""
+    def lines(path):
+        return len(path.read_text().splitlines()) if path.exists() else 0  # a split without rows has no file
+
+    for step, subset, source in (("sft", "sft", "filtered.jsonl"), ("dpo", "preference", "preference.jsonl")):
+        config = json.loads((chain_run / step / "training_config.json").read_text())
+        held = lines(chain_run / "dataset" / subset / "test.jsonl")
+        assert config["eval_records"] == held, step
+        assert config["train_records"] + held == lines(chain_run / source), step
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("dataset") / "run")

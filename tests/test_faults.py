@@ -4,6 +4,7 @@ and a secret token that must never be written anywhere.
 Kills of generate, preference and sft mid-run are in their own test files; here the other long steps."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -14,30 +15,31 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CHAIN_VARS, REPO, SENTINEL_TOKEN, make, run_step
+from conftest import CHAIN_VARS, REPO, SENTINEL_TOKEN, make, make_command, run_step
 
 
-def files_under(path):
-    return sorted(p.relative_to(path) for p in Path(path).rglob("*") if p.is_file())
+# The filter step held once its first JSONL output is written whole, until the test kills it: unheld, it writes its
+# small outputs one after the other faster than a test can look at the disk.
+HELD_FILTER = """
+import signal, sys
+sys.path.insert(0, "steps")
+import filter
+from common import run_step
+
+write_jsonl = filter.write_jsonl
+def held(path, records):
+    write_jsonl(path, records)
+    signal.pause()
+filter.write_jsonl = held
+run_step(filter.main)
+"""
 
 
-def kill_at_stage(script, args, stage):
-    """Start steps/<script>.py and SIGKILL it as soon as it says `stage` on stderr. Fails, showing its stderr, if it
-    ends before saying it (the kill would not land mid-work)."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "steps" / f"{script}.py"), *map(str, args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    said = []
-    for line in proc.stderr:  # ends when the process closes stderr, so this waits on the process
-        said.append(line)
-        if stage in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    status = proc.wait()
-    proc.stderr.close()
-    assert status == -signal.SIGKILL, f"{script} ended ({status}) before saying {stage!r}:\n{''.join(said)[-3000:]}"
+def test_filter_killed_between_its_writes_then_rerun_gives_the_uninterrupted_output(tmp_path, smol):
+    """Killed once its first output is written (the step held there, see HELD_FILTER): make finds no filtered.jsonl,
+    written last, and the rerun writes every output as an uninterrupted run does."""
+    from conftest import HUNG_STEP_SECONDS
 
-
-def test_filter_killed_mid_work_then_rerun_gives_the_uninterrupted_output(tmp_path, smol):
     from test_filter import CASES  # one record for each rule: every stage has work to do
 
     src, out = tmp_path / "gen.jsonl", tmp_path / "run"
@@ -45,14 +47,25 @@ def test_filter_killed_mid_work_then_rerun_gives_the_uninterrupted_output(tmp_pa
     args = ["--in", src, "--out", out / "filtered.jsonl", "--dropped", out / "dropped.jsonl", "--summary",
             out / "filter_summary.json", "--tokenizer", "embedded:smollm2", "--embedder", "embedded:minilm"]
     run_step("filter", *args)
-    uninterrupted = {f: (out / f).read_bytes() for f in ("filtered.jsonl", "dropped.jsonl", "filter_summary.json")}
-    for stage in ("applying the rules", "writing the outputs"):  # filter.py's stage lines, with the models loaded
-        for f in files_under(out):
-            (out / f).unlink()
-        kill_at_stage("filter", args, f"filter: {stage}")
-        assert not (out / "filtered.jsonl").exists(), f"killed at {stage!r}, yet the step had finished"
-        run_step("filter", *args)
-        assert {f: (out / f).read_bytes() for f in uninterrupted} == uninterrupted, f"killed at {stage!r}"
+    outputs = ("filtered.jsonl", "dropped.jsonl", "filter_summary.json")
+    uninterrupted = {f: (out / f).read_bytes() for f in outputs}
+    for f in outputs:
+        (out / f).unlink()
+
+    proc = subprocess.Popen([sys.executable, "-c", HELD_FILTER, *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = time.monotonic()  # only for a step that hangs: the wait is on the files
+        while not [f for f in outputs if (out / f).exists()]:
+            assert proc.poll() is None, f"the filter ended ({proc.returncode}) before writing an output"
+            assert time.monotonic() - started < HUNG_STEP_SECONDS, "no output written (hung?)"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    assert (out / "dropped.jsonl").exists() and not (out / "filtered.jsonl").exists()  # killed between the writes
+    run_step("filter", *args)
+    assert {f: (out / f).read_bytes() for f in outputs} == uninterrupted
 
 
 def cached_answers(folder):
@@ -202,9 +215,24 @@ def test_training_refuses_early_when_the_disk_is_too_small(tmp_path, monkeypatch
     assert calls == []  # refused before training
 
 
-def test_the_hub_token_is_never_written_or_printed(chain_run):
-    """The chain ran with HF_TOKEN set to a sentinel: no output file (adapters, configs, reports, checkpoints' leftovers)
-    nor make's log holds it."""
-    files = [p for p in chain_run.rglob("*") if p.is_file()] + [chain_run.parent / "make-all.log"]
-    assert len(files) > 30
+def test_the_hub_token_is_never_written_or_printed(chain_run, tmp_path):
+    """The chain ran with HF_TOKEN set to a sentinel, and `make push` runs here with it against the stand-in Hub
+    (tests/fixtures/stand_in_hub): the token reaches the Hub client, and no output file (adapters, configs, reports,
+    checkpoints' leftovers), nor make's logs, nor what went up to the Hub holds it."""
+    import hashlib
+
+    from conftest import hub_calls, stand_in_hub_env
+
+    hub = tmp_path / "hub"
+    # -o: the adapter is pushed as it is, never remade (nothing may train in the shared run)
+    pushed = subprocess.run([*make_command("push", chain_run, HUB_REPO="me/x"), "-o", str(chain_run / "dpo")],
+                            capture_output=True, text=True,
+                            env={**os.environ, "HF_TOKEN": SENTINEL_TOKEN, **stand_in_hub_env(hub)})
+    assert pushed.returncode == 0, pushed.stdout[-3000:] + pushed.stderr[-3000:]
+    calls = hub_calls(hub)
+    assert [call for call, _ in calls] == ["init", "create_repo", "upload_folder"]
+    assert calls[0][1]["token_sha256"] == hashlib.sha256(SENTINEL_TOKEN.encode()).hexdigest()
+    files = [p for p in [*chain_run.rglob("*"), *hub.rglob("*")] if p.is_file()] + [chain_run.parent / "make-all.log"]
+    assert len(files) > 30 and any(p.name == "adapter_model.safetensors" for p in hub.rglob("*"))
     assert [p for p in files if SENTINEL_TOKEN.encode() in p.read_bytes()] == []
+    assert SENTINEL_TOKEN not in pushed.stdout + pushed.stderr

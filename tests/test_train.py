@@ -140,7 +140,11 @@ def test_adapters_have_the_seed_lora_config_and_load(chain_run, smol):
         base_logits = base(ids).logits
     model = PeftModel.from_pretrained(base, chain_run / "sft")
     with torch.inference_mode():
-        assert not torch.allclose(model(ids).logits, base_logits)  # the trained adapter changes the model
+        change = (model(ids).logits - base_logits).abs().max().item()
+    # The trained adapter changes the model: measured 0.056 after the test chain's 2 steps (Adam moves each weight of
+    # the LoRA B matrices, zero at the start, by about the learning rate); an adapter that barely trained, or loaded
+    # as zeros, stays far below
+    assert change > 0.02, change
 
 
 def test_dpo_reference_is_the_sft_policy(chain_run):
