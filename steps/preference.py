@@ -12,16 +12,19 @@ Outputs: --scored holds every instruction with all its responses and scores (app
 preference format; <out stem>_summary.json beside it (preference_summary.json) counts the instructions without a
 pair by cause (NO_PAIR_CAUSES).
 With --policy-adapter (the SFT adapter) the responses are on-policy for DPO.
+
+Sampling: the policy's generator recipe (env/generators/, matched to --policy as the generate step matches its model):
+its response settings with its `preference` section on top; each sampling flag overrides one value.
 """
 
 import sys
 from pathlib import Path
 
-from common import DataError, run_step
+from common import DataError, recipes, run_step
 from common.batches import run_batches
-from common.chat import end_of_turn, prepare_tokenizer, prompt_text
+from common.chat import prepare_tokenizer, prompt_text
 from common.files import output_lock, write_json
-from common.generation import ENGINES, Sampling, declared_stop_ids, load_engine, process_device_map
+from common.generation import ENGINES, declared_stop_ids, load_engine, process_device_map
 from common.jsonl import read_jsonl, write_jsonl
 from common.models import load_tokenizer
 from common.options import (at_least, non_negative_float, non_negative_int, positive_float, positive_int,
@@ -42,12 +45,16 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="preference pairs (JSONL)")
     p.add_argument("--num-responses", type=at_least(2), default=4,
                    help="responses sampled per instruction (a pair needs two)")
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
-    p.add_argument("--top-p", type=probability, default=0.95, help="1: off")
     p.add_argument("--max-response-tokens", type=positive_int, default=512)
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
-    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1: off")
-    p.add_argument("--loop-window", type=non_negative_int, default=0,
+    g = p.add_argument_group("sampling", "each defaults to the policy's generator recipe (env/generators/: its "
+                             "response settings, its preference section on top)")
+    g.add_argument("--recipe", default=None, help="recipe name (e.g. llama-3.1, smollm2, generic); default: matched "
+                   "to --policy")
+    g.add_argument("--temperature", type=non_negative_float, default=None, help="0: greedy")
+    g.add_argument("--top-p", type=probability, default=None, help="1: off")
+    g.add_argument("--top-k", type=non_negative_int, default=None, help="0: off")
+    g.add_argument("--repetition-penalty", type=positive_float, default=None, help="1: off")
+    g.add_argument("--loop-window", type=non_negative_int, default=None,
                    help="N > 0: stop a response that loops in its last N tokens")
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="instructions per batch (each batch's records are appended to --scored's partial file)")
@@ -131,10 +138,11 @@ def sampling_of(args):
     """(the policy's tokenizer, how its responses are sampled): needs no weights, so a partial file written with
     other settings is refused before the models load."""
     tokenizer = prepare_tokenizer(load_tokenizer(args.policy_adapter or args.policy))
-    return tokenizer, Sampling(max_new_tokens=args.max_response_tokens, temperature=args.temperature, top_p=args.top_p,
-                               top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                               stop_token_ids=declared_stop_ids(args.policy, tokenizer),
-                               stop_strings=(end_of_turn(tokenizer, "assistant"),), loop_window=args.loop_window)
+    spec = recipes.find(args.policy, tokenizer, args.recipe)
+    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "repetition_penalty": args.repetition_penalty, "loop_window": args.loop_window,
+             "max_new_tokens": args.max_response_tokens}
+    return tokenizer, recipes.preference_sampling(spec, tokenizer, declared_stop_ids(args.policy, tokenizer), flags)
 
 
 def score(args, records):

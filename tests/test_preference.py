@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_ties_are_dropped_unless_kept(tmp_path):
     run_step("preference", *common, "--out", tmp_path / "kept.jsonl", "--ties", "keep")
     assert [p["id"] for p in read_lines(tmp_path / "kept.jsonl")] == ["tie", "gap"]
     # The same scored file under other sampling settings is refused, naming what differs
-    other = run_step("preference", *common, "--out", tmp_path / "other.jsonl", "--temperature", "0.3", check=False)
+    other = run_step("preference", *common, "--out", tmp_path / "other.jsonl", "--temperature", "0.7", check=False)
     assert other.returncode == 2 and "other settings (sampling differ" in other.stderr
 
 
@@ -258,3 +259,21 @@ def test_on_policy_responses_from_the_sft_adapter(tmp_path, chain_run):
     bare = responses("bare")
     print("unscaled adapter == bare:", sft == bare)
     assert responses("scaled", "--policy-adapter", scaled) != bare
+
+
+def test_responses_are_sampled_as_the_policys_recipe_says_unless_a_flag_says_otherwise():
+    """One source: the recipe's response settings with its preference section on top (a greedy recipe samples),
+    then each flag; the cpu tier passes none."""
+    import preference
+
+    def sampling(*flags):
+        args = preference.parse_args(["--in", "x", "--policy", "embedded:smollm2", "--reward-model", "x", "--scored",
+                                      "x", "--out", "x", *flags])
+        s = preference.sampling_of(args)[1]
+        return s.temperature, s.top_p, s.repetition_penalty, s.loop_window, s.max_new_tokens
+
+    assert sampling() == (0.3, 0.9, 1.2, 64, 512)  # env/generators/smollm2.yaml, response
+    assert sampling("--temperature", "0.7", "--max-response-tokens", "64") == (0.7, 0.9, 1.2, 64, 64)
+    # the generic recipe's responses are greedy (Magpie's, as llama-3's); its preference section samples
+    assert sampling("--recipe", "generic")[:2] == (0.8, 0.95)
+    assert "PREFERENCE_ARGS" not in (Path(__file__).parents[1] / "env" / "cpu" / "tier.mk").read_text()

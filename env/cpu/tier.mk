@@ -26,8 +26,6 @@ NUM_RESPONSES ?= 4
 PREF_BATCH ?= 8
 PREF_ROWS ?= 32
 PREF_MAX_TOKENS ?= 128
-# the recipe's response sampling, for the policy's responses too
-PREFERENCE_ARGS ?= --temperature 0.5 --top-p 0.9 --repetition-penalty 1.15 --loop-window 64
 TASKS ?= ifeval_local,mc_local
 # The first 32 items of each task: three evals were 43% of `make all` on the AVX2 CPU with all of them (57 and 48).
 LIMIT ?= 32

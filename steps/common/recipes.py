@@ -2,7 +2,8 @@
 
 A recipe holds the pre-query template (an explicit string, or "derive" from the chat template as
 chat.pre_query_template does), the stop tokens (token strings, resolved to ids through the tokenizer), the instruction
-and response sampling settings, first-token suppression and instruction sanitizing. `find()` picks the recipe for a
+and response sampling settings (and, for the preference step's several responses, what differs from the response
+settings), first-token suppression and instruction sanitizing. `find()` picks the recipe for a
 model, `resolve()` turns it into what the generate step runs with: two `Sampling`s, every value explicit, flags
 applied on top. A model no recipe matches gets GENERIC (template derived, the model's own end tokens).
 """
@@ -22,7 +23,8 @@ GENERATORS = Path(__file__).resolve().parents[2] / "env" / "generators"
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "loop_window",
                  "suppress_at_start", "stop_at_newline"}
 RECIPE_KEYS = {"name", "match", "pre_query_template", "pre_query_template_with_system", "stop_tokens", "sanitize",
-               "instruction", "response", "variants"}
+               "instruction", "response", "preference", "variants"}
+SIDES = ("instruction", "response", "preference")
 SANITIZERS = ("magpie-llama-3",)
 
 # For models no recipe knows: Magpie's Llama-3 defaults (instructions at temperature 1, greedy responses), the
@@ -31,12 +33,13 @@ GENERIC = {
     "name": "generic", "pre_query_template": "derive", "stop_tokens": [], "sanitize": None,
     "instruction": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 512},
     "response": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 2048},
+    "preference": {"temperature": 0.8, "top_p": 0.95},
 }
 
 
 def _check(spec, where):
     unknown = set(spec) - RECIPE_KEYS
-    for side in ("instruction", "response"):
+    for side in SIDES:
         unknown |= {f"{side}.{k}" for k in set(spec.get(side) or {}) - SAMPLING_KEYS}
     if unknown:
         raise DataError(f"{where}: unknown recipe keys {sorted(unknown)}")
@@ -46,8 +49,8 @@ def _check(spec, where):
 
 def _refine(base, variant):
     """A variant's recipe: the family's, with the variant's keys on top (sampling merged key by key)."""
-    merged = {**base, **{k: v for k, v in variant.items() if k not in ("instruction", "response")}}
-    for side in ("instruction", "response"):
+    merged = {**base, **{k: v for k, v in variant.items() if k not in SIDES}}
+    for side in SIDES:
         merged[side] = {**base.get(side, {}), **variant.get(side, {})}
     merged.pop("variants", None)
     return merged
@@ -182,6 +185,14 @@ def resolve(spec, tokenizer, model_stop_ids=(), overrides=None, sanitize=None, r
                   template_with_system=spec.get("pre_query_template_with_system"),
                   instruction=sides["instruction"], response=sides["response"] if responses else None,
                   sanitize=rules)
+
+
+def preference_sampling(spec, tokenizer, model_stop_ids=(), overrides=None):
+    """How a policy samples the several responses the preference step ranks: the recipe's response settings, refined
+    by its `preference` section (where responses are greedy, as in Magpie's, it samples, so that they differ), then
+    by `overrides` (the step's flags; None: the recipe's)."""
+    spec = {**spec, "response": {**spec["response"], **(spec.get("preference") or {})}}
+    return resolve(spec, tokenizer, model_stop_ids, {"response": overrides}).response
 
 
 def load_system_prompts(path):
