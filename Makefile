@@ -55,7 +55,7 @@ HUB_REPO ?=
 HUB_DATASET ?=
 # Non-empty: push and push-data create their Hub repository private.
 HUB_PRIVATE ?=
-DEFAULT_MODEL_DIR := data/models/smollm2-135m-instruct
+include env/embedded.mk
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
 
 # ---- Python: the notebook's in Colab, else a virtual environment made on first use --------------------------

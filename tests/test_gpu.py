@@ -14,10 +14,11 @@ import sys
 
 import pytest
 import torch
+from common.models import EMBEDDED_DEFAULT
 from conftest import REPO, read_lines
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SMOL = REPO / "data" / "models" / "smollm2-135m-instruct"
+SMOL = EMBEDDED_DEFAULT
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 PLAIN_MESSAGE = "generation: plain transformers generate ("
 INSTRUCTIONS = ["What is 2+2?", "Say hi.", "Name a planet.", "Reply with just the word yes.",

