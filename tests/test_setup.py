@@ -2,6 +2,7 @@
 and a GPU tier that stops before loading a model when torch sees no CUDA device. Offline and fast."""
 
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -241,3 +242,23 @@ def test_a_gpu_tier_step_on_this_machine_stops_with_the_cause(tmp_path, smol):
     assert cause in result.stderr
     partial = out.with_name(out.name + ".partial")  # the resume file may be opened before the model loads
     assert not out.exists() and (not partial.exists() or partial.read_text() == "")
+
+
+# ---- make help: from the Makefile's own ## comments ------------------------------------------------------------
+
+def test_help_lists_every_target_and_every_variable_with_its_value_now(tmp_path):
+    """Every phony target and every variable a tier, model or the Makefile sets is documented by a ## comment, and
+    `make help` prints each with its description and, for variables, the value for this GPU and MODEL."""
+    sources = [REPO / "Makefile", REPO / "env" / "setup.mk", *REPO.glob("env/*/tier.mk")]
+    documented = "\n".join(line for f in (REPO / "Makefile", REPO / "env" / "setup.mk")
+                           for line in f.read_text().splitlines() if line.startswith("## "))
+    variables = {m for f in sources for m in re.findall(r"^([A-Z][A-Z_0-9]*) \?=", f.read_text(), re.M)}
+    undocumented = sorted(v for v in variables if not re.search(rf"\b{v}\b", documented) and "EVAL_COST" not in v)
+    assert undocumented == []
+    phony = re.search(r"^\.PHONY: ((?:.*\\\n)*.*)", (REPO / "Makefile").read_text(), re.M).group(1)
+    help_text = make("help", tmp_path / "run", GPU="t4", MODEL="llama").stdout
+    listed = set(re.findall(r"^  ([a-z-]+) {2,}\S", help_text, re.M))
+    assert set(phony.replace("\\\n", " ").split()) <= listed
+    assert re.search(r"^  GEN_ROWS=64 +rows decoded at once at most$", help_text, re.M)
+    assert re.search(r"^  GENERATOR=meta-llama/Llama-3.1-8B-Instruct +the instruct model", help_text, re.M)
+    assert re.search(r"^  LOAD_IN_4BIT=--load-in-4bit +--load-in-4bit where", help_text, re.M)
