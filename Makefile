@@ -22,15 +22,18 @@ include env/models/$(MODEL).mk
 ## REWARD_MODEL: the model that scores the preference responses
 ## DTYPE: auto, bfloat16, float16 or float32 (auto: bf16 where the hardware has it, fp16 on a T4)
 ## NUM_SAMPLES: instructions to generate
-## GEN_BATCH: samples a batch (a resumed run restarts from the batch under way)
-## GEN_ROWS: rows decoded at once at most
+## GEN_BATCH: samples a batch, the unit a resumed run restarts from (GPU tiers: several times GEN_ROWS, since each
+#   batch ends by draining its longest rows on a few slots)
+## GEN_ROWS: rows decoded at once at most (the paged KV cache, sized from free memory, may hold fewer)
 ## MAX_INSTRUCTION_TOKENS: instruction token cap (empty: the generator recipe's)
 ## MAX_RESPONSE_TOKENS: response token cap (empty: the generator recipe's)
-## JUDGE_BATCH: records the judge tags a batch (JUDGE_ROWS, JUDGE_MAX_TOKENS, JUDGE_RESPONSE_TOKENS: rows and caps)
+## JUDGE_BATCH: records the judge tags a batch (JUDGE_ROWS: rows at once; JUDGE_MAX_TOKENS: the answer's cap, its JSON
+#   ~60 tokens, a cut-off one retried once; JUDGE_RESPONSE_TOKENS: the response shown for the safety label)
 ## NUM_RESPONSES: responses sampled per instruction for the preference pairs
-## PREF_BATCH: instructions a preference batch (PREF_ROWS: rows decoded at once; PREF_MAX_TOKENS: response cap)
+## PREF_BATCH: instructions a preference batch, x NUM_RESPONSES responses (PREF_ROWS: rows at once; PREF_MAX_TOKENS: cap)
 ## LOAD_IN_4BIT: --load-in-4bit where the tier loads the generator, judge and policy in 4-bit (t4)
-## FILTER_ARGS: the filter step's extra flags, e.g. tag thresholds (steps/filter.py -h)
+## FILTER_ARGS: the filter step's extra flags (steps/filter.py -h); the GPU tiers': Magpie's default filter (input
+#   quality good or excellent) and unsafe responses dropped, since refusals are kept
 ## TASKS: lm-eval tasks (offline: ifeval_local, mc_local)
 ## LIMIT: examples per eval task (empty: all)
 ## EVAL_BATCH: eval batch size (MAX_GEN_TOKS: generated tokens cap; EVAL_4BIT: --load-in-4bit where set)
@@ -229,5 +232,7 @@ help:  ## this list
 	@echo "Variables (value now; tier defaults: env/$(GPU)/tier.mk; each step's flags: $(PY) steps/<step>.py -h," \
 	  "passed with <STEP>_ARGS, e.g. GENERATE_ARGS=\"--system-prompts tasks.yaml\"):"
 	@{ $(foreach v,$(HELP_VARIABLES),printf '%s\t%s\n' $(v) $(call quote,$($(v)));) } | awk -F'\t' \
-	  'FILENAME != "-" { if (match($$0, /^## [A-Z_0-9]+: /)) doc[substr($$0, 4, RLENGTH - 5)] = substr($$0, RLENGTH + 1); next } \
+	  'FILENAME != "-" { if (match($$0, /^## [A-Z_0-9]+: /)) { name = substr($$0, 4, RLENGTH - 5); \
+	                      doc[name] = substr($$0, RLENGTH + 1) } else if (name != "" && /^#   /) doc[name] = doc[name] \
+	                      " " substr($$0, 5); else name = ""; next } \
 	   { printf "  %-28s %s\n", $$1 "=" $$2, doc[$$1] }' $(HELP_FILES) -

@@ -9,25 +9,18 @@ LOAD_IN_4BIT ?= --load-in-4bit
 # bench/README.md "make plan"). Training and eval are most of it, so the sample count is what the session allows,
 # not Magpie's scale.
 NUM_SAMPLES ?= 300
-# Rows decoded at once: the paged KV cache sizes them from free memory (fewer, said, where they don't fit). A batch
-# is the unit a resumed run restarts from: two waves of rows, so a disconnect loses minutes, not the run. Caps below
-# Magpie's 1,024 / 4,096: for time, not memory.
+# Batches of two waves of rows, so a disconnect loses minutes, not the run; caps below Magpie's 1,024 / 4,096, for
+# time, not memory.
 GEN_BATCH ?= 128
 GEN_ROWS ?= 64
 MAX_INSTRUCTION_TOKENS ?= 256
 MAX_RESPONSE_TOKENS ?= 1024
-# The judge (steps/judge.py; JUDGE_MODEL defaults to the generator): records a batch, answers decoded at once, the
-# answer's token cap (the JSON is ~60 tokens; a cut-off one is retried once) and the response shown for safety.
 JUDGE_BATCH ?= 128
 JUDGE_ROWS ?= 64
 JUDGE_MAX_TOKENS ?= 128
 JUDGE_RESPONSE_TOKENS ?= 512
-# Magpie's default filter (magpie-align/magpie data_sft/data_filter.ipynb): input quality good or excellent. Its
-# curated releases (e.g. Magpie-Air-300K-Filtered) add --min-difficulty medium. Unsafe responses (the judge's safety
-# label) are dropped too, since refusals are kept (steps/filter.py says why).
 FILTER_ARGS ?= --min-input-quality good --drop-unsafe
 NUM_RESPONSES ?= 4
-# Instructions a batch (x NUM_RESPONSES responses: two waves of PREF_ROWS)
 PREF_BATCH ?= 32
 PREF_ROWS ?= 64
 PREF_MAX_TOKENS ?= 512
