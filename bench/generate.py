@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from timing import sync_time  # noqa: E402
 from common import fastgen  # noqa: E402
 from common.fastgen import uncompile_pointwise  # noqa: E402
-from common.generation import Sampling  # noqa: E402
+from common.sampling import Sampling  # noqa: E402
 
 EOS, PAD = 128009, 128004  # <|eot_id|>, <|finetune_right_pad_id|>: never in the random prompts (ids < 128000)
 

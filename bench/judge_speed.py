@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from generate import build_model  # noqa: E402
 from timing import sync_time  # noqa: E402
 from common.chat import end_of_turn, prepare_tokenizer  # noqa: E402
-from common.generation import Sampling, TransformersEngine, stop_ids  # noqa: E402
+from common.generation import TransformersEngine, stop_ids  # noqa: E402
+from common.sampling import Sampling  # noqa: E402
 from common.jsonl import read_jsonl  # noqa: E402
 from common.models import load_tokenizer  # noqa: E402
 from judge import Judge, judged_records  # noqa: E402

@@ -30,7 +30,8 @@ from common import DataError, run_step
 from common.batches import run_batches
 from common.chat import end_of_turn, prepare_tokenizer, prompt_text
 from common.files import output_lock
-from common.generation import ENGINES, Sampling, declared_stop_ids, load_engine, process_device_map
+from common.generation import ENGINES, declared_stop_ids, load_engine, process_device_map
+from common.sampling import Sampling
 from common.jsonl import read_jsonl
 from common.judge import PREFILL, SCHEMA, AnswerConstraint, judge_message, merge, parse_answer, user_turns
 from common.models import load_tokenizer

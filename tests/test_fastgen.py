@@ -15,7 +15,8 @@ import torch
 from transformers import LogitsProcessorList
 from common import fastgen, generation
 from common.chat import end_of_turn, prepare_tokenizer, prompt_text
-from common.generation import LoopCriterion, Sampling, TransformersEngine, looping, stop_ids
+from common.generation import LoopCriterion, TransformersEngine, stop_ids
+from common.sampling import Sampling, looping
 from common.models import load_causal_lm, load_tokenizer
 
 MAX_NEW = 32
@@ -549,8 +550,9 @@ def test_engine_marks_a_looping_row(path, request, cycle, monkeypatch):
     engine = request.getfixturevalue(f"{path}_engine")
     trigger, words, _ = cycle
     make = generation.logits_processors
-    monkeypatch.setattr(generation, "logits_processors",
-                        lambda s: LogitsProcessorList([*make(s), ForceCycle(trigger, words)]))
+    for module in (generation, fastgen):  # plain generate's processors, and the slot loop's
+        monkeypatch.setattr(module, "logits_processors",
+                            lambda s: LogitsProcessorList([*make(s), ForceCycle(trigger, words)]))
     prompts = [prompt_text(engine.tokenizer, LOOP_INSTRUCTION), prompt_text(engine.tokenizer, INSTRUCTIONS["story"])]
     looping_row, other = engine.sample(prompts, engine_sampling(engine, loop_window=12), seed=0)
     assert looping_row["stop_reason"] == "loop" and not looping_row["finished"]

@@ -105,7 +105,7 @@ def engines(smol_gpu):
 
 def test_greedy_texts_agree_between_the_fast_and_plain_paths(engines):
     from common.chat import end_of_turn, prompt_text
-    from common.generation import Sampling
+    from common.sampling import Sampling
 
     fast, plain = engines
     prompts = [prompt_text(fast.tokenizer, t) for t in INSTRUCTIONS]
@@ -128,7 +128,7 @@ def test_a_longer_call_after_graphs_were_captured_regrows_the_cache(engines):
     """A later call whose prompts need a longer KV cache drops the captured graphs and their memory pool: capturing
     into the pool of freed graphs failed inside PyTorch's allocator (the judge's long prompts after the check)."""
     from common.chat import prompt_text
-    from common.generation import Sampling
+    from common.sampling import Sampling
 
     fast, plain = engines
     sampling = Sampling(max_new_tokens=8, temperature=0, stop_token_ids=fast.stop_token_ids)
@@ -221,7 +221,7 @@ def fast_against_generate(path, load_in_4bit=False, rows=7, max_new=48):
     from transformers import GenerationConfig
 
     from common import fastgen
-    from common.generation import Sampling
+    from common.sampling import Sampling
     from common.models import load_causal_lm
 
     model = load_causal_lm(str(path), dtype="float16", load_in_4bit=load_in_4bit)

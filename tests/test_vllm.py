@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import REPO, read_lines
 
-from common.generation import Sampling, load_engine
+from common.generation import load_engine
+from common.sampling import Sampling
 from common.models import EMBEDDED_DEFAULT
 
 

@@ -43,7 +43,8 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from . import fastgen, say_once
-from .generation import Sampling, stop_ids
+from .generation import stop_ids
+from .sampling import Sampling
 
 # Prompts per engine call, in slots: more keeps the slots busy (fewer drains at a call's end), fewer gets answers
 # into the request cache sooner (a killed eval redoes at most one call).

@@ -23,7 +23,7 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
 - Prefill: new prompts are packed into one row (no padding) whose keys and values are scattered into their pages;
   free slots wait until ADMIT_FRACTION of them can be filled at once. Identical prompts are prefilled once
   (instruction generation: every prompt is the same pre-query template).
-- Sampling runs outside the graph with transformers' own logits processors (common.generation.logits_processors)
+- Sampling runs outside the graph with transformers' own logits processors (common.sampling.logits_processors)
   on each slot's token history, so the settings mean what they mean in `generate`.
 - Models in 4-bit (bitsandbytes NF4, the t4 tier's generator) run it too: their linear layers replay in the graphs.
 
@@ -48,6 +48,8 @@ from collections import Counter
 import torch
 
 from . import SetupError, decode_kernel
+from .models import full_attention_only
+from .sampling import logits_processors, looping
 
 PAGE = 64  # tokens a KV page holds: a multiple of the Triton kernel's BLOCK_N, which reads a page at a time
 LENGTH_BUCKET = 256  # SDPA attention reads a multiple of this many positions (a multiple of PAGE)
@@ -96,14 +98,6 @@ def cache_argument(model):
     """The keyword under which this transformers version's forward takes the KV cache."""
     names = inspect.signature(model.forward).parameters
     return "cache" if "cache" in names else "past_key_values"
-
-
-def full_attention_only(config):
-    """Sliding-window layers would need their own masks: the fast path takes full attention models only."""
-    types = getattr(config, "layer_types", None)
-    if types and any(t != "full_attention" for t in types):
-        return False
-    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
 
 
 class PagedCache:
@@ -423,8 +417,6 @@ class SlotGenerator:
     def generate(self, prompts, sampling, extra_processors=()):
         """Generated token ids (stop token included where a row stopped) and whether each row stopped as a loop.
         `extra_processors`: more logits processors, called as transformers calls them (token history, scores)."""
-        from .generation import logits_processors, looping
-
         if not prompts:
             return [], []
         max_new = sampling.max_new_tokens

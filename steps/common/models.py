@@ -207,3 +207,12 @@ def load_for_training(model_args):
         trust_remote_code=trust_remote_code(),
         use_safetensors=True,
     ))
+
+
+def full_attention_only(config):
+    """Whether every layer attends to the whole sequence: sliding-window layers would need masks of their own, which
+    neither the generation fast path nor the training varlen kernel builds."""
+    types = getattr(config, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        return False
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))

@@ -17,7 +17,7 @@ import yaml
 
 from . import DataError, OptionError
 from .chat import end_of_turn, pre_query_template, prompt_text
-from .generation import Sampling
+from .sampling import Sampling
 
 GENERATORS = Path(__file__).resolve().parents[2] / "env" / "generators"
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "loop_window",

@@ -30,6 +30,7 @@ import inspect
 import torch
 
 from . import say_once
+from .models import full_attention_only
 
 NAME = "varlen"
 MIN_CAPABILITY = (8, 0)  # PyTorch's flash kernels: Ampere and newer; a T4 is 7.5
@@ -84,8 +85,6 @@ def unavailable(dtype, config=None):
     if dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {str(dtype).removeprefix('torch.')} (the flash kernel takes bfloat16 and float16)"
     if config is not None:
-        from .fastgen import full_attention_only
-
         if not full_attention_only(config):
             return "sliding-window attention"
         if getattr(config, "attention_dropout", 0.0):
