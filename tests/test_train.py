@@ -94,6 +94,51 @@ def test_every_tier_trains_the_one_recipe_and_flags_still_override():
     assert (args.learning_rate, model_args.lora_r) == (1e-3, 4)
 
 
+def test_the_cpu_tier_trains_one_sequence_a_micro_batch_and_keeps_its_batch(tmp_path, smol):
+    """The cpu tier's memory bound (`make all` under 4 GiB resident at every step): on a CPU the activations autograd
+    saves for the backward live in RAM, about 2 MB a token for the LoRA-wrapped 135M model in fp32, and TRL's LM head
+    makes temporaries in proportion to the micro-batch's tokens. So the tier trains one sequence a micro-batch (DPO:
+    one pair) and accumulates its batch of 8 (DPO: 4 pairs); eight 512-token sequences a micro-batch saved 8 GiB and
+    SFT peaked at 15.8 GiB. Counted from the tensors autograd saves for the longest micro-batch, not from RSS."""
+    from dpo import parse_args
+
+    data = tmp_path / "filtered.jsonl"
+    records = [{"id": f"r{i}", "instruction": f"Count to {i}.", "response": " ".join(map(str, range(i + 2)))}
+               for i in range(12)]
+    records.append({"id": "long", "instruction": "Write a lot.", "response": " ".join(f"w{i}" for i in range(700))})
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    trainer = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
+                                    str(data), "--output_dir", str(tmp_path / "sft"), "--dtype", "float32",
+                                    "--test_fraction", "0.3"]))
+    args = trainer.args
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8  # the batch the tier trains on
+    batches = list(trainer.get_train_dataloader())
+    assert len(batches) == len(trainer.train_dataset) and all(b["input_ids"].shape[0] == 1 for b in batches)
+    assert all(b["attention_mask"].all() for b in batches)  # one sequence: no padding
+    assert 0 < max(len(b["input_ids"]) for b in trainer.get_eval_dataloader()) <= 2
+    longest = max(batches, key=lambda b: b["input_ids"].numel())
+    assert longest["input_ids"].shape == (1, args.max_length) == (1, 512)  # the long record, truncated
+    weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    trainer.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        trainer.compute_loss(trainer.model, dict(longest))
+    config = trainer.model.config
+    layer_inputs = config.num_hidden_layers * 512 * config.hidden_size * 4  # saved at least: each layer's input
+    assert layer_inputs < sum(saved.values()) < 1.5 * 2**30, sum(saved.values())  # measured: 1.0 GiB
+    _, dpo_args, _ = parse_args(["--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "m",
+                                 "--sft_adapter", "x", "--train_file", "x", "--output_dir", "x", "--dtype", "float32"])
+    assert dpo_args.per_device_train_batch_size == 1 and dpo_args.gradient_accumulation_steps == 4
+    assert dpo_args.per_device_eval_batch_size <= 2 and dpo_args.max_length <= args.max_length
+
+
 def test_held_out_records_are_kept_out_of_training_and_evaluated(tmp_path, smol):
     from common.splits import split_of
 
@@ -295,8 +340,8 @@ def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol):
 
     def args(name):
         return ["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file", data,
-                "--output_dir", tmp_path / name, "--per_device_train_batch_size", "2", "--max_steps", "6",
-                "--save_steps", "2", "--logging_steps", "1", "--dtype", "float32"]
+                "--output_dir", tmp_path / name, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+                "1", "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1", "--dtype", "float32"]
 
     run_step("sft", *args("whole"))
     # Kill once the first checkpoint is complete (its trainer_state.json is written last).
@@ -341,7 +386,8 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, smol):
     # (DDP averages in another order) into updates of +-lr, so adapters could not be compared. No LoRA dropout: its
     # masks come from each process's own random stream, so one process and two would train on different noise.
     flags = ("--max_steps 3 --logging_steps 1 --dtype float32 --save_steps 10 --warmup_steps 0 --learning_rate 1.0 "
-             "--lr_scheduler_type constant --optim sgd --eval_strategy no --lora_dropout 0")
+             "--lr_scheduler_type constant --optim sgd --eval_strategy no --lora_dropout 0 "
+             "--gradient_accumulation_steps 1")
     result = make("sft", run, NPROC="2", SFT_ARGS=f"--per_device_train_batch_size 2 {flags}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate.commands.launch --num_processes 2" in result.stdout
