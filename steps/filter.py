@@ -139,13 +139,13 @@ def tag_flags(args):
     return [flag for flag, value in given.items() if value]
 
 
-def words(text):
+def whitespace_tokens(text):
     return text.split()
 
 
 def repeated_ngram_ratio(text, n=4):
     """Share of a text's word n-grams that repeat an earlier one: 0 for no repetition, near 1 for a loop."""
-    tokens = words(text.lower())
+    tokens = whitespace_tokens(text.lower())
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
@@ -206,7 +206,7 @@ def rules(args, count_tokens):
         ("response_length", "turn", lambda i, o: o is not None
          and length_outside(o, args.min_response_tokens, args.max_response_tokens)),
         ("repetition", "turn", lambda i, o: repeated_ngram_ratio(o or "") > args.max_repeated_ngram_ratio),
-        ("language", "turn", lambda i, o: args.language != "any" and len(words(f"{i} {o or ''}")) >= 8
+        ("language", "turn", lambda i, o: args.language != "any" and len(whitespace_tokens(f"{i} {o or ''}")) >= 8
          and detect_language(f"{i}\n{o or ''}") != args.language),  # unreliable on fewer words
         ("refusal", "turn", lambda i, o: args.drop_refusals and bool(REFUSAL.search(o or ""))),
         ("template_debris", "turn", lambda i, o: bool(TEMPLATE_DEBRIS.search(f"{i}\n{o or ''}"))),

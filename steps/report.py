@@ -34,6 +34,7 @@ from common.evals import (EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit
                           stderr_of, table)
 from common.files import atomic_path, output_lock, write_text
 from common.jsonl import read_jsonl
+from common.judge import words
 from common.options import step_parser
 from common.tag_stats import (COPIED_REASON, TAG_FIELDS, TAG_TITLES, distribution_table, reason_status, tagged,
                               tags_of)
@@ -266,10 +267,6 @@ def generation_yield(generated, summary):
                  ("responses stopped as loops", count(answered, "response_stop", "loop"),
                   share(count(answered, "response_stop", "loop"), len(answered)))]
     return [Heading("Generation yield", 3), Table(["", "samples", "share"], rows)]
-
-
-def words(text):
-    return re.findall(r"[a-z0-9']+", (text or "").lower())
 
 
 def first_verb(text):

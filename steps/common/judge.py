@@ -77,8 +77,8 @@ def judge_message(instruction, response, follow_up=False, why=None):
 
 
 def words(text):
-    """Lower-cased runs of letters, digits and apostrophes."""
-    return re.findall(r"[a-z0-9']+", str(text).lower())
+    """Lower-cased runs of letters, digits and apostrophes (also the report's word counts)."""
+    return re.findall(r"[a-z0-9']+", str(text or "").lower())
 
 
 def _fixed_wording():
