@@ -58,7 +58,7 @@ RUN ?= $(RUNS_DIR)/$(MODEL)-$(GPU)
 include env/settings.mk
 ## SEED: seed of every step
 SEED ?= 0
-# Share of record ids held out as the test split (common/splits.py: a hash of the id): the dataset step writes it,
+# Share of record ids held out as the test split (common/io/splits.py: a hash of the id): the dataset step writes it,
 # SFT and DPO leave it out of training.
 ## TEST_FRACTION: share of ids held out as the test split (dataset, sft, dpo)
 TEST_FRACTION ?= 0.05
@@ -97,6 +97,8 @@ include env/embedded.mk
 NEEDS_DEFAULT := $(if $(findstring embedded:smollm2,$(GENERATOR) $(MODEL_ID)),$(DEFAULT_MODEL_DIR))
 
 # ---- Python: the notebook's in Colab, else a virtual environment made on first use --------------------------
+# The shared package (steps/common) is found the one way for steps, tests and benchmarks: steps/ on PYTHONPATH.
+export PYTHONPATH := $(CURDIR)/steps$(if $(PYTHONPATH),:$(PYTHONPATH))
 # PY runs the steps; DEPS stamps `make setup` (prerequisites checked, requirements at env/constraints.txt's versions).
 include env/setup.mk
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Decoding attention over the slot cache, one layer: the Triton kernel (steps/common/decode_kernel.py) against flash
-attention's varlen kernel (the fallback, fastgen.slot_attention) and a float32 reference.
+"""Decoding attention over the slot cache, one layer: the Triton kernel (steps/common/generation/decode_kernel.py)
+against flash attention's varlen kernel (the fallback, fastgen.slot_attention) and a float32 reference.
 
 For each model shape (query heads, KV heads, head size of Llama-3.1-8B, Qwen2.5-3B and SmolLM2-135M) and slot count,
 random queries and a random bf16 cache of CACHE_LENGTH positions, each slot holding a length drawn uniformly from
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "steps"))
+from common.generation import decode_kernel, fastgen
 
-from common import decode_kernel, fastgen  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {"llama-3.1-8b": (32, 8, 128), "qwen2.5-3b": (16, 2, 128), "smollm2-135m": (9, 3, 64)}
 CACHE_LENGTH = 1536

@@ -14,12 +14,10 @@ import os
 import platform
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "steps"))
-from filter import near_duplicates, sentence_embedder  # noqa: E402
+from filter import near_duplicates, sentence_embedder
 
 TEMPLATES = ["Write a {d} poem about {t}.", "Explain {t} to a {d} audience.", "Give me {d} tips about {t}.",
              "What are the {d} facts everyone should know about {t}?", "Summarise the history of {t} in a {d} way.",

@@ -18,23 +18,20 @@ import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
+from generation_speed import build_model
+from judge import Judge, judged_records
+from timing import sync_time
+
+from common.generation.chat import end_of_turn, prepare_tokenizer
+from common.generation.engines import TransformersEngine, stop_ids
+from common.generation.sampling import Sampling
+from common.io.jsonl import read_jsonl
+from common.models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "steps"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from generate import build_model  # noqa: E402
-from timing import sync_time  # noqa: E402
-from common.chat import end_of_turn, prepare_tokenizer  # noqa: E402
-from common.generation import TransformersEngine, stop_ids  # noqa: E402
-from common.sampling import Sampling  # noqa: E402
-from common.jsonl import read_jsonl  # noqa: E402
-from common.models import load_tokenizer  # noqa: E402
-from judge import Judge, judged_records  # noqa: E402
 
 
 def main():
@@ -58,7 +55,7 @@ def main():
     engine = TransformersEngine.__new__(TransformersEngine)  # the engine around a model built here, not loaded
     engine.tokenizer, engine.model, engine.batch_size, engine.stop_criteria = tokenizer, model, args.rows, {}
     engine.stop_token_ids = stop_ids(tokenizer, model)
-    from common.fastgen import make_generator
+    from common.generation.fastgen import make_generator
 
     engine.fast, why = make_generator(model, tokenizer.pad_token_id, slots=args.rows)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0,

@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train as bench  # noqa: E402  (bench/train.py: model building and synthetic data)
+import training_speed as bench  # bench/training_speed.py: model building and synthetic data
 
 REPO = bench.REPO
 TRAIN_ARGS = "--logging_steps 1 --log_level info"

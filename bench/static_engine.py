@@ -1,6 +1,6 @@
 """The static-cache engine the transformers engine used before continuous batching (commit 13e49bd), kept here only
 as the benchmark's "today's engine" row: `StaticGenerator(model).generate(prompt_ids, max_new_tokens, pad_token_id,
-**generate_options)`. A batch runs until its longest row ends; see bench/generate.py.
+**generate_options)`. A batch runs until its longest row ends; see bench/generation_speed.py.
 
 Library internals (transformers 5.17, torch 2.11), as that engine used them: the generation mixin's `_prefill`,
 `_update_model_kwargs_for_generation`, `_valid_auto_compile_criteria` and `_pad_token_tensor`, `torch._dynamo`, and
@@ -8,15 +8,12 @@ Library internals (transformers 5.17, torch 2.11), as that engine used them: the
 """
 
 import os
-import sys
 from collections import deque
-from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "steps"))
-from common.fastgen import grouped_sdpa_attention  # noqa: E402
+from common.generation.fastgen import grouped_sdpa_attention
 
 
 def use_grouped_sdpa(model):

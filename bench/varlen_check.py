@@ -1,4 +1,4 @@
-"""Exactness of padding-free training attention (steps/common/varlen.py) on a CUDA GPU, forward and backward.
+"""Exactness of padding-free training attention (steps/common/training/varlen.py) on a CUDA GPU, forward and backward.
 
 A randomly initialised model (bench/configs/llama-3.2-3b.json by default, bf16) sees 16 sequences of chain-like
 lengths twice: packed into one row whose position ids restart per sequence, through torch's varlen Flash kernel,
@@ -14,17 +14,15 @@ be far off.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "steps"))
 
 
 def chain_like_lengths(n, seed=0):
-    """Template + instruction 16-128 + response 32-512 tokens (the tiers' limits), as bench/train.py's sft_var."""
+    """Template + instruction 16-128 + response 32-512 tokens (the tiers' limits), as bench/training_speed.py's sft_var."""
     g = torch.Generator().manual_seed(seed)
     return [int(30 + torch.randint(16, 129, (1,), generator=g) + torch.randint(32, 513, (1,), generator=g))
             for _ in range(n)]
@@ -33,7 +31,7 @@ def chain_like_lengths(n, seed=0):
 def check(config, dtype=torch.bfloat16, lengths=None, seed=0):
     from transformers import AutoModelForCausalLM
 
-    from common import varlen
+    from common.training import varlen
 
     lengths = lengths or chain_like_lengths(16, seed)
     torch.manual_seed(seed)
@@ -115,7 +113,7 @@ def main():
               **check(config)}
     import transformers
 
-    from common import varlen
+    from common.training import varlen
 
     result["transformers"] = transformers.__version__
     result["kernel_parameters"] = sorted(varlen.kernel_parameters())

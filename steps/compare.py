@@ -10,9 +10,10 @@ the difference against the base model of the same run.
 from pathlib import Path
 
 from common import run_step
-from common.evals import STAGES, eval_tasks, limit_text, metric_names, read_json, signed, table, value_cell
-from common.files import output_lock, write_text
+from common.io.files import output_lock, write_text
 from common.options import step_parser
+from common.reporting.eval_tables import (STAGES, eval_tasks, limit_text, metric_names, read_json, signed, table,
+                                          value_cell)
 
 
 def parse_args(argv=None):

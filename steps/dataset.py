@@ -7,7 +7,7 @@ metadata) that says how it was made.
 Reads RUN/filtered.jsonl, RUN/preference.jsonl and RUN/filter_summary.json, and where they exist RUN/judged.jsonl
 (or the tags in generated.jsonl) for the tag distributions and RUN/scored.jsonl for the preference settings. Writes
 OUT/sft/{train,test}.jsonl, OUT/preference/{train,test}.jsonl (a split with no rows has no file) and OUT/README.md,
-all at once: OUT appears only when complete. The split is common.splits.split_of (a hash of the id), the one the
+all at once: OUT appears only when complete. The split is common.io.splits.split_of (a hash of the id), the one the
 SFT and DPO steps hold their test split out with, so the same TEST_FRACTION gives the same records on each side.
 """
 
@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 from common import DataError, run_step
-from common.cards import dataset_card
-from common.evals import read_json
-from common.files import atomic_path, output_lock
-from common.jsonl import read_jsonl, write_jsonl
+from common.io.files import atomic_path, output_lock
+from common.io.jsonl import read_jsonl, write_jsonl
+from common.io.splits import DEFAULT_TEST_FRACTION, split_records
 from common.options import fraction, step_parser
-from common.splits import DEFAULT_TEST_FRACTION, split_records
-from common.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
+from common.reporting.cards import dataset_card
+from common.reporting.eval_tables import read_json
+from common.reporting.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
 
 TAG_COLUMNS = ("category", "input_quality", "quality_reason", "difficulty", "safety")
 PAIR_FIELDS = ("id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin")

@@ -18,14 +18,15 @@ overridden for the length-grouped sampler (DPOTrainer has no public hook for it)
 
 from dataclasses import dataclass, field
 
-from common import DataError, OptionError, run_step, varlen
-from common.files import output_lock
-from common.jsonl import read_jsonl
+from common import DataError, OptionError, run_step
+from common.io.files import output_lock
+from common.io.jsonl import read_jsonl
+from common.io.splits import DEFAULT_TEST_FRACTION
 from common.models import load_for_training, load_tokenizer
 from common.options import check_value, fraction
-from common.precision import training_flags
-from common.splits import DEFAULT_TEST_FRACTION
-from common.training import checkpoint_dir, compile_layer_by_layer, held_out, sharded, train_and_save
+from common.training import varlen
+from common.training.config import training_flags
+from common.training.trainers import checkpoint_dir, compile_layer_by_layer, held_out, sharded, train_and_save
 
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 

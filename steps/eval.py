@@ -7,8 +7,8 @@ Local task YAMLs under --include-path (data/tasks) are registered too, both offl
 `ifeval_local`, instruction-following prompts in IFEval's format scored by lm-eval's own IFEval checks
 (generative), and `mc_local`, multiple-choice questions and sentence completions in MMLU/HellaSwag's format
 (log-likelihood: acc, acc_norm). Task names are checked before the model is loaded. Generative requests (IFEval) go
-through the fast generation engine (continuous batching, --batch-size rows; common/eval_engine.py), which gives
-lm-eval's own answers; log-likelihood requests, and any the engine can't run, are answered by lm-eval's HF model.
+through the fast generation engine (continuous batching, --batch-size rows; common/generation/eval_engine.py), which
+gives lm-eval's own answers; log-likelihood requests, and any the engine can't run, are answered by lm-eval's HF model.
 
 The chat template is applied the same way for base, SFT and DPO: an adapter's own tokenizer (saved by training)
 gives it, and the base model gets its tokenizer prepared exactly as training prepared it (a base model without a
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from common import OptionError, SetupError, installed_versions, run_step
-from common.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
-from common.files import output_lock, write_json
+from common.generation.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
+from common.io.files import output_lock, write_json
 from common.models import device, hub_load, load_causal_lm, load_tokenizer, resolve
 from common.options import eval_batch_size, eval_limit, positive_int, step_parser
 from common.precision import dtype_name, resolve_dtype
@@ -294,7 +294,7 @@ def evaluate(args):
 
     import lm_eval
 
-    from common.eval_engine import EngineHFLM
+    from common.generation.eval_engine import EngineHFLM
 
     started = time.time()
     lm = EngineHFLM(pretrained=load_model(args, dtype), tokenizer=tokenizer, batch_size=args.batch_size)

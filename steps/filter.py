@@ -62,10 +62,10 @@ from collections import Counter
 from pathlib import Path
 
 from common import DataError, OptionError, run_step
-from common.files import output_lock, write_json, write_text
-from common.jsonl import read_jsonl, write_jsonl
-from common.judge import CATEGORIES, DIFFICULTY, QUALITY, SCALES, UNPARSED, rank, user_turns
+from common.io.files import output_lock, write_json, write_text
+from common.io.jsonl import read_jsonl, write_jsonl
 from common.options import non_negative_int, number, positive_int, share, step_parser
+from common.rubric import CATEGORIES, DIFFICULTY, QUALITY, SCALES, UNPARSED, rank, user_turns
 
 FIELDS = {"id": str, "instruction": str}  # "response" is null in instruction-only output
 REFUSAL = re.compile(
@@ -350,7 +350,7 @@ def map_2d(emb):
 
 
 def add_rewards(records, name):
-    from common.reward import load_reward, score_in_batches
+    from common.generation.reward import load_reward, score_in_batches
 
     scored = [r for r in records if r.get("response")]
     scores = score_in_batches(load_reward(name), [r["instruction"] for r in scored], [r["response"] for r in scored], 16)

@@ -4,9 +4,9 @@ The model gets only its chat template up to the start of the user's message, so 
 instruction; sampling stops at the end of the user turn. The instruction is then answered with the full template.
 With --turns N the model writes the follow-up user turns the same way, from the conversation so far.
 
-How a model family is sampled is its generator recipe (env/generators/*.yaml, common/recipes.py): the pre-query
-template, stop tokens, instruction and response sampling, first-token suppression and instruction sanitizing of
-Magpie's published settings for that generator. Each flag below that defaults to the recipe overrides one value;
+How a model family is sampled is its generator recipe (env/generators/*.yaml, common/generation/recipes.py): the
+pre-query template, stop tokens, instruction and response sampling, first-token suppression and instruction sanitizing
+of Magpie's published settings for that generator. Each flag below that defaults to the recipe overrides one value;
 every value used is written into each record. --system-prompts steers the tasks: a system prompt drawn per record.
 
     python steps/generate.py --model meta-llama/Llama-3.1-8B-Instruct --out data/runs/x/generated.jsonl \
@@ -14,7 +14,7 @@ every value used is written into each record. --system-prompts steers the tasks:
 
 Output: one JSON line per sample: id, instruction and response (the first turn), conversation (all turns, with
 --turns > 1), finish flags, why an instruction was rejected (if it was), and the settings. Records are appended
-in whole batches to OUT.partial (common/batches.py) and the file is renamed to OUT when
+in whole batches to OUT.partial (common/io/batches.py) and the file is renamed to OUT when
 complete; rerunning the same command after a crash continues from the last whole batch, and per-batch seeds make
 the result identical to an uninterrupted run.
 
@@ -28,17 +28,16 @@ import re
 import sys
 
 from common import OptionError, run_step
-from common import recipes
-from common.chat import end_of_turn, prepare_tokenizer
-from common.files import output_lock
-from common.generation import ENGINES, declared_stop_ids, load_engine, process_device_map
-from common.batches import run_batches
+from common.generation import recipes
+from common.generation.chat import end_of_turn, prepare_tokenizer
+from common.generation.engines import ENGINES, declared_stop_ids, load_engine, process_device_map
+from common.generation.sanitize import sanitize
+from common.io.batches import run_batches
+from common.io.files import output_lock
+from common.io.shards import process_rank
 from common.models import load_tokenizer
-from common.options import (non_negative_float, non_negative_int, positive_float, positive_int,
-                            probability, step_parser)
+from common.options import non_negative_float, non_negative_int, positive_float, positive_int, probability, step_parser
 from common.precision import dtype_name
-from common.sanitize import sanitize
-from common.shards import process_rank
 
 # An "instruction" that opens like an answer means the model skipped the user turn.
 ANSWER_OPENING = re.compile(
@@ -80,7 +79,7 @@ def parse_args(argv=None):
     g.add_argument("--stop-at-newline", action=argparse.BooleanOptionalAction, default=None,
                    help="end an instruction at its first newline (Magpie's early stopping)")
     g.add_argument("--sanitize", action=argparse.BooleanOptionalAction, default=None,
-                   help="clean up instructions by Magpie's Llama-3 rules (common/sanitize.py)")
+                   help="clean up instructions by Magpie's Llama-3 rules (common/generation/sanitize.py)")
     p.add_argument("--engine", default="transformers", choices=ENGINES)
     p.add_argument("--dtype", default="auto", help="auto (see common/precision.py), bfloat16, float16 or float32")
     p.add_argument("--load-in-4bit", action="store_true", help="NF4-quantize the generator (bitsandbytes, GPU)")

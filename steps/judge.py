@@ -5,14 +5,14 @@ safety, from an LLM judge.
 
 The judge is any chat model (default in the Makefile: the generator itself, as Magpie tags with the model that
 generated), run through the generation engine of the other steps, batch by batch, greedy by default. One prompt
-asks for every tag of one user turn (steps/common/judge.py: Magpie's categories and scales) as a JSON object:
+asks for every tag of one user turn (steps/common/rubric.py: Magpie's categories and scales) as a JSON object:
 - with ENGINE=vllm, decoding is constrained to the answer's JSON schema (vLLM structured outputs);
-- with the transformers engine, its start is prefilled and a logits processor (common/judge.py AnswerConstraint)
+- with the transformers engine, its start is prefilled and a logits processor (common/rubric.py AnswerConstraint)
   holds every later token to the schema: values from their lists, a quote-free reason, the keys in order, then the
   end. Answers are parsed and validated either way.
 An answer that does not parse or holds a value outside its list (malformed, cut off at --max-new-tokens, in
 another language, an unknown category), or whose reason only repeats the prompt's wording or the query
-(common/judge.py copied_reason), is asked again once, with what was wrong; a tag still without a valid value
+(common/rubric.py copied_reason), is asked again once, with what was wrong; a tag still without a valid value
 is "unparsed", and the answers are kept in the record's `judge_unparsed`.
 
 Output: every input record, with
@@ -27,18 +27,18 @@ refuses a partial file written with other judge settings.
 import sys
 
 from common import DataError, run_step
-from common.batches import run_batches
-from common.chat import end_of_turn, prepare_tokenizer, prompt_text
-from common.files import output_lock
-from common.generation import ENGINES, declared_stop_ids, load_engine, process_device_map
-from common.sampling import Sampling
-from common.jsonl import read_jsonl
-from common.judge import PREFILL, SCHEMA, AnswerConstraint, judge_message, merge, parse_answer, user_turns
+from common.generation.chat import end_of_turn, prepare_tokenizer, prompt_text
+from common.generation.engines import ENGINES, declared_stop_ids, load_engine, process_device_map
+from common.generation.sampling import Sampling
+from common.io.batches import run_batches
+from common.io.files import output_lock
+from common.io.jsonl import read_jsonl
+from common.io.shards import process_rank
 from common.models import load_tokenizer
 from common.options import non_negative_float, non_negative_int, positive_int, step_parser
 from common.precision import dtype_name
-from common.shards import process_rank
-from common.tag_stats import COPIED_REASON, reason_status
+from common.reporting.tag_stats import COPIED_REASON, reason_status
+from common.rubric import PREFILL, SCHEMA, AnswerConstraint, judge_message, merge, parse_answer, user_turns
 
 
 def parse_args(argv=None):
@@ -73,7 +73,7 @@ def sampling_of(args, tokenizer, constrained):
 def settings_of(args, sampling, constrained):
     """The `judge` field of every record; a resumed partial file must hold the same."""
     return {"model": args.model, "engine": args.engine,
-            "constrained": "json schema (vLLM)" if constrained else "logits processor (common/judge.py AnswerConstraint)",
+            "constrained": "json schema (vLLM)" if constrained else "logits processor (common/rubric.py AnswerConstraint)",
             "dtype": dtype_name(args.dtype),
             "load_in_4bit": args.load_in_4bit, "max_response_tokens": args.max_response_tokens, "seed": args.seed,
             "retries": 1, "sampling": sampling.record()}

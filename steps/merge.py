@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from common import SetupError, run_step
-from common.files import atomic_path, output_lock
+from common.io.files import atomic_path, output_lock
 from common.models import load_causal_lm, load_tokenizer, resolve
 from common.options import step_parser
 from common.precision import resolve_dtype

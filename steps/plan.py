@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 from common import OptionError, run_step
-from common.files import write_json
+from common.io.files import write_json
 from common.options import at_least, eval_limit, fraction, optional, positive_int, step_parser
 
 REPO = Path(__file__).resolve().parents[1]

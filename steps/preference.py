@@ -3,7 +3,7 @@
     python steps/preference.py --in filtered.jsonl --policy MODEL --reward-model RM \
         --scored scored.jsonl --out preference.jsonl
 
-Reward models (steps/common/reward.py): a sequence classifier (any Hub id or directory, e.g.
+Reward models (steps/common/generation/reward.py): a sequence classifier (any Hub id or directory, e.g.
 OpenAssistant/reward-model-deberta-v3-large-v2) or a sentence-transformers embedder such as `embedded:minilm`,
 whose cosine score measures only whether a response is on the instruction's topic.
 
@@ -20,18 +20,19 @@ its response settings with its `preference` section on top; each sampling flag o
 import sys
 from pathlib import Path
 
-from common import DataError, recipes, run_step
-from common.batches import run_batches
-from common.chat import prepare_tokenizer, prompt_text
-from common.files import output_lock, write_json
-from common.generation import ENGINES, declared_stop_ids, load_engine, process_device_map
-from common.jsonl import read_jsonl, write_jsonl
+from common import DataError, run_step
+from common.generation import recipes
+from common.generation.chat import prepare_tokenizer, prompt_text
+from common.generation.engines import ENGINES, declared_stop_ids, load_engine, process_device_map
+from common.generation.reward import load_reward, score_in_batches
+from common.io.batches import run_batches
+from common.io.files import output_lock, write_json
+from common.io.jsonl import read_jsonl, write_jsonl
+from common.io.shards import process_rank
 from common.models import load_tokenizer
-from common.options import (at_least, non_negative_float, non_negative_int, positive_float, positive_int,
-                            probability, step_parser)
+from common.options import (at_least, non_negative_float, non_negative_int, positive_float, positive_int, probability,
+                            step_parser)
 from common.precision import dtype_name
-from common.reward import load_reward, score_in_batches
-from common.shards import process_rank
 
 
 def parse_args(argv=None):

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 from common import SetupError, run_step
-from common.files import atomic_path, output_lock
+from common.io.files import atomic_path, output_lock
 from common.models import EMBEDDED_DEFAULT
 from common.options import step_parser
 

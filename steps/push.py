@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from common import DataError, OptionError, SetupError, run_step
-from common.cards import model_card, with_evaluation
-from common.evals import read_evals
 from common.models import hub_id, portable_base
 from common.options import step_parser
+from common.reporting.cards import model_card, with_evaluation
+from common.reporting.eval_tables import read_evals
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer*", "chat_template.jinja",
                  "special_tokens_map.json", "training_config.json", "log_history.json", "curves.*", "README.md"]

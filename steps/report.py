@@ -16,28 +16,24 @@ Reads only the files the other steps wrote in the run directory. Plots are matpl
 them from <out>_plots/ (report_plots/ for report.md), the HTML page embeds them as data URIs, so it is one file.
 """
 
-import base64
 import csv
-import html
-import io
 import math
-import re
 import statistics
 import sys
 import textwrap
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from common import DataError, run_step
-from common.evals import (EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, metric_names, read_json, share,
-                          stderr_of, table)
-from common.files import atomic_path, output_lock, write_text
-from common.jsonl import read_jsonl
-from common.judge import words
+from common.io.files import output_lock, write_text
+from common.io.jsonl import read_jsonl
 from common.options import step_parser
-from common.tag_stats import (COPIED_REASON, TAG_FIELDS, TAG_TITLES, distribution_table, reason_status, tagged,
-                              tags_of)
+from common.reporting.eval_tables import (EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, metric_names,
+                                          read_json, share, stderr_of)
+from common.reporting.render import Heading, Para, Table, new_figure, plot, to_html, to_markdown
+from common.reporting.tag_stats import (COPIED_REASON, TAG_FIELDS, TAG_TITLES, distribution_table, reason_status,
+                                        tagged, tags_of)
+from common.rubric import words
 
 TOP = 10  # rows in the opening-word and verb tables
 OFFLINE_SCORER_NOTE = (
@@ -103,7 +99,7 @@ def load_run(run):
     }
 
 
-# ---- Formatting: a report is a list of blocks, rendered once as markdown and once as HTML ----------------------
+# ---- Tables and histograms (a report is a list of blocks: common/reporting/render.py) -------------------
 
 def stats_row(label, values, digits=3):
     if not values:
@@ -116,26 +112,6 @@ def stats_row(label, values, digits=3):
 STATS_HEADER = ["", "n", "mean", "median", "stdev", "min", "max"]
 
 
-def new_figure(panels):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, panels, figsize=(min(4.2 * panels, 12), 3.2), squeeze=False)
-    return fig, axes[0]
-
-
-def png(fig):
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def shared_bins(values, n=20):
     """Histogram bin edges over all the values, so that overlaid histograms line up."""
     low, high = (min(values), max(values)) if values else (0, 1)
@@ -143,46 +119,17 @@ def shared_bins(values, n=20):
     return [low + (high - low) * i / n for i in range(n + 1)]
 
 
-@dataclass
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass
-class Para:
-    text: str
-
-
-@dataclass
-class Table:
-    header: list
-    rows: list
-
-
-@dataclass
-class Plot:
-    name: str  # the PNG's file name in <out>_plots/, and the HTML figure's id
-    data: bytes
-    caption: str
-
-
-def plot(name, fig, caption):
-    """A Plot block of a matplotlib figure (closed here)."""
-    return Plot(name, png(fig), caption)
-
-
 # ---- Sections ----------------------------------------------------------------------------------------------------
 
-def funnel_section(d):
-    summary, scored, pairs = d["summary"], d["scored"], d["pairs"]
+def funnel_section(outputs):
+    summary, scored, pairs = outputs["summary"], outputs["scored"], outputs["pairs"]
     total = summary["input"]
     stages = [("generated", total), ("kept by the filters", summary["kept"]),
               ("scored for preference", len(scored)), ("preference pairs", len(pairs))]
     rows = [(name, n, share(n, total)) for name, n in stages]
     dropping, idle = fold_rules(summary["dropped"])
     responses = sum(len(r["scores"]) for r in scored)
-    causes, source = no_pair_causes(d)
+    causes, source = no_pair_causes(outputs)
     fig, (left, right) = new_figure(2)
     left.barh([s for s, _ in stages][::-1], [n for _, n in stages][::-1], color="#4c72b0")
     left.set_title("samples at each stage")
@@ -193,7 +140,7 @@ def funnel_section(d):
     return [
         Heading("Data funnel"),
         Table(["stage", "samples", "of generated"], rows),
-        *generation_yield(d["generated"], summary),
+        *generation_yield(outputs["generated"], summary),
         Para(f"{total - summary['kept']} samples were dropped by the filters. {responses} responses to "
              f"{len(scored)} instructions were sampled and scored; {len(scored) - len(pairs)} instructions gave no "
              "pair."),
@@ -222,17 +169,17 @@ FEW_RESPONSES, NO_FINISHED, TIED, UNDER_MARGIN = (
     "tie: the best finished response scores no higher than the worst", "margin under --min-margin")
 
 
-def no_pair_causes(d):
+def no_pair_causes(outputs):
     """({cause: instructions} of the scored instructions that gave no pair, where the counts come from): the
     preference step's summary, or for a run made before it wrote one, the same causes found in scored.jsonl (a
     response cut at the cap may have been allowed as chosen there: --allow-truncated-chosen is not recorded)."""
-    summary = d["preference_summary"]
+    summary = outputs["preference_summary"]
     if summary is not None:
         return summary["no_pair"], ("Causes as the preference step counted them (preference_summary.json: min margin "
                                     f"{summary['min_margin']}, ties {summary['ties']}).")
-    paired = {p["id"] for p in d["pairs"]}
+    paired = {p["id"] for p in outputs["pairs"]}
     causes = Counter()
-    for r in d["scored"]:
+    for r in outputs["scored"]:
         if r["id"] in paired:
             continue
         scores, finished = r["scores"], r.get("finished") or [True] * len(r["scores"])
@@ -273,15 +220,15 @@ def first_verb(text):
     return next((w for w in words(text) if w in INSTRUCTION_VERBS), None)
 
 
-def diversity_section(d):
-    kept = [r["instruction"] for r in d["filtered"]]
+def diversity_section(outputs):
+    kept = [r["instruction"] for r in outputs["filtered"]]
     openings = Counter(ws[0] for ws in map(words, kept) if ws)
     verbs = Counter(v for v in map(first_verb, kept) if v)
     lengths = {
-        "instruction, generated": [len(words(r["instruction"])) for r in d["generated"]],
-        "instruction, kept": [len(words(r["instruction"])) for r in d["filtered"]],
-        "response, generated (answered)": [len(words(r["response"])) for r in d["generated"] if r.get("response")],
-        "response, kept": [len(words(r["response"])) for r in d["filtered"]],
+        "instruction, generated": [len(words(r["instruction"])) for r in outputs["generated"]],
+        "instruction, kept": [len(words(r["instruction"])) for r in outputs["filtered"]],
+        "response, generated (answered)": [len(words(r["response"])) for r in outputs["generated"] if r.get("response")],
+        "response, kept": [len(words(r["response"])) for r in outputs["filtered"]],
     }
     fig, (left, right) = new_figure(2)
     for ax, kind in ((left, "instruction"), (right, "response")):
@@ -310,14 +257,14 @@ def diversity_section(d):
     ]
 
 
-def judge_model(d):
+def judge_model(outputs):
     """The judge's model as recorded by the judge step (a 'judge' settings dict in the records or the filter
     summary), else the generator: Magpie's default, and the judge's here unless told otherwise."""
-    for source in (*(d["judged"] or [])[:1], *d["filtered"][:1], d["summary"]):
+    for source in (*(outputs["judged"] or [])[:1], *outputs["filtered"][:1], outputs["summary"]):
         settings = source.get("judge") if isinstance(source, dict) else None
         if isinstance(settings, dict) and settings.get("model"):
             return settings["model"]
-    return (d["generated"] or [{}])[0].get("settings", {}).get("model")
+    return (outputs["generated"] or [{}])[0].get("settings", {}).get("model")
 
 
 def weak_judge(model):
@@ -333,15 +280,15 @@ WEAK_JUDGE_NOTE = (
 TAG_PANELS = ("category", "input_quality", "difficulty")
 
 
-def tags_section(d):
+def tags_section(outputs):
     """Histograms of the judge's tags over every judged record and over the kept ones; nothing for a run whose
     records carry no tags."""
-    judged = d["judged"] if d["judged"] is not None else d["generated"]
-    kept = d["filtered"]
+    judged = outputs["judged"] if outputs["judged"] is not None else outputs["generated"]
+    kept = outputs["filtered"]
     if not tagged(judged) and not tagged(kept):
         return []
     populations = {"generated": judged, "kept": kept}
-    model = judge_model(d)
+    model = judge_model(outputs)
     blocks = [Heading("Judge tags"),
               Para(f"Each instruction's task category, input quality, difficulty and safety label, given by the "
                    f"judge (`{model}`), over the {len(tagged(judged))} judged samples and the {len(tagged(kept))} "
@@ -370,14 +317,14 @@ def tags_section(d):
                Para(f"{copied} of the {len(tagged(judged))} judged reasons only repeat the judge prompt's wording or "
                     "the query, and count as unparsed: a reason with no word, one that is a value from the prompt's "
                     "lists, or two words or more found in a row in the prompt's fixed text or the query "
-                    "(common/judge.py copied_reason).")]
+                    "(common/rubric.py copied_reason).")]
     return blocks
 
 
-def neighbour_section(d):
+def neighbour_section(outputs):
     """Magpie's diversity measure: each kept instruction's distance to its nearest kept neighbour in embedding
     space (the filter records it as nn_distance)."""
-    distances = [r["nn_distance"] for r in d["filtered"]  # (a lone record has no neighbour: no finite distance)
+    distances = [r["nn_distance"] for r in outputs["filtered"]  # (a lone record has no neighbour: no finite distance)
                  if isinstance(r.get("nn_distance"), (int, float)) and math.isfinite(r["nn_distance"])]
     if not distances:
         return []
@@ -397,16 +344,16 @@ def neighbour_section(d):
 MAP_CATEGORIES = 9  # the most common categories get a colour each; the rest share one
 
 
-def map_section(d):
+def map_section(outputs):
     """The kept instructions' embeddings in 2-D (the filter's PCA, filter_summary.json "map"), coloured by the
     judge's category."""
     import numpy as np
 
-    kept, summary_map = d["filtered"], d["summary"].get("map")
+    kept, summary_map = outputs["filtered"], outputs["summary"].get("map")
     if not summary_map or len(summary_map["xy"]) != len(kept) or not tagged(kept):
         return []
     coords, explained = np.array(summary_map["xy"]), summary_map["explained"]
-    embedder = (d["summary"].get("near_duplicate") or {}).get("embedder", "the filter's embedder")
+    embedder = (outputs["summary"].get("near_duplicate") or {}).get("embedder", "the filter's embedder")
     categories = [str(tags_of(r).get("category", "missing")) for r in kept]
     shown = [c for c, _ in Counter(categories).most_common(MAP_CATEGORIES)]
     fig, (ax,) = new_figure(1)
@@ -425,8 +372,8 @@ def map_section(d):
             plot("map", fig, "The kept instructions' embeddings in two dimensions (PCA), coloured by category.")]
 
 
-def reward_section(d):
-    pairs, scored = d["pairs"], d["scored"]
+def reward_section(outputs):
+    pairs, scored = outputs["pairs"], outputs["scored"]
     margins = [p["margin"] for p in pairs]
     chosen = [p["score_chosen"] for p in pairs if "score_chosen" in p]
     rejected = [p["score_rejected"] for p in pairs if "score_rejected" in p]
@@ -461,10 +408,10 @@ HELD_OUT_UNITS = {"sft": ("row", "rows"), "dpo": ("pair", "pairs")}
 FEW_HELD_OUT = 30  # below this many held-out rows or pairs the report says the eval curves are noise
 
 
-def held_out_n(d, stage):
+def held_out_n(outputs, stage):
     """How many rows (SFT) or pairs (DPO) the trainer evaluated on: training_config.json's eval_records, None where
     the run did not record it."""
-    n = d["configs"][stage].get("eval_records")
+    n = outputs["configs"][stage].get("eval_records")
     return n if isinstance(n, int) else None
 
 
@@ -476,13 +423,13 @@ def n_text(n, stage):
     return f"n={n} {one if n == 1 else many}"
 
 
-def training_section(d):
+def training_section(outputs):
     rows, panels = [], []
     for stage, metric in TRAINING_METRICS:
-        train = [(c["step"], c[metric]) for c in d["curves"][stage] if metric in c]
-        held_out = eval_points(d["histories"][stage], metric)
+        train = [(c["step"], c[metric]) for c in outputs["curves"][stage] if metric in c]
+        held_out = eval_points(outputs["histories"][stage], metric)
         for name, points, n in ((metric, train, ""), (f"eval_{metric}", held_out,
-                                                       n_text(held_out_n(d, stage), stage))):
+                                                       n_text(held_out_n(outputs, stage), stage))):
             if points:
                 values = [v for _, v in points]
                 rows.append((stage, name, len(points), fmt(values[0]), fmt(values[-1]), fmt(min(values)),
@@ -499,20 +446,20 @@ def training_section(d):
             ax.plot([s for s, _ in train], [v for _, v in train], marker=".", label="train")
             title = f"{stage.upper()} {metric}"
             if held_out:  # the test split, held out of training (TEST_FRACTION)
-                n = n_text(held_out_n(d, stage), stage)
+                n = n_text(held_out_n(outputs, stage), stage)
                 ax.plot([s for s, _ in held_out], [v for _, v in held_out], marker="o", label=f"eval (held out, {n})")
                 ax.legend(fontsize=7)
                 title += f"\n(eval on {n})"
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
-        sizes = "; ".join(f"{stage.upper()} {n_text(held_out_n(d, stage), stage)}" for stage in evaluated)
+        sizes = "; ".join(f"{stage.upper()} {n_text(held_out_n(outputs, stage), stage)}" for stage in evaluated)
         blocks.append(plot("training", fig, "Training curves from the adapters' curves.csv (one point a logged step)"
                                             + (f", and the same metrics on the held-out test split (eval_*, from "
                                                f"log_history.json; {sizes})." if evaluated else ".")))
     if not rows:
         blocks.append(Para("No training step was logged (a run shorter than logging_steps)."))
-    few = [f"{stage.upper()} on {n_text(held_out_n(d, stage), stage)}" for stage in evaluated
-           if held_out_n(d, stage) is not None and held_out_n(d, stage) < FEW_HELD_OUT]
+    few = [f"{stage.upper()} on {n_text(held_out_n(outputs, stage), stage)}" for stage in evaluated
+           if held_out_n(outputs, stage) is not None and held_out_n(outputs, stage) < FEW_HELD_OUT]
     if few:
         blocks.append(Para(f"The held-out metrics rest on few examples ({', '.join(few)}): an accuracy over n of them "
                            "moves in steps of 1/n and a loss is an average of n values, so their changes from step "
@@ -555,8 +502,8 @@ def eval_bars(evals):
     return bars
 
 
-def eval_section(d):
-    evals = d["evals"]
+def eval_section(outputs):
+    evals = outputs["evals"]
     base = evals["base"]
     rows, _ = eval_rows(evals)
     bars = eval_bars(evals)
@@ -618,9 +565,9 @@ def sampling_text(sampling):
             + (f", loop window {sampling['loop_window']}" if sampling.get("loop_window") else ""))
 
 
-def settings_section(d, tier, model_name):
-    generation = (d["generated"] or [{}])[0].get("settings", {})
-    sft, dpo, lora, base = d["configs"]["sft"], d["configs"]["dpo"], d["lora"], d["evals"]["base"]
+def settings_section(outputs, tier, model_name):
+    generation = (outputs["generated"] or [{}])[0].get("settings", {})
+    sft, dpo, lora, base = outputs["configs"]["sft"], outputs["configs"]["dpo"], outputs["lora"], outputs["evals"]["base"]
     eval_settings = base.get("settings", {})
 
     def steps(c):
@@ -632,7 +579,7 @@ def settings_section(d, tier, model_name):
     rows = [
         ("tier (GPU)", tier or "not given"), ("MODEL", model_name or "not given"),
         ("target model", base.get("model")), ("generator", generation.get("model")),
-        ("reward model", (d["scored"] or [{}])[0].get("reward_model")),
+        ("reward model", (outputs["scored"] or [{}])[0].get("reward_model")),
         ("generation seed", generation.get("seed")),
         ("generator recipe", generation.get("recipe")),
         ("instruction sampling", sampling_text(generation.get("instruction_sampling"))),
@@ -652,74 +599,13 @@ def settings_section(d, tier, model_name):
             Para("Package versions: recorded by the eval step of the base model.")]
 
 
-# ---- Rendering ---------------------------------------------------------------------------------------------------
-
-def to_markdown(title, blocks, plots_dir):
-    """Markdown with the plots as PNG files in plots_dir, linked relative to the markdown file."""
-    parts = [f"# {title}"]
-    for block in blocks:
-        match block:
-            case Heading(text, level):
-                parts.append("#" * level + " " + text)
-            case Para(text):
-                parts.append(text)
-            case Table(header, rows):
-                parts.append(table(header, rows))
-            case Plot(name, data, caption):
-                with atomic_path(plots_dir / f"{name}.png") as tmp:
-                    Path(tmp).write_bytes(data)
-                parts.append(f"![{caption}]({plots_dir.name}/{name}.png)")
-    return "\n\n".join(parts) + "\n"
-
-
-def inline_html(text):
-    """Escape text for HTML; `code` spans become <code>."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
-
-
-STYLE = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #1f2328; line-height: 1.45; }
-h1 { border-bottom: 1px solid #d1d9e0; padding-bottom: .3em; }
-h2 { border-bottom: 1px solid #d1d9e0; padding-bottom: .2em; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: .8em 0; font-size: 14px; }
-th, td { border: 1px solid #d1d9e0; padding: 4px 10px; text-align: left; }
-th { background: #f6f8fa; }
-tr:nth-child(even) td { background: #fbfcfd; }
-figure { margin: 1em 0; } img { max-width: 100%; } figcaption { color: #59636e; font-size: 13px; }
-code { background: #f0f2f4; padding: 0 3px; border-radius: 3px; }
-"""
-
-
-def to_html(title, blocks):
-    """One self-contained page: inline CSS, plots as base64 data URIs, no external requests."""
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    for block in blocks:
-        match block:
-            case Heading(text, level):
-                body.append(f"<h{level}>{inline_html(text)}</h{level}>")
-            case Para(text):
-                body.append(f"<p>{inline_html(text)}</p>")
-            case Table(header, rows):
-                head = "".join(f"<th>{inline_html(str(c))}</th>" for c in header)
-                cells = "".join("<tr>" + "".join(f"<td>{inline_html(str(c))}</td>" for c in row) + "</tr>"
-                                for row in rows)
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-            case Plot(name, data, caption):
-                uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-                body.append(f'<figure id="{name}"><img src="{uri}" alt="{html.escape(caption)}">'
-                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    d = load_run(args.run)
+    outputs = load_run(args.run)
     title = f"Run report: {args.run.name}"
-    blocks = [*funnel_section(d), *diversity_section(d), *tags_section(d), *neighbour_section(d),
-              *map_section(d), *reward_section(d), *training_section(d),
-              *eval_section(d), *settings_section(d, args.tier, args.model_name)]
+    blocks = [*funnel_section(outputs), *diversity_section(outputs), *tags_section(outputs), *neighbour_section(outputs),
+              *map_section(outputs), *reward_section(outputs), *training_section(outputs),
+              *eval_section(outputs), *settings_section(outputs, args.tier, args.model_name)]
     plots_dir = args.out.with_name(args.out.stem + "_plots")
     with output_lock(args.out):  # (and the plots and the HTML page, written with it)
         write_text(args.out, to_markdown(title, blocks, plots_dir))

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from common import SetupError, run_step
-from common.files import atomic_path, output_lock
+from common.io.files import atomic_path, output_lock
 from common.options import positive_int, step_parser
 
 

@@ -6,25 +6,26 @@ Every SFTConfig and ModelConfig option is a flag (TRL's parser), and a tier's se
         --train_file data/runs/x/filtered.jsonl --output_dir data/runs/x/sft
 
 Records become conversational prompt/completion examples, so the loss is computed on the assistant's tokens only.
-About TEST_FRACTION of them (decided by id: common/splits.py) are held out of training; the loss on them is logged
+About TEST_FRACTION of them (decided by id: common/io/splits.py) are held out of training; the loss on them is logged
 every eval_steps and after the last step (`eval_loss` in log_history.json and the curves). The LoRA recipe and
 learning rates come from env/lora.yaml, the rest from the tier's YAML. `attn_implementation: varlen` (the h100 tier)
-trains packed sequences through PyTorch's Flash varlen kernel where it runs (common/varlen.py), else SDPA.
+trains packed sequences through PyTorch's Flash varlen kernel where it runs (common/training/varlen.py), else SDPA.
 Checkpoints go to OUTPUT_DIR.partial and a rerun resumes from the last one; OUTPUT_DIR appears when training is
 done, holding the adapter, the tokenizer (with the chat template and pad token used in training) and the config.
 """
 
 from dataclasses import dataclass, field
 
-from common import DataError, run_step, varlen
-from common.chat import prepare_tokenizer
-from common.files import output_lock
-from common.jsonl import read_jsonl
+from common import DataError, run_step
+from common.generation.chat import prepare_tokenizer
+from common.io.files import output_lock
+from common.io.jsonl import read_jsonl
+from common.io.splits import DEFAULT_TEST_FRACTION
 from common.models import load_for_training, load_tokenizer
 from common.options import check_value, fraction
-from common.precision import training_flags
-from common.splits import DEFAULT_TEST_FRACTION
-from common.training import checkpoint_dir, compile_layer_by_layer, held_out, train_and_save
+from common.training import varlen
+from common.training.config import training_flags
+from common.training.trainers import checkpoint_dir, compile_layer_by_layer, held_out, train_and_save
 
 
 @dataclass

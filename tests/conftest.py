@@ -1,5 +1,7 @@
-"""Shared test helpers. Steps are imported from steps/ as the scripts import each other."""
+"""Shared test helpers. Steps and the shared package are imported from steps/ (on PYTHONPATH), as the scripts import
+each other."""
 
+import importlib.util
 import json
 import os
 import shlex
@@ -13,7 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "steps"))
+# Tests reach the shared package as everything outside steps/ does: steps/ on PYTHONPATH (`make test` exports it).
+if importlib.util.find_spec("common") is None:
+    raise pytest.UsageError("steps/ is not on PYTHONPATH: run `make test`, or `PYTHONPATH=steps python -m pytest tests`")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach for the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One thread a process: the test chain runs in the background beside the tests (BackgroundChain), one core each, and

@@ -119,7 +119,7 @@ def stamps(run):
 
 def test_a_changed_setting_redoes_its_output_and_what_follows_and_only_that(chain_run):
     """make -n on the finished chain: a setting redoes the outputs it shapes and those that follow from them, and
-    nothing else (issue 25: `make eval TASKS=...` on a finished run did nothing)."""
+    nothing else (`make eval TASKS=...` on a finished run redoes the evals and the report)."""
     before = stamps(chain_run)
     assert would_run(chain_run) == []  # unchanged: up to date, and so by make -q
     assert subprocess.run([*make_command("all", chain_run), "-q"]).returncode == 0

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 import pytest
-from common import chat
+
+from common.generation import chat
 from common.models import load_tokenizer
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"

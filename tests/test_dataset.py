@@ -5,13 +5,13 @@ train and test by id, and a dataset card whose YAML header the Hub's libraries r
 import json
 import random
 
+import dataset as dataset_step
 import pytest
 from conftest import read_lines
 from run_fixture import make_run
 
-import dataset as dataset_step
-from common.cards import model_license, size_category
-from common.splits import split_of, split_records
+from common.io.splits import split_of, split_records
+from common.reporting.cards import model_license, size_category
 
 IDS = [f"s0-{i:07d}" for i in range(4000)]
 
@@ -38,8 +38,8 @@ def test_splits_are_stable_across_reruns_and_record_order():
     assert {r["id"] for r in first} <= {r["id"] for r in split_records(records, 0.2)[1]}
 
 
-# Which of s0-0000000 ... s0-0000015 are held out, computed once from common/splits.py: a split keyed on anything that
-# differs between processes or versions (Python's salted hash(), a record's position) would move ids across, and
+# Which of s0-0000000 ... s0-0000015 are held out, computed once from common/io/splits.py: a split keyed on anything
+# that differs between processes or versions (Python's salted hash(), a record's position) would move ids across, and
 # SFT, DPO and the dataset step, each in its own process, would disagree.
 PINNED_TEST_IDS = {0.05: ["s0-0000001"],
                    0.25: ["s0-0000001", "s0-0000003", "s0-0000009", "s0-0000013", "s0-0000014"]}

@@ -113,7 +113,7 @@ def test_a_base_model_without_a_chat_template_is_prompted_with_its_adapters_temp
     (base / "tokenizer_config.json").unlink()
     (base / "tokenizer_config.json").write_text(json.dumps(config))
 
-    from common.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
+    from common.generation.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
     from common.models import load_tokenizer
 
     assert load_tokenizer(str(base)).chat_template is None

@@ -1,5 +1,5 @@
-"""The eval step's generative requests through the fast engine (common/eval_engine.py): the same answers as lm-eval's
-own HFLM.generate_until, into lm-eval's request cache, and HFLM's own generate where the engine can't run."""
+"""The eval step's generative requests through the fast engine (common/generation/eval_engine.py): the same answers as
+lm-eval's own HFLM.generate_until, into lm-eval's request cache, and HFLM's own generate where the engine can't run."""
 
 import pytest
 import torch
@@ -18,11 +18,12 @@ MIN_MARGIN = 1e-3
 def setup(smol):
     """The embedded model in fp32 (the exact comparison), the tokenizer as the eval step prepares it, ifeval_local
     requests as lm-eval builds them (chat template applied) and HFLM's own answers to them at batch size 1."""
-    from common.chat import prepare_tokenizer
-    from common.models import load_causal_lm, load_tokenizer
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from common.generation.chat import prepare_tokenizer
+    from common.models import load_causal_lm, load_tokenizer
 
     tokenizer = prepare_tokenizer(load_tokenizer("embedded:smollm2"))
     model = load_causal_lm("embedded:smollm2", dtype="float32")
@@ -48,7 +49,7 @@ def setup(smol):
 
 def spy_on_engine(monkeypatch, dbdict=None):
     """Record every engine call (prompts, rows, and which answers the request cache held when it started)."""
-    from common import eval_engine
+    from common.generation import eval_engine
 
     calls, make = [], eval_engine.fastgen.make_generator
 
@@ -88,8 +89,9 @@ def smallest_margins(model, calls):
 
 def test_generative_answers_through_the_engine_equal_lm_evals_own_and_reach_the_cache(setup, monkeypatch, capsys,
                                                                                          tmp_path):
-    from common.eval_engine import ENGINE_CALL_SLOTS, EngineHFLM
     from lm_eval.api.model import CachingLM, hash_args
+
+    from common.generation.eval_engine import ENGINE_CALL_SLOTS, EngineHFLM
 
     model, requests, expected = setup["model"], setup["requests"], setup["answers"]
     attention = model.config._attn_implementation
@@ -128,7 +130,7 @@ def test_generative_answers_through_the_engine_equal_lm_evals_own_and_reach_the_
 
 
 def test_lm_evals_own_generate_answers_when_the_engine_is_refused(setup, monkeypatch, capsys):
-    from common.eval_engine import EngineHFLM
+    from common.generation.eval_engine import EngineHFLM
 
     monkeypatch.setenv("SIT_FAST_GENERATE", "0")
     model, requests = setup["model"], setup["requests"][PROMPTS : PROMPTS + STOPPED]  # short answers (stop strings)

@@ -1,4 +1,4 @@
-"""The fast generation path (common/fastgen.py) on the CPU, against transformers' own `generate`.
+"""The fast generation path (common/generation/fastgen.py) on the CPU, against transformers' own `generate`.
 
 SlotGenerator runs eagerly on the CPU (no CUDA graphs, masked SDPA over gathered pages instead of the Triton kernel),
 so its scheduling (slots refilled, empty slots, tail compaction, rows ending mid-batch), its paged KV cache (pages
@@ -13,10 +13,11 @@ from collections import Counter
 import pytest
 import torch
 from transformers import LogitsProcessorList
-from common import fastgen, generation
-from common.chat import end_of_turn, prepare_tokenizer, prompt_text
-from common.generation import LoopCriterion, TransformersEngine, stop_ids
-from common.sampling import Sampling, looping
+
+from common.generation import engines, fastgen
+from common.generation.chat import end_of_turn, prepare_tokenizer, prompt_text
+from common.generation.engines import LoopCriterion, TransformersEngine, stop_ids
+from common.generation.sampling import Sampling, looping
 from common.models import load_causal_lm, load_tokenizer
 
 MAX_NEW = 32
@@ -289,7 +290,7 @@ def test_a_call_samples_the_same_whatever_the_calls_before_it(smol, fast_model, 
     """Slots without a live row keep what earlier calls left (logits, cache pages): a sampled call must not depend on
     it, as sharded runs (NPROC) make different calls before the same batch. Prompts and settings of the sharded
     preference test, where it did."""
-    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)
     engine = TransformersEngine("embedded:smollm2", dtype="float32", batch_size=64)
     text = lambda k: prompt_text(engine.tokenizer, f"Name a colour, number {k}.")  # noqa: E731
     calls = [[text(0), text(0), text(1), text(1)], [text(2), text(2), text(3), text(3)], [text(4), text(4)]]
@@ -381,7 +382,7 @@ def test_the_slot_generator_stops_a_looping_row_early(fast_model, tokenizer, pro
     assert looped == [True, False]
     assert 12 <= len(rows[0]) < MAX_NEW and rows[0] == (words * MAX_NEW)[: len(rows[0])]
     assert rows[1] == reference["sum"]  # the row beside it is untouched
-    record = generation.finish(tokenizer, rows[0], sampling, looped[0])
+    record = engines.finish(tokenizer, rows[0], sampling, looped[0])
     assert record["stop_reason"] == "loop" and not record["finished"] and record["tokens"] == len(rows[0])
     # Without the window the forced row runs to the cap.
     rows, looped = generator.generate([loop_prompt], greedy(stops), extra_processors=[ForceCycle(trigger, words)])
@@ -396,7 +397,7 @@ PLAIN_MESSAGE = "generation: plain transformers generate ("
 @pytest.fixture
 def fresh_say_once(monkeypatch):
     """say_once prints each message once a process: forget what earlier tests printed."""
-    monkeypatch.setattr(generation.say_once, "__defaults__", (set(),))
+    monkeypatch.setattr(engines.say_once, "__defaults__", (set(),))
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +426,7 @@ def engine_sampling(engine, **changes):
 def test_sit_fast_generate_0_uses_plain_generate_and_says_so_once(smol, fast_model, monkeypatch, capfd,
                                                                   fresh_say_once):
     monkeypatch.setenv("SIT_FAST_GENERATE", "0")
-    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)  # the weights do not matter here
+    monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)  # the weights do not matter here
     first, second = (TransformersEngine("embedded:smollm2", dtype="float32") for _ in range(2))
     assert first.fast is None and second.fast is None
     err = capfd.readouterr().err
@@ -441,7 +442,7 @@ def test_the_fast_path_runs_on_the_cpu(setting, fast_model, tokenizer, monkeypat
     generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
     assert why is None and isinstance(generator, fastgen.SlotGenerator)
     assert not generator.graphs_on and generator.kernel == "sdpa"  # eager, masked SDPA
-    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)
     assert isinstance(TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4).fast, fastgen.SlotGenerator)
     assert PLAIN_MESSAGE not in capfd.readouterr().err
 
@@ -475,7 +476,7 @@ def test_engine_falls_back_when_the_fast_path_cannot_run(smol, fast_model, token
     generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
     assert generator is None
     assert "does not run on this model" in why or "disagrees with a plain forward" in why, why
-    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)
     engines = [TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4) for _ in range(2)]
     assert all(e.fast is None for e in engines)
     err = capfd.readouterr().err
@@ -510,7 +511,7 @@ def test_a_quantized_model_takes_the_fast_path_where_its_check_passes(fast_model
     """4-bit models are no longer refused: the same check against a plain forward decides (tests/test_gpu.py runs
     a real NF4 model on a GPU)."""
     monkeypatch.setattr(fast_model, "hf_quantizer", StandInQuantizer(), raising=False)
-    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)
     engine = TransformersEngine("embedded:smollm2", dtype="float32", load_in_4bit=True, batch_size=4)
     assert isinstance(engine.fast, fastgen.SlotGenerator)
     assert PLAIN_MESSAGE not in capfd.readouterr().err
@@ -522,7 +523,7 @@ def test_a_quantized_model_whose_check_fails_gets_plain_generate_said_once(fast_
     and the engine says once that plain generate runs, and why; its answers are generate's."""
     monkeypatch.setattr(fast_model, "hf_quantizer", StandInQuantizer(), raising=False)
     monkeypatch.setattr(fastgen.SlotGenerator, "check", lambda self: "largest relative logit difference 0.7 > 0.1")
-    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: fast_model)
+    monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)
     engines = [TransformersEngine("embedded:smollm2", dtype="float32", load_in_4bit=True, batch_size=4)
                for _ in range(2)]
     assert all(e.fast is None for e in engines)
@@ -549,8 +550,8 @@ def test_engine_marks_a_looping_row(path, request, cycle, monkeypatch):
     """The loop rule through the engine: LoopCriterion in plain generate, the slot loop's check in the fast path."""
     engine = request.getfixturevalue(f"{path}_engine")
     trigger, words, _ = cycle
-    make = generation.logits_processors
-    for module in (generation, fastgen):  # plain generate's processors, and the slot loop's
+    make = engines.logits_processors
+    for module in (engines, fastgen):  # plain generate's processors, and the slot loop's
         monkeypatch.setattr(module, "logits_processors",
                             lambda s: LogitsProcessorList([*make(s), ForceCycle(trigger, words)]))
     prompts = [prompt_text(engine.tokenizer, LOOP_INSTRUCTION), prompt_text(engine.tokenizer, INSTRUCTIONS["story"])]

@@ -17,12 +17,10 @@ import pytest
 import torch
 from conftest import CHAIN_VARS, REPO, SENTINEL_TOKEN, make, make_command, run_step
 
-
 # The filter step held once its first JSONL output is written whole, until the test kills it: unheld, it writes its
 # small outputs one after the other faster than a test can look at the disk.
 HELD_FILTER = """
 import signal, sys
-sys.path.insert(0, "steps")
 import filter
 from common import run_step
 
@@ -39,7 +37,6 @@ def test_filter_killed_between_its_writes_then_rerun_gives_the_uninterrupted_out
     """Killed once its first output is written (the step held there, see HELD_FILTER): make finds no filtered.jsonl,
     written last, and the rerun writes every output as an uninterrupted run does."""
     from conftest import HUNG_STEP_SECONDS
-
     from test_filter import CASES  # one record for each rule: every stage has work to do
 
     src, out = tmp_path / "gen.jsonl", tmp_path / "run"
@@ -115,7 +112,7 @@ def test_eval_killed_mid_work_reuses_its_cached_answers_and_matches_the_uninterr
 
 
 def test_a_missing_tool_is_reported_like_any_step_error(tmp_path):
-    """report_png.py used to sys.exit past run_step: it now ends like every step, one 'error:' line and status 2."""
+    """report_png.py ends like every step: one 'error:' line and status 2."""
     missing = tmp_path / "no-chromium"
     result = run_step("report_png", tmp_path / "report.html", tmp_path / "report.png", "--chromium", missing,
                       check=False)
@@ -141,7 +138,7 @@ def trainer_stub(tmp_path, train):
 
 def test_out_of_memory_while_training_names_the_tier_knobs(tmp_path):
     from common import SetupError
-    from common.training import train_and_save
+    from common.training.trainers import train_and_save
 
     def train(resume_from_checkpoint=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -158,9 +155,10 @@ def test_out_of_memory_while_training_names_the_tier_knobs(tmp_path):
 def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path):
     """Trainer.save_model silently writes no weights for some setups (FSDP with a sharded state dict did): the step
     must fail, name it, write no adapter directory and keep the checkpoints to resume from."""
-    from common import SetupError
-    from common.training import train_and_save
     from safetensors.torch import load_file, save_file
+
+    from common import SetupError
+    from common.training.trainers import train_and_save
 
     def train(resume_from_checkpoint=None):
         (tmp_path / "adapter.partial" / "checkpoint-2").mkdir(parents=True)
@@ -187,8 +185,9 @@ def test_a_save_that_writes_no_weights_fails_and_keeps_the_checkpoints(tmp_path)
 
 def test_dpo_refuses_compile_with_checkpointing_under_fsdp(monkeypatch):
     """Under FSDP that pair failed at DPO's second step on the GPU: the step says so before loading anything."""
-    from common import DataError, OptionError
     from dpo import main
+
+    from common import DataError, OptionError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     args = ["--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "x", "--sft_adapter", "x",
@@ -206,7 +205,7 @@ def test_training_refuses_early_when_the_disk_is_too_small(tmp_path, monkeypatch
     import shutil
 
     from common import SetupError
-    from common.training import train_and_save
+    from common.training.trainers import train_and_save
 
     calls = []
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 * 2**20, used=0, free=10 * 2**20))

@@ -4,8 +4,9 @@ import sys
 
 import pytest
 from conftest import REPO, kill_midway, read_lines, run_step
-from common.chat import pre_query_template
 from generate import reject_reason, template_markers
+
+from common.generation.chat import pre_query_template
 
 ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2", "--max-instruction-tokens", "48",
         "--max-response-tokens", "24", "--dtype", "auto", "--seed", "3"]
@@ -75,8 +76,9 @@ def test_missing_models_are_named_with_the_fix(tmp_path):
 
 def test_gated_error_names_the_license_page_and_token():
     import httpx2
-    from common.models import explain_load_error
     from huggingface_hub.errors import GatedRepoError
+
+    from common.models import explain_load_error
 
     response = httpx2.Response(403, request=httpx2.Request("GET", "https://huggingface.co/x"))
     message = explain_load_error("meta-llama/Llama-3.2-3B", GatedRepoError("403 gated repo", response=response))
@@ -137,7 +139,8 @@ class WholeTurnsEngine:
 def test_multi_turn_conversations_have_the_turns_asked(tmp_path, smol, monkeypatch, turns):
     """The step in-process with an engine whose turns all come out whole: every conversation holds --turns turns."""
     import generate
-    from common.chat import prepare_tokenizer
+
+    from common.generation.chat import prepare_tokenizer
     from common.models import load_tokenizer
 
     monkeypatch.setattr(generate, "load_engine", lambda *a, **k: WholeTurnsEngine(
@@ -153,9 +156,10 @@ def test_multi_turn_conversations_have_the_turns_asked(tmp_path, smol, monkeypat
 
 
 def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_whole(smol):
-    from common import recipes
-    from common.models import load_tokenizer
     from generate import generate_batch, parse_args
+
+    from common.generation import recipes
+    from common.models import load_tokenizer
 
     tokenizer = load_tokenizer("embedded:smollm2")
     args = parse_args(["--model", "m", "--out", "o", "--turns", "3"])

@@ -1,11 +1,11 @@
 """GPU paths, run on a CUDA machine (`python -m pytest tests/test_gpu.py`); skipped elsewhere, as in CI.
 
-On the embedded SmolLM2 weights: the fast path (common/fastgen.py: slot KV cache, CUDA graphs, the Triton or flash
-decoding attention where the dtype allows it) against plain `generate` (SIT_FAST_GENERATE=0). The two paths draw their random numbers
-differently (the fast path samples every slot's token in one call, `generate` one padded batch at a time), so sampled
-texts are not expected to match between them. What is compared: greedy texts between the paths (float32, where both
-compute the same logits up to rounding), sampled texts at temperature 1 against another run of the same path and seed,
-one process or two sharing the GPU, and that what they write is real text.
+On the embedded SmolLM2 weights: the fast path (common/generation/fastgen.py: slot KV cache, CUDA graphs, the Triton or
+flash decoding attention where the dtype allows it) against plain `generate` (SIT_FAST_GENERATE=0). The two paths draw
+their random numbers differently (the fast path samples every slot's token in one call, `generate` one padded batch at a
+time), so sampled texts are not expected to match between them. What is compared: greedy texts between the paths
+(float32, where both compute the same logits up to rounding), sampled texts at temperature 1 against another run of the
+same path and seed, one process or two sharing the GPU, and that what they write is real text.
 """
 
 import os
@@ -14,8 +14,9 @@ import sys
 
 import pytest
 import torch
-from common.models import EMBEDDED_DEFAULT
 from conftest import REPO, read_lines
+
+from common.models import EMBEDDED_DEFAULT
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SMOL = EMBEDDED_DEFAULT
@@ -92,7 +93,7 @@ def test_fast_and_plain_paths_write_the_same_schema(smol_gpu, tmp_path):
 def engines(smol_gpu):
     """The fast and the plain engine on the GPU, float32 (the flash kernel takes no float32: masked SDPA decodes,
     under CUDA graphs)."""
-    from common.generation import TransformersEngine
+    from common.generation.engines import TransformersEngine
 
     with pytest.MonkeyPatch.context() as m:
         m.delenv("SIT_FAST_GENERATE", raising=False)
@@ -104,8 +105,8 @@ def engines(smol_gpu):
 
 
 def test_greedy_texts_agree_between_the_fast_and_plain_paths(engines):
-    from common.chat import end_of_turn, prompt_text
-    from common.sampling import Sampling
+    from common.generation.chat import end_of_turn, prompt_text
+    from common.generation.sampling import Sampling
 
     fast, plain = engines
     prompts = [prompt_text(fast.tokenizer, t) for t in INSTRUCTIONS]
@@ -127,8 +128,8 @@ def test_greedy_texts_agree_between_the_fast_and_plain_paths(engines):
 def test_a_longer_call_after_graphs_were_captured_regrows_the_cache(engines):
     """A later call whose prompts need a longer KV cache drops the captured graphs and their memory pool: capturing
     into the pool of freed graphs failed inside PyTorch's allocator (the judge's long prompts after the check)."""
-    from common.chat import prompt_text
-    from common.sampling import Sampling
+    from common.generation.chat import prompt_text
+    from common.generation.sampling import Sampling
 
     fast, plain = engines
     sampling = Sampling(max_new_tokens=8, temperature=0, stop_token_ids=fast.stop_token_ids)
@@ -145,11 +146,11 @@ def test_a_longer_call_after_graphs_were_captured_regrows_the_cache(engines):
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (16, 2, 128), (9, 3, 64)])  # Llama-8B, Qwen-3B, SmolLM2
 @pytest.mark.parametrize("slots", [4, 64])  # few slots: keys split over programs; many: one program a slot and head
 def test_the_triton_decoding_kernel_matches_attention_over_each_slots_pages(heads, kv_heads, dim, slots, dtype):
-    """common/decode_kernel.py on random queries and a paged cache laid out as fastgen's (pages handed out in a
-    shuffled order, each slot holding a different number of keys, one of them a single key), against float32
+    """common/generation/decode_kernel.py on random queries and a paged cache laid out as fastgen's (pages handed out in
+    a shuffled order, each slot holding a different number of keys, one of them a single key), against float32
     softmax attention over each slot's keys alone; every position a slot does not hold is huge, so reading any of
     them would show. fp16 is the T4's dtype."""
-    from common import decode_kernel
+    from common.generation import decode_kernel
 
     if not decode_kernel.available():
         pytest.skip("no triton")
@@ -187,7 +188,8 @@ def sm75(monkeypatch):
     No T4 is lent here. Triton itself still builds for this GPU: reporting 7.5 to it made it emit sm75 code that a
     Hopper GPU cannot run (the check then turned the kernel off and SDPA decoded), so only the project's own choices
     are forced."""
-    from common import fastgen, precision
+    from common import precision
+    from common.generation import fastgen
 
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
@@ -220,8 +222,8 @@ def fast_against_generate(path, load_in_4bit=False, rows=7, max_new=48):
     token 2 (the config's EOS) or the cap. Returns (generator, fast rows, generate's rows)."""
     from transformers import GenerationConfig
 
-    from common import fastgen
-    from common.sampling import Sampling
+    from common.generation import fastgen
+    from common.generation.sampling import Sampling
     from common.models import load_causal_lm
 
     model = load_causal_lm(str(path), dtype="float16", load_in_4bit=load_in_4bit)
@@ -246,7 +248,7 @@ def fast_against_generate(path, load_in_4bit=False, rows=7, max_new=48):
 def test_on_a_t4_the_fast_path_decodes_fp16_from_pages(random_llama, sm75, kernel, monkeypatch):
     """sm75's choices: fp16, prefills packed without flash attention, decoding from the pages under CUDA graphs by
     the Triton kernel or (where triton does not run) SDPA over gathered pages; in agreement with plain generate."""
-    from common import fastgen
+    from common.generation import fastgen
 
     if kernel == "sdpa":
         monkeypatch.setattr(fastgen, "decode_kernels", lambda device: ["sdpa"])

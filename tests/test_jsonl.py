@@ -3,10 +3,11 @@ import threading
 import time
 
 import pytest
+
 from common import DataError, SetupError
-from common.files import atomic_path
-from common.jsonl import ResumableWriter, read_jsonl, write_jsonl
-from common.shards import merge_shards, shard_paths
+from common.io.files import atomic_path
+from common.io.jsonl import ResumableWriter, read_jsonl, write_jsonl
+from common.io.shards import merge_shards, shard_paths
 
 
 def test_read_names_file_line_and_field(tmp_path):

@@ -2,11 +2,12 @@ import json
 
 import judge as judge_step
 import pytest
-from common import DataError
-from common.judge import (COPIED, PREFILL, UNPARSED, AnswerConstraint, copied_reason, judge_message, parse_answer,
-                          user_turns)
-from common.tag_stats import COPIED_REASON, reason_status
 from conftest import read_lines
+
+from common import DataError
+from common.reporting.tag_stats import COPIED_REASON, reason_status
+from common.rubric import (COPIED, PREFILL, UNPARSED, AnswerConstraint, copied_reason, judge_message, parse_answer,
+                           user_turns)
 
 GOOD = ('{"category": "Creative writing", "reason": "Clear and specific.", "input_quality": "good", '
         '"difficulty": "easy", "safety": "safe"}')
@@ -97,7 +98,7 @@ class FakeEngine:
 
 @pytest.fixture(scope="module")
 def tokenizer(smol):
-    from common.chat import prepare_tokenizer
+    from common.generation.chat import prepare_tokenizer
     from common.models import load_tokenizer
 
     return prepare_tokenizer(load_tokenizer("embedded:smollm2"))
@@ -194,7 +195,7 @@ def run_judge(monkeypatch, tmp_path, crash_at=None, extra=(), answer=None):
 
 
 def k_tokenizer():
-    from common.chat import prepare_tokenizer
+    from common.generation.chat import prepare_tokenizer
     from common.models import load_tokenizer
 
     return prepare_tokenizer(load_tokenizer("embedded:smollm2"))
@@ -255,7 +256,8 @@ def test_the_answer_constraint_holds_any_model_to_the_schema(tokenizer):
     """Whatever the scores (random here: a model that knows nothing), every answer is a whole JSON object with a
     value from each list, a reason, and ends with the stop token, within the cap."""
     import torch
-    from common.chat import prompt_text
+
+    from common.generation.chat import prompt_text
 
     prompt = prompt_text(tokenizer, judge_message("What is 2+2?", "4")) + PREFILL
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

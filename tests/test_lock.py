@@ -11,13 +11,14 @@ import tempfile
 import time
 
 import pytest
-from common import SetupError
-from common.files import lock_path, output_lock
 from conftest import HUNG_STEP_SECONDS, REPO, run_step
+
+from common import SetupError
+from common.io.files import lock_path, output_lock
 
 HOLD = """
 import sys
-from common.files import output_lock
+from common.io.files import output_lock
 with output_lock(sys.argv[1]):
     sys.stdin.read()  # hold the lock until the test closes stdin or kills this process
 """

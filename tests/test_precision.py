@@ -5,6 +5,7 @@ import torch
 from conftest import REPO
 
 from common import OptionError, precision
+from common.training.config import training_flags
 
 CPU_SFT = REPO / "env/cpu/sft.yaml"
 
@@ -99,7 +100,7 @@ def test_auto_on_a_gpu_follows_its_compute_capability(fresh, capsys, gpu, capabi
     fresh.setattr(precision, "_cpu_flags", lambda: pytest.fail("a GPU host asked about its CPU"))
     assert precision.resolve_dtype("auto") == dtype
     assert f"dtype auto -> {precision.dtype_name(dtype)}: {gpu} has compute capability" in capsys.readouterr().err
-    flags = precision.training_flags(["--config", str(CPU_SFT)])
+    flags = training_flags(["--config", str(CPU_SFT)])
     name = precision.dtype_name(dtype)
     assert flags[-6:] == ["--dtype", name, "--bf16", str(name == "bfloat16").lower(), "--fp16",
                           str(name == "float16").lower()]

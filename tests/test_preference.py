@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kill_midway, read_lines, run_step
-from common.reward import ClassifierReward, load_reward
 from preference import main as preference_main
 from preference import pair
+
+from common.generation.reward import ClassifierReward, load_reward
 
 INSTRUCTIONS = ["Give me a tip for sleeping better.", "Name two primary colours.", "What is a noun?"]
 

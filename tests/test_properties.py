@@ -4,7 +4,7 @@ from filter import normalise, repeated_ngram_ratio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.jsonl import ResumableWriter, read_jsonl, write_jsonl
+from common.io.jsonl import ResumableWriter, read_jsonl, write_jsonl
 
 text = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=200)  # any unicode but lone surrogates
 records = st.lists(st.fixed_dictionaries({"id": text, "instruction": text, "n": st.integers(), "ok": st.booleans(),

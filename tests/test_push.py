@@ -7,12 +7,12 @@ import json
 import shutil
 import subprocess
 
+import dataset as dataset_step
+import push
 import pytest
 from conftest import REPO, SENTINEL_TOKEN
 from run_fixture import make_adapter, make_run
 
-import dataset as dataset_step
-import push
 from common.models import EMBEDDED_DEFAULT, hub_id, portable_base
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -203,7 +203,7 @@ def test_a_trained_adapter_has_a_model_card_and_a_portable_base(chain_run):
 def test_model_card_from_the_adapter_files(tmp_path):
     from huggingface_hub import ModelCard
 
-    from common.cards import model_card
+    from common.reporting.cards import model_card
 
     make_adapter(tmp_path / "dpo", "dpo")
     card = ModelCard(model_card(tmp_path / "dpo", 15, 2))

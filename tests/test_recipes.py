@@ -1,6 +1,6 @@
-"""Generator recipes (env/generators/, steps/common/recipes.py) on tiny models that carry the real tokenizer configs of
-Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct and Mistral-7B-Instruct-v0.3: their special tokens at their real ids, their
-chat templates, vocabulary sizes and generation_config end tokens (tests/fixtures/tokenizers, chat_templates).
+"""Generator recipes (env/generators/, steps/common/generation/recipes.py) on tiny models that carry the real tokenizer
+configs of Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct and Mistral-7B-Instruct-v0.3: their special tokens at their real
+ids, their chat templates, vocabulary sizes and generation_config end tokens (tests/fixtures/tokenizers, chat_templates).
 
 The tiny models are bigram machines, so that what they write is known: every layer adds nothing to the residual
 stream (o_proj and down_proj are zero), so the next token depends only on the current one, and the embeddings and
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import read_lines, run_step
+
 from common import DataError
-from common import recipes
-from common.sanitize import sanitize
+from common.generation import recipes
+from common.generation.sanitize import sanitize
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ("llama-3.1-instruct", "qwen2.5-instruct", "mistral-instruct")

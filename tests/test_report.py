@@ -8,13 +8,13 @@ import shutil
 import statistics
 from collections import Counter
 
+import compare
 import pytest
+import report as report_step
 from conftest import make, read_lines, run_step
 from run_fixture import make_run
 
-import compare
-import report as report_step
-from common.evals import metric_names, stderr_of
+from common.reporting.eval_tables import metric_names, stderr_of
 
 SECTIONS = ["Data funnel", "Generation yield", "Dropped by each filter rule", "Instruction diversity", "Most common opening words",
             "Most common first verbs", "Lengths (words)", "Reward scores", "Training",
@@ -355,7 +355,7 @@ def test_instructions_without_a_pair_by_cause(tmp_path):
 def test_reasons_that_repeat_the_prompt_count_as_unparsed(tmp_path):
     """Judged reasons that only repeat the judge's prompt or the query: as text in a run judged before the rule, as
     "unparsed" with the fault after it; both counted apart from the judge's own reasons."""
-    from common.judge import COPIED
+    from common.rubric import COPIED
 
     run = make_run(tmp_path / "run")
     reasons = {0: "one sentence on the query's clarity, specificity and coherence", 1: "One sentence.",

@@ -18,7 +18,7 @@ from conftest import REPO, make, run_step
 
 CONSTRAINTS = REPO / "env" / "constraints.txt"
 REQUIREMENTS = [REPO / "requirements.txt", REPO / "env" / "requirements-gpu.txt"]
-# What the project measured and Colab would otherwise mix (issue 14): each must be pinned.
+# What the project measured and Colab would otherwise mix : each must be pinned.
 MEASURED = ["transformers", "trl", "peft", "accelerate", "datasets", "lm-eval", "bitsandbytes", "liger-kernel"]
 
 

@@ -33,7 +33,7 @@ def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol, monkeyp
     assert trainer.args.torch_compile is False and trainer.args.torch_compile_backend is None
     assert trainer.accelerator.state.dynamo_plugin.backend.value == "NO"
     # training_config.json says what ran: compiled (by the step, not the trainer), and with which attention
-    from common.training import run_config
+    from common.training.trainers import run_config
 
     recorded = json.loads(run_config(trainer))
     assert recorded["torch_compile"] is True and recorded["compiled"].startswith("each decoder layer in place")
@@ -46,7 +46,8 @@ def test_torch_compile_compiles_each_layer_once_in_place(tmp_path, smol, monkeyp
     # leaves compiling to accelerate, which does it after sharding, layer by layer in place, so the model stays a
     # PeftModel (compiled whole, DPO under FSDP found no reference model).
     from accelerate.utils import TorchDynamoPlugin
-    from common.training import compile_layer_by_layer
+
+    from common.training.trainers import compile_layer_by_layer
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "False")  # as `accelerate launch` exports it
@@ -140,7 +141,7 @@ def test_the_cpu_tier_trains_one_sequence_a_micro_batch_and_keeps_its_batch(tmp_
 
 
 def test_held_out_records_are_kept_out_of_training_and_evaluated(tmp_path, smol):
-    from common.splits import split_of
+    from common.io.splits import split_of
 
     data = tmp_path / "filtered.jsonl"
     records = [{"id": f"r{i}", "instruction": f"Count to {i}.", "response": " ".join(map(str, range(i + 2)))}
@@ -160,7 +161,7 @@ def test_held_out_records_are_kept_out_of_training_and_evaluated(tmp_path, smol)
 
 
 def test_eval_entries_land_in_the_curves(tmp_path):
-    from common.training import write_curves
+    from common.training.trainers import write_curves
 
     write_curves([{"loss": 2.0, "step": 1}, {"loss": 1.5, "rewards/accuracies": 0.5, "step": 2},
                   {"eval_loss": 1.75, "eval_rewards/accuracies": 0.25, "step": 2}, {"eval_loss": 1.7, "step": 3}],
@@ -209,8 +210,9 @@ def test_the_frozen_dpo_reference_is_exactly_the_sft_adapter(chain_run, tmp_path
     exactly the SFT adapter's weights before the first step. A zero margin at step 0 alone would also hold if DPO
     ignored the SFT adapter (policy and reference both the bare base); so the adapter must also be far from a no-op."""
     import dpo
-    from common.jsonl import read_jsonl
     from safetensors.torch import load_file
+
+    from common.io.jsonl import read_jsonl
 
     args = dpo.parse_args([
         "--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "embedded:smollm2", "--sft_adapter",
@@ -235,9 +237,10 @@ def test_fp16_training_keeps_trainable_weights_in_fp32():
     from types import SimpleNamespace
 
     import pytest
-    from common.training import fp32_trainable_under_fp16
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.training.trainers import fp32_trainable_under_fp16
 
     def lora_model(dtype):
         torch.manual_seed(0)
@@ -417,7 +420,7 @@ def test_training_curves_are_written_beside_the_adapters(chain_run):
 
 def test_curves_of_a_run_shorter_than_logging_steps(tmp_path):
     """A 1-step run with logging_steps 10 logs no loss: the adapter must still be saved (this once failed on a GPU)."""
-    from common.training import write_curves
+    from common.training.trainers import write_curves
 
     write_curves([{"train_runtime": 2.6, "step": 1}], tmp_path)
     assert (tmp_path / "curves.csv").read_text().splitlines() == ["step"]
@@ -452,6 +455,7 @@ def test_merge_refuses_early_when_the_disk_is_too_small(chain_run, tmp_path, mon
 
     import merge
     import pytest
+
     from common import SetupError
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))

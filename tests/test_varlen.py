@@ -1,5 +1,5 @@
-"""The padding-free attention path (steps/common/varlen.py) on the CPU: how it finds sequence boundaries and hands
-them to the kernel, with the kernel replaced by per-sequence causal SDPA that takes the same arguments (the real
+"""The padding-free attention path (steps/common/training/varlen.py) on the CPU: how it finds sequence boundaries and
+hands them to the kernel, with the kernel replaced by per-sequence causal SDPA that takes the same arguments (the real
 Flash kernel needs a GPU: tests/test_varlen_gpu.py and bench/varlen_check.py check it there)."""
 
 import copy
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import varlen
+from common.training import varlen
 
 
 def reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kw):

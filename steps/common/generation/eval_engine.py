@@ -1,4 +1,4 @@
-"""lm-evaluation-harness's HFLM with its generative requests answered by the fast engine (common/fastgen.py).
+"""lm-evaluation-harness's HFLM with its generative requests answered by the fast engine (common/generation/fastgen.py).
 
 `EngineHFLM.generate_until` hands greedy requests to `fastgen.make_generator`'s SlotGenerator (continuous batching:
 a row that ends frees its slot for the next prompt, where HFLM's batches wait for their longest answer) and gives
@@ -9,7 +9,7 @@ each the answer lm-eval's HFLM.generate_until gives at batch size 1:
 - `until` and `max_gen_toks` normalised as HFLM does (`normalize_gen_kwargs`, `handle_stop_sequences`: the
   tokenizer's EOS text joins the stop strings);
 - a row ends where `generate` ends it: an EOS id of the model's generation_config or the tokenizer's EOS
-  (`common.generation.stop_ids`), max_gen_toks, or a stop string in the decoded last len+2 tokens (the check of
+  (`common.generation.engines.stop_ids`), max_gen_toks, or a stop string in the decoded last len+2 tokens (the check of
   lm-eval's `stop_sequences_criteria`; the engine itself only stops on tokens, so the row is cut afterwards);
 - the text decoded without special tokens, `think_end_token` and `postprocess_generated_text` as in HFLM.
 
@@ -42,9 +42,10 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from . import fastgen, say_once
-from .generation import stop_ids
-from .sampling import Sampling
+from common import say_once
+from common.generation import fastgen
+from common.generation.engines import stop_ids
+from common.generation.sampling import Sampling
 
 # Prompts per engine call, in slots: more keeps the slots busy (fewer drains at a call's end), fewer gets answers
 # into the request cache sooner (a killed eval redoes at most one call).

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .models import device, hub_load, load_tokenizer, resolve, trust_remote_code
-from .precision import resolve_dtype
+from common.models import device, hub_load, load_tokenizer, resolve, trust_remote_code
+from common.precision import resolve_dtype
 
 
 class ClassifierReward:

@@ -7,9 +7,9 @@ in its own process. A small bootstrap in that process caps GPU memory (torch.cud
 for the T4 fit) and adds a callback that times every optimizer step (CUDA-synchronised) and counts the tokens each
 step trained on; nothing in the steps is changed for the benchmark.
 
-    python bench/train.py --suite core --out OUT        # T4 fit of Llama-3B and Mistral-7B, SFT/DPO speed, packing check
-    python bench/train.py --suite final --out OUT       # realistic lengths and packing, 7B on the H100 tier
-    python bench/train.py --suite speed --dry-run       # print a suite's runs without running them
+    python bench/training_speed.py --suite core --out OUT   # T4 fit of Llama-3B and Mistral-7B, SFT/DPO speed, packing
+    python bench/training_speed.py --suite final --out OUT  # realistic lengths and packing, 7B on the H100 tier
+    python bench/training_speed.py --suite speed --dry-run  # print a suite's runs without running them
 
 Writes OUT/train-<gpu>.json (every run: settings, peak memory, tokens/s, MFU, losses, errors) and prints a table.
 Tokens are the non-padding tokens of each batch (DPO: prompt+chosen and prompt+rejected rows). MFU is on the 6N
@@ -19,9 +19,9 @@ reference forward adds 2N per token, so `mfu_8n` is given too.
 
 import argparse
 import json
-import re
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -30,18 +30,18 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from common import installed_versions
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "steps"))
-from common import installed_versions  # noqa: E402
 
 BENCH_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger_kernel",
                   "triton", "pyarrow")
 CONFIGS = REPO / "bench" / "configs"
-PEAK_BF16_DENSE = 989e12
+PEAK_BF16_DENSE = 989e12  # H100/H200 SXM dense bf16 (the MFU basis)
 BUILD_ESTIMATE_S = 40
 MIN_VOCAB = 32000  # the smallest vocabulary among bench/configs: every token id must be below it
 # SmolLM2's template adds this default system prompt, whose "SmolLM" is token 34519: past Mistral's vocabulary.
-DEFAULT_SYSTEM_PROMPT_CUT = " named SmolLM, trained by Hugging Face"  # H100/H200 SXM dense bf16 (the issue's MFU basis)
+DEFAULT_SYSTEM_PROMPT_CUT = " named SmolLM, trained by Hugging Face"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 # Runs inside each step's process: optional memory cap, then a timing callback, then the step as __main__.
@@ -126,7 +126,6 @@ try:  # DPO with precompute_ref_log_probs: the reference pass runs once, before 
     _dpo.DPOTrainer.compute_ref_log_probs = compute_ref_log_probs
 except (ImportError, AttributeError):
     pass
-sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
 sys.argv = [script, *argv]
 runpy.run_path(script, run_name="__main__")
 S["status"] = "done"

@@ -5,7 +5,7 @@ numbers the same way."""
 import json
 from pathlib import Path
 
-from . import DataError
+from common import DataError
 
 STAGES = ("base", "sft", "dpo")
 

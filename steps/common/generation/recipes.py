@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from . import DataError, OptionError
-from .chat import end_of_turn, pre_query_template, prompt_text
-from .sampling import Sampling
+from common import DataError, OptionError
+from common.generation.chat import end_of_turn, pre_query_template, prompt_text
+from common.generation.sampling import Sampling
 
-GENERATORS = Path(__file__).resolve().parents[2] / "env" / "generators"
+GENERATORS = Path(__file__).resolve().parents[3] / "env" / "generators"
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "loop_window",
                  "suppress_at_start", "stop_at_newline"}
 RECIPE_KEYS = {"name", "match", "pre_query_template", "pre_query_template_with_system", "stop_tokens", "sanitize",

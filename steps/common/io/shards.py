@@ -5,9 +5,9 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import SetupError
-from .files import output_lock
-from .jsonl import read_jsonl, write_jsonl
+from common import SetupError
+from common.io.files import output_lock
+from common.io.jsonl import read_jsonl, write_jsonl
 
 # How long process 0 waits while no other process's shard makes progress (SHARD_TIMEOUT seconds in the environment).
 STALL_TIMEOUT = 3600

@@ -14,17 +14,18 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
   (the highest in use, rounded up to a power of two; new rows take the lowest free slot), so a draining batch costs
   less.
 - Decoding steps are captured as CUDA graphs, one per slot bucket, on a GPU; the CPU runs the same code eagerly.
-- Decoding attention on a GPU: a Triton kernel of ours (common/decode_kernel.py) reads each slot's pages in place
-  through the block table, only the keys the row holds (fp16 or bf16; it runs on a T4 too). Elsewhere, or where it
-  disagrees with a plain forward, SDPA over the pages (a view or a contiguous copy) under a mask over the first Lb
-  positions (Lb: the longest live row, rounded up to LENGTH_BUCKET). Flash attention's varlen kernel, the earlier
-  fallback, takes no block table in torch 2.11 and was 1.9-3.7x slower than the Triton kernel
+- Decoding attention on a GPU: a Triton kernel of ours (common/generation/decode_kernel.py) reads each slot's pages
+  in place through the block table, only the keys the row holds (fp16 or bf16; it runs on a T4 too). Elsewhere, or
+  where it disagrees with a plain forward, SDPA over the pages (a view or a contiguous copy) under a mask over the
+  first Lb positions (Lb: the longest live row, rounded up to LENGTH_BUCKET). Flash attention's varlen kernel takes
+  no block table in torch 2.11 and was 1.9-3.7x slower than the Triton kernel
   (bench/results/decode-attention-h200.json), so it only serves packed prefills.
 - Prefill: new prompts are packed into one row (no padding) whose keys and values are scattered into their pages;
   free slots wait until ADMIT_FRACTION of them can be filled at once. Identical prompts are prefilled once
   (instruction generation: every prompt is the same pre-query template).
-- Sampling runs outside the graph with transformers' own logits processors (common.sampling.logits_processors)
-  on each slot's token history, so the settings mean what they mean in `generate`.
+- Sampling runs outside the graph with transformers' own logits processors
+  (common.generation.sampling.logits_processors) on each slot's token history, so the settings mean what they mean
+  in `generate`.
 - Models in 4-bit (bitsandbytes NF4, the t4 tier's generator) run it too: their linear layers replay in the graphs.
 
 Library internals (transformers 5.17 on the device and 5.24 in the CPU tests, torch 2.11 and 2.13): a cache object
@@ -47,9 +48,10 @@ from collections import Counter
 
 import torch
 
-from . import SetupError, decode_kernel
-from .models import full_attention_only
-from .sampling import logits_processors, looping
+from common import SetupError
+from common.generation import decode_kernel
+from common.generation.sampling import logits_processors, looping
+from common.models import full_attention_only
 
 PAGE = 64  # tokens a KV page holds: a multiple of the Triton kernel's BLOCK_N, which reads a page at a time
 LENGTH_BUCKET = 256  # SDPA attention reads a multiple of this many positions (a multiple of PAGE)
@@ -667,7 +669,7 @@ def flash_varlen_available():
 
 def decode_kernels(device):
     """The decoding attentions that may run here, best first: the Triton kernel over the pages in place
-    (common/decode_kernel.py; fp16 and bf16, any CUDA GPU triton supports, a T4 included), then SDPA over a
+    (common/generation/decode_kernel.py; fp16 and bf16, any CUDA GPU triton supports, a T4 included), then SDPA over a
     contiguous copy of each slot's pages under a mask (always)."""
     if device.type != "cuda":
         return ["sdpa"]

@@ -1,6 +1,6 @@
 """Eval speed and memory of the t4 tier's settings on a 7B model in 4-bit, on one CUDA GPU, with no download.
 
-    python bench/eval.py [--config bench/configs/mistral-7b-v0.1.json] [--batch 16] [--max-gen-toks 1280]
+    python bench/eval_speed.py [--config bench/configs/mistral-7b-v0.1.json] [--batch 16] [--max-gen-toks 1280]
 
 A randomly initialised model is built from the real config (fp16, on the GPU), saved, and loaded back through the
 eval step's own loader (common.models.load_causal_lm, 4-bit NF4, fp16 compute) under a 15 GiB cap
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -25,14 +24,13 @@ import torch
 from timing import sync_time as timed
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "steps"))
 
 CAP_GIB = 15.0
 
 
 def word_tokenizer(vocab_size):
     """A fast tokenizer whose every whitespace-separated word 'wN' is token N (0-2 are <unk>, <s>, </s>)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}

@@ -2,7 +2,7 @@
 and append-only output that survives a crash.
 
 Long outputs are appended to `<name>.partial` (one fsync per batch) and renamed at the end; a rerun resumes from the
-partial file. Whole files go through common.files.atomic_path.
+partial file. Whole files go through common.io.files.atomic_path.
 """
 
 import json
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import jsonlines
 
-from . import DataError
-from .files import atomic_path
+from common import DataError
+from common.io.files import atomic_path
 
 
 def read_jsonl(path, required=()):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import DataError
-from .jsonl import ResumableWriter, read_jsonl
-from .shards import merge_shards, process_rank, shard_lock, shard_paths
+from common import DataError
+from common.io.jsonl import ResumableWriter, read_jsonl
+from common.io.shards import merge_shards, process_rank, shard_lock, shard_paths
 
 
 def run_batches(out, ids, batch_size, work, fields, desc, unit, order):

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import SetupError
+from common import SetupError
 
 
 def staging_path(path):

@@ -2,12 +2,12 @@
 slot reading only the keys it holds, page by page through its block table, the keys split over several programs
 when few slots decode (flash decoding).
 
-Why not flash attention's varlen kernel (the earlier fallback, whose torch 2.11 form takes no block table): its
-tile is 128 query rows, and a decoding step has only a KV head's query heads to put in it (4 for Llama-3.1-8B), so
-it computes 32 times the useful products and is bound by that, not by reading the cache. Profiled on an H200
-(bench/results/profile-step-flash-h200.txt): half of a 256-slot step of the 8B model, 350 us a layer for ~750 keys
-a slot, where reading those keys takes ~85 us. Here a program holds one slot's KV head with its query heads padded
-to 16 rows (tl.dot's least), so the work stays bound by the reads.
+Why not flash attention's varlen kernel (whose torch 2.11 form takes no block table): its tile is 128 query rows,
+and a decoding step has only a KV head's query heads to put in it (4 for Llama-3.1-8B), so it computes 32 times the
+useful products and is bound by that, not by reading the cache. Profiled on an H200
+(bench/results/profile-step-flash-h200.txt): half of a 256-slot step of the 8B model, 350 us a layer for ~750 keys a
+slot, where reading those keys takes ~85 us. Here a program holds one slot's KV head with its query heads padded to
+16 rows (tl.dot's least), so the work stays bound by the reads.
 
     out = attend(query, key_pages, value_pages, lengths, table, scale)
     # (S, H, 1, D); (pages, PAGE, KV, D) pools; (S,) int32 key counts; (S, max_pages) int32 page ids

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generation throughput on one GPU at the lengths Magpie really produces: plain `generate`, the static engine the
-step used before (bench/static_engine.py) and the fast path (steps/common/fastgen.py), in one run.
+step used before (bench/static_engine.py) and the fast path (steps/common/generation/fastgen.py), in one run.
 
 A randomly initialised model built from a real config (default: Llama-3.1-8B, bf16, made on the GPU) answers
 random prompts. Each request has a prompt length and a response length drawn from the distributions below; a row
@@ -23,7 +23,7 @@ row's end over the wall time of the whole workload; `fixed` rows give every requ
 --dtype float16 --load-in-4bit --memory-gib 15 is the t4 tier: the model saved and reloaded in 4-bit NF4 with fp16
 compute, the cache sized to a 16 GB T4's memory.
 
-    python bench/generate.py [--requests 4096] [--slots 256] [--cap 1024] [--kernel triton] [--calls 512]
+    python bench/generation_speed.py [--requests 4096] [--slots 256] [--cap 1024] [--kernel triton] [--calls 512]
 
 Results: JSON under --out (default $OUT, else bench/results) as generate-realistic-<gpu>.json, a table on stdout.
 """
@@ -38,15 +38,13 @@ import sys
 from pathlib import Path
 
 import torch
+from timing import sync_time
+
+from common.generation import fastgen
+from common.generation.fastgen import uncompile_pointwise
+from common.generation.sampling import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "steps"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from timing import sync_time  # noqa: E402
-from common import fastgen  # noqa: E402
-from common.fastgen import uncompile_pointwise  # noqa: E402
-from common.sampling import Sampling  # noqa: E402
 
 EOS, PAD = 128009, 128004  # <|eot_id|>, <|finetune_right_pad_id|>: never in the random prompts (ids < 128000)
 
@@ -275,7 +273,8 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
 def profile(generator, prompts, prefix):
     """Kernel tables (torch.profiler, CUDA time) of one eager decoding step of every slot, at the positions the
     run left, and of one prefill of 16 prompts: where a step's and a prefill's GPU time goes."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     S, L = generator.cache.slots, generator.cache.length
     generator.cache.positions[:, 0] = torch.randint(200, 1300, (S,), device=generator.device)  # mid-run lengths

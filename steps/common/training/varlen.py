@@ -29,8 +29,8 @@ import inspect
 
 import torch
 
-from . import say_once
-from .models import full_attention_only
+from common import say_once
+from common.models import full_attention_only
 
 NAME = "varlen"
 MIN_CAPABILITY = (8, 0)  # PyTorch's flash kernels: Ampere and newer; a T4 is 7.5

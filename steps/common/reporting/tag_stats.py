@@ -4,8 +4,8 @@ count as untagged, so both still render."""
 
 from collections import Counter
 
-from .evals import share
-from .judge import COPIED, DIFFICULTY, QUALITY, SCALES, UNPARSED, copied_reason
+from common.reporting.eval_tables import share
+from common.rubric import COPIED, DIFFICULTY, QUALITY, SCALES, UNPARSED, copied_reason
 
 TAG_FIELDS = tuple(SCALES)  # category, input_quality, difficulty, safety
 TAG_TITLES = {"category": "Task category", "input_quality": "Input quality", "difficulty": "Difficulty",
@@ -30,7 +30,7 @@ def tagged(records):
 
 def reason_status(record):
     """What became of a tagged record's (first turn's) quality_reason: a reason; one that only repeats the judge's
-    prompt or the query (common/judge.py copied_reason: still the copied text in records judged before that rule,
+    prompt or the query (common/rubric.py copied_reason: still the copied text in records judged before that rule,
     "unparsed" with the fault in `judge_unparsed` after it); unparsed for another fault; or "missing"."""
     reason = tags_of(record).get("quality_reason")
     if reason is None:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import SetupError
-from .cards import model_card
-from .files import atomic_path, staging_path
-from .models import local_base_for_saving, portable_base
+from common import SetupError
+from common.io.files import atomic_path, staging_path
+from common.models import local_base_for_saving, portable_base
+from common.reporting.cards import model_card
 
 # What to turn down when training runs out of GPU memory (each is a flag and a key of the tier YAMLs).
 MEMORY_KNOBS = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "gradient_checkpointing")
@@ -39,7 +39,7 @@ def compile_layer_by_layer(args, model):
     """With `torch_compile`, compile each decoder layer in place ("regional compilation": the layers are alike, so one
     compile serves all 28 and takes ~20 s instead of minutes), then turn the trainer's own compile off, which would
     wrap the model a second time (`run_config` records it as compiled all the same). Compiled here rather than by
-    the trainer through accelerate, the DPO step ran ~1.25x faster and SFT the same (bench/README.md, round 3), and
+    the trainer through accelerate, the DPO step ran ~1.25x faster and SFT the same (bench/README.md), and
     work done before training, such as DPO's precompute_ref_log_probs pass, runs compiled too. Returns how the model
     is compiled (None: not).
     """
@@ -63,9 +63,9 @@ def compile_layer_by_layer(args, model):
 
 
 def held_out(records, test_fraction, args):
-    """(train, test): the records held out by id (common/splits.py; a record without an id by its prompt), kept out
+    """(train, test): the records held out by id (common/io/splits.py; a record without an id by its prompt), kept out
     of training and evaluated on. With none held out, the trainer evaluates nothing (saying so)."""
-    from .splits import split_of
+    from common.io.splits import split_of
 
     def key(r):
         return r["id"] if "id" in r else json.dumps(r.get("prompt", r.get("instruction")), sort_keys=True)

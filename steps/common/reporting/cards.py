@@ -8,8 +8,8 @@ import json
 import re
 from pathlib import Path
 
-from .evals import EVAL_HEADER, eval_rows, eval_tasks, limit_text, table
-from .models import hub_id
+from common.models import hub_id
+from common.reporting.eval_tables import EVAL_HEADER, eval_rows, eval_tasks, limit_text, table
 
 MAGPIE_BIBTEX = """@article{xu2024magpie,
   title   = {Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned {LLMs} with Nothing},

@@ -1,8 +1,8 @@
 """Generation engines behind one interface: `engine.sample(prompts, sampling, seed)` -> one dict per prompt.
 
-- `transformers` (default): the fast path in common/fastgen.py (rows that stop free their slot for the next prompt;
-  a paged KV cache sized from free memory, on a GPU our Triton kernel and CUDA graphs; 4-bit models too), or plain
-  batched `generate` where it can't run (sliding-window attention, a transformers version it does not work on).
+- `transformers` (default): the fast path in common/generation/fastgen.py (rows that stop free their slot for the next
+  prompt; a paged KV cache sized from free memory, on a GPU our Triton kernel and CUDA graphs; 4-bit models too), or
+  plain batched `generate` where it can't run (sliding-window attention, a transformers version it does not work on).
 - `vllm`: used when installed and asked for (ENGINE=vllm); produces the same records.
 
 `Sampling` holds every setting a call samples with, and both engines apply all of them: nothing is left for a
@@ -18,11 +18,11 @@ import os
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
-from . import say_once
-from .chat import prepare_tokenizer
-from .models import load_causal_lm, load_tokenizer, resolve, trust_remote_code
-from .precision import dtype_name
-from .sampling import logits_processors, looping
+from common import say_once
+from common.generation.chat import prepare_tokenizer
+from common.generation.sampling import logits_processors, looping
+from common.models import load_causal_lm, load_tokenizer, resolve, trust_remote_code
+from common.precision import dtype_name
 
 ENGINES = ("transformers", "vllm")
 
@@ -98,12 +98,12 @@ def finish(tokenizer, row, sampling, looped=False):
 
 
 class TransformersEngine:
-    """A Hugging Face model behind `sample()`: the fast path of common/fastgen.py where it runs (a model on one
-    device, 4-bit or not, full attention, the transformers internals it was written for), plain batched `generate`
+    """A Hugging Face model behind `sample()`: the fast path of common/generation/fastgen.py where it runs (a model on
+    one device, 4-bit or not, full attention, the transformers internals it was written for), plain batched `generate`
     otherwise, said once. SIT_FAST_GENERATE=0 forces the plain path."""
 
     def __init__(self, model, dtype="auto", load_in_4bit=False, device_map=None, adapter=None, batch_size=64):
-        from . import fastgen
+        from common.generation import fastgen
 
         self.tokenizer = prepare_tokenizer(load_tokenizer(adapter or model))
         self.model = load_causal_lm(model, dtype=dtype, load_in_4bit=load_in_4bit, device_map=device_map,
@@ -116,7 +116,7 @@ class TransformersEngine:
         self.stop_criteria = {}
 
     def sample(self, prompts, sampling, seed, processors=()):
-        """Results (common.generation.finish) in prompt order; `processors`: more logits processors, after the
+        """Results (common.generation.engines.finish) in prompt order; `processors`: more logits processors, after the
         sampling's own (e.g. the judge's answer constraint)."""
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         torch.manual_seed(seed)
