@@ -477,8 +477,8 @@ def test_engine_falls_back_when_the_fast_path_cannot_run(smol, fast_model, token
     assert generator is None
     assert "does not run on this model" in why or "disagrees with a plain forward" in why, why
     monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)
-    engines = [TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4) for _ in range(2)]
-    assert all(e.fast is None for e in engines)
+    made = [TransformersEngine("embedded:smollm2", dtype="float32", batch_size=4) for _ in range(2)]
+    assert all(e.fast is None for e in made)
     err = capfd.readouterr().err
     assert err.count(PLAIN_MESSAGE) == 1 and f"{PLAIN_MESSAGE}{why})" in err
 
@@ -524,14 +524,14 @@ def test_a_quantized_model_whose_check_fails_gets_plain_generate_said_once(fast_
     monkeypatch.setattr(fast_model, "hf_quantizer", StandInQuantizer(), raising=False)
     monkeypatch.setattr(fastgen.SlotGenerator, "check", lambda self: "largest relative logit difference 0.7 > 0.1")
     monkeypatch.setattr(engines, "load_causal_lm", lambda *a, **k: fast_model)
-    engines = [TransformersEngine("embedded:smollm2", dtype="float32", load_in_4bit=True, batch_size=4)
-               for _ in range(2)]
-    assert all(e.fast is None for e in engines)
+    made = [TransformersEngine("embedded:smollm2", dtype="float32", load_in_4bit=True, batch_size=4)
+            for _ in range(2)]
+    assert all(e.fast is None for e in made)
     err = capfd.readouterr().err
     assert err.count(PLAIN_MESSAGE) == 1
     assert "the fast path disagrees with a plain forward on this model (largest relative logit difference 0.7" in err
-    sampling = engine_sampling(engines[0], max_new_tokens=8)
-    got = engines[0].sample([prompt_text(engines[0].tokenizer, INSTRUCTIONS["sum"])], sampling, seed=0)
+    sampling = engine_sampling(made[0], max_new_tokens=8)
+    got = made[0].sample([prompt_text(made[0].tokenizer, INSTRUCTIONS["sum"])], sampling, seed=0)
     assert got[0]["tokens"] >= 1 and got[0]["text"]
 
 

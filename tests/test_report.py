@@ -396,7 +396,7 @@ def test_a_run_from_before_the_judge_renders_as_before(tmp_path):
 
 
 def test_blocks_render_by_kind(tmp_path):
-    from report import Heading, Para, Plot, Table, to_html, to_markdown
+    from common.reporting.render import Heading, Para, Plot, Table, to_html, to_markdown
 
     blocks = [Heading("A"), Para("text with `code`"), Heading("B", 3), Table(["x", "y"], [(1, "a|b")]),
               Plot("p", b"\x89PNG-bytes", "a caption")]

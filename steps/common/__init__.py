@@ -1,6 +1,16 @@
-"""Plumbing shared by the steps: JSONL I/O with resume, model loading, chat templates, generation.
+"""What two or more steps share, in layers: the base here, io/ on it, and generation/, training/ and reporting/ on
+those; training and reporting never import the engine, and nothing imports in a cycle (tests/test_layers.py):
 
-Each step in steps/ is a standalone script; this package holds only what two or more of them need.
+- here: the errors a step reports (StepError and kinds), say_once, run_step, installed_versions;
+  options.py (the steps' command lines), models.py (loading, with errors that say how to fix them), precision.py
+  (the one dtype decision), rubric.py (the judge's prompt, schema and parsing)
+- io/: outputs written atomically, JSONL with resume, the batch loop, shards, the train/test split
+- generation/: the generation engine and what it is told (sampling, templates, recipes, engines, reward models)
+- training/: TRL's command line, checkpoints and the final adapter, padding-free attention (never the engine)
+- reporting/: eval tables, tag counts, the Hub cards, the report's renderer
+
+Every module imports the others absolutely (`from common.io.jsonl import read_jsonl`), found through steps/ on the
+path: a step's own directory, or PYTHONPATH for tests and benchmarks (make exports it).
 """
 
 import sys
