@@ -31,8 +31,9 @@ FILES.dpo = $(DPO_CONFIG) env/lora.yaml $(ACCELERATE_CONFIG)
 CUDA_STEPS = generate judge preference sft dpo eval merge
 
 # Step $(1)'s settings, one line a variable or file, each through function $(2): quote (for the shell) or plain.
+# A file's checksum leaves out its comment and blank lines: a reworded comment redoes nothing.
 settings = $(foreach v,$(SETTINGS.$(1)),$(call $(2),$(v)=$($(v)))) \
-  $(foreach f,$(FILES.$(1)),$(call $(2),$(f) cksum=$(if $(wildcard $(f)),$(shell cksum < $(f)),missing)))
+  $(foreach f,$(FILES.$(1)),$(call $(2),$(f) cksum=$(if $(wildcard $(f)),$(shell grep -v '^[[:space:]]*\(\#\|$$\)' $(f) | cksum),missing)))
 quote = '$(subst ','\'',$(1))'
 plain = $(1)
 define newline

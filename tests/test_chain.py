@@ -140,7 +140,7 @@ def test_a_changed_setting_redoes_its_output_and_what_follows_and_only_that(chai
 
 
 def test_a_changed_tier_yaml_redoes_training_and_what_follows(chain_run, tmp_path):
-    """SFT_CONFIG's content, not only its name, is part of the SFT stamp."""
+    """SFT_CONFIG's content, not only its name, is part of the SFT stamp; its comments are not."""
     run, config = tmp_path / "run", tmp_path / "sft.yaml"
     shutil.copytree(chain_run, run, ignore=shutil.ignore_patterns("*.safetensors"))  # copy2 keeps the times
     shutil.copy(REPO / "env" / "cpu" / "sft.yaml", config)
@@ -149,6 +149,8 @@ def test_a_changed_tier_yaml_redoes_training_and_what_follows(chain_run, tmp_pat
         stamp.write_text(stamp.read_text().replace("env/cpu/sft.yaml", str(config)))
         os.utime(stamp, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert would_run(run, SFT_CONFIG=config) == []
+    config.write_text("# a comment reworded, a blank line added\n\n" + config.read_text())
+    assert would_run(run, SFT_CONFIG=config) == []  # the checksum leaves comments out
     config.write_text(config.read_text().replace("max_length: 512", "max_length: 256"))
     assert would_run(run, SFT_CONFIG=config) == sorted(["sft", "dpo", "eval/sft", "eval/dpo", "report", "plan"])
 
