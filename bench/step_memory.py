@@ -62,15 +62,14 @@ def run(command, log):
 
 
 def cpu():
-    flags = model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = line.split(":", 1)[1].split()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"model": model or platform.processor(), "cores": psutil.cpu_count(),
-            "flags": [f for f in wanted if f in flags], "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    """The processor, as the steps' dtype decision sees it (common/precision.py: native bf16 or not)."""
+    from common.precision import cpu_bf16
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    native, why = cpu_bf16()
+    return {"model": model or platform.processor(), "cores": psutil.cpu_count(), "native_bf16": native,
+            "why": why, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
 
 
 def summary(log, out):

@@ -71,7 +71,7 @@ def task_index(tasks, include_path):
 
     if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
-        if all(t in local.all_tasks for t in tasks):
+        if all(t in local.all_tasks for t in tasks):  # (no tasks: the local index alone)
             return local
     return TaskManager(include_path=include_path)
 
@@ -83,7 +83,7 @@ def check_tasks(tasks, task_manager, include_path):
     unknown = [t for t in tasks if t not in known and not task_manager.match_tasks([t])]
     if not unknown:
         return
-    local = sorted({p.stem for p in Path(include_path).glob("*/*.yaml")} & set(known))
+    local = sorted(task_index([], include_path).all_tasks) if include_path else []
     lines = [f"unknown lm-eval task(s): {', '.join(unknown)}.",
              f"Offline tasks in {include_path}: {', '.join(local) or 'none'}."]
     for name in unknown:

@@ -43,8 +43,9 @@ GRAPH = {name: imports_of(path)[0] - {name} for name, path in MODULES.items()}
 
 
 def part(name):
-    parts = name.split(".")
-    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else "base"
+    """The part a module belongs to: its subpackage, or "base" for common's own modules."""
+    sub = name.split(".")[1:2]
+    return sub[0] if sub and sub[0] in ALLOWED else "base"
 
 
 def reach(module, graph=GRAPH):
