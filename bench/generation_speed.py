@@ -53,8 +53,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "bench" / "configs" / "llama-3.1-8b.json"))
     p.add_argument("--requests", type=int, default=4096,
-                   help="requests in one call: the h100 tier's GEN_BATCH (a run of the default NUM_SAMPLES, 1000, is "
-                        "one call of 1,000)")
+                   help="requests in one call, as a step hands over a batch (GEN_BATCH: 8,192 on h100; a run of the "
+                        "default NUM_SAMPLES, 1000, is one call of 1,000)")
     p.add_argument("--static-requests", type=int, default=512,
                    help="the static engine's share (its rate does not depend on how many 128-batches it runs)")
     p.add_argument("--slots", default="256", help="rows decoded at once by the fast path (GEN_ROWS); several: 128,256")
