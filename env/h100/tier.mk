@@ -4,9 +4,8 @@ GENERATOR ?= meta-llama/Llama-3.1-8B-Instruct
 REWARD_MODEL ?= OpenAssistant/reward-model-deberta-v3-large-v2
 DTYPE ?= bfloat16
 NUM_SAMPLES ?= 1000
-# 512 rows at Magpie's 4,096 cap fit in 79 GiB and outrun 256; a batch of 16 times the rows, as on the other GPU
-# tiers, since each batch ends by draining its longest rows (bench/README.md). Empty token caps: the generator
-# recipe's (Magpie's 1,024 / 4,096 for Llama-3.1).
+# 512 rows at Magpie's 4,096 cap fit in 79 GiB and outrun 256; batches of 8,192 drain half as often as 4,096
+# (bench/README.md). Empty token caps: the generator recipe's (Magpie's 1,024 / 4,096 for Llama-3.1).
 GEN_BATCH ?= 8192
 GEN_ROWS ?= 512
 MAX_INSTRUCTION_TOKENS ?=
