@@ -20,10 +20,13 @@ settings, the template used, a checksum of the log-likelihoods, request counts a
 models already evaluated.
 """
 
+import contextlib
 import difflib
 import hashlib
+import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -103,9 +106,13 @@ def ensure_punkt():
         return "installed"
     except LookupError:
         pass
-    if nltk.download("punkt_tab", quiet=True, raise_on_error=False):
+    with contextlib.redirect_stdout(io.StringIO()):  # offline, nltk's own 4 lines of urlopen error: said below
+        downloaded = nltk.download("punkt_tab", quiet=True, raise_on_error=False, print_error_to=io.StringIO())
+    if downloaded:
         return "downloaded"
     nltk.data.path.append(str(REPO / "data" / "nltk_data"))
+    print("eval: nltk's punkt_tab is not installed and could not be downloaded; IFEval's sentence checks use the "
+          "stand-in in data/nltk_data (`python -m nltk.downloader punkt_tab` installs the real one)", file=sys.stderr)
     return "offline stand-in (data/nltk_data: untrained Punkt with common abbreviations)"
 
 

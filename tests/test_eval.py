@@ -201,3 +201,28 @@ def test_compare_warns_when_runs_were_evaluated_differently(chain_run, tmp_path)
     assert "different tasks or LIMITs" in out.read_text()
     missing = run_step("compare", "--run", f"c={tmp_path / 'nothing'}", "--out", out, check=False)
     assert missing.returncode == 2 and "eval/base.json: missing" in missing.stderr
+
+
+def test_without_punkt_offline_the_stand_in_is_said_in_one_line(monkeypatch, capsys):
+    """Offline (no punkt_tab installed, the download refused), IFEval's sentence checks fall back to the stand-in in
+    data/nltk_data: the step says so in one line of its own, without nltk's urlopen error."""
+    import nltk
+
+    import eval as eval_step
+
+    def refused(info, quiet=False, raise_on_error=False, print_error_to=sys.stderr, **kwargs):
+        print("[nltk_data] Error loading punkt_tab: <urlopen error refused>", file=print_error_to)
+        print("[nltk_data] Downloading package punkt_tab", file=sys.stdout)
+        return False
+
+    def missing(name, *args, **kwargs):
+        raise LookupError(name)
+
+    monkeypatch.setattr(nltk.data, "find", missing)
+    monkeypatch.setattr(nltk, "download", refused)
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+    assert eval_step.ensure_punkt().startswith("offline stand-in")
+    assert str(REPO / "data" / "nltk_data") in nltk.data.path
+    out, err = capsys.readouterr()
+    assert "[nltk_data]" not in out + err
+    assert err.count("\n") == 1 and "stand-in in data/nltk_data" in err
