@@ -43,9 +43,10 @@ GRAPH = {name: imports_of(path)[0] - {name} for name, path in MODULES.items()}
 
 
 def part(name):
-    """The part a module belongs to: its subpackage, or "base" for common's own modules."""
-    sub = name.split(".")[1:2]
-    return sub[0] if sub and sub[0] in ALLOWED else "base"
+    """The subpackage a module lives in (common.io.jsonl and common.io: "io"), or "base" for the modules directly in
+    common/: a new subpackage is a part of its own, which ALLOWED must then name."""
+    folder = MODULES[name].parent
+    return "base" if folder == COMMON else folder.name
 
 
 def reach(module, graph=GRAPH):
