@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from generation_speed import PAD, build_model
 from timing import sync_time
+from torch.profiler import ProfilerActivity, profile
 
 from common.generation import fastgen
 
@@ -61,8 +62,6 @@ def main():
     for bucket in [int(b) for b in args.buckets.split(",")]:
         generator.step(bucket, L)  # capture (and compile on first use)
         _, wall = sync_time(lambda: [generator.step(bucket, L) for _ in range(20)])
-        from torch.profiler import ProfilerActivity, profile
-
         with torch.no_grad():
             generator.forward_step(bucket, L)
             torch.cuda.synchronize()
