@@ -205,8 +205,9 @@ def test_compare_warns_when_runs_were_evaluated_differently(chain_run, tmp_path)
 
 def test_without_punkt_offline_the_stand_in_is_said_in_one_line(monkeypatch, capsys):
     """Offline (no punkt_tab installed, the download refused), IFEval's sentence checks fall back to the stand-in in
-    data/nltk_data: the step says so in one line of its own, without nltk's urlopen error."""
-    import nltk
+    data/nltk_data: the step says so in one line of its own, without nltk's urlopen error. A stand-in nltk module:
+    the real one, first imported under capsys, would keep the test's stream (closed after it) as its error stream."""
+    import types
 
     import eval as eval_step
 
@@ -218,11 +219,10 @@ def test_without_punkt_offline_the_stand_in_is_said_in_one_line(monkeypatch, cap
     def missing(name, *args, **kwargs):
         raise LookupError(name)
 
-    monkeypatch.setattr(nltk.data, "find", missing)
-    monkeypatch.setattr(nltk, "download", refused)
-    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))
+    nltk = types.SimpleNamespace(data=types.SimpleNamespace(find=missing, path=[]), download=refused)
+    monkeypatch.setitem(sys.modules, "nltk", nltk)
     assert eval_step.ensure_punkt().startswith("offline stand-in")
-    assert str(REPO / "data" / "nltk_data") in nltk.data.path
+    assert nltk.data.path == [str(REPO / "data" / "nltk_data")]
     out, err = capsys.readouterr()
     assert "[nltk_data]" not in out + err
     assert err.count("\n") == 1 and "stand-in in data/nltk_data" in err
