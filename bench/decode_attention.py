@@ -16,11 +16,11 @@ where the kernel differs from the reference by more than bf16 rounding allows.
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
+from timing import gpu_slug
 
 from common.generation import decode_kernel, fastgen
 
@@ -53,7 +53,7 @@ def main():
     from triton.testing import do_bench_cudagraph
 
     name = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+    slug = gpu_slug(name)
     rows, failed = [], False
     g = torch.Generator(device="cuda").manual_seed(0)
     for model, (heads, kv_heads, dim) in SHAPES.items():

@@ -33,12 +33,11 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
-from timing import sync_time
+from timing import gpu_slug, sync_time
 
 from common.generation import fastgen
 from common.generation.fastgen import uncompile_pointwise
@@ -297,7 +296,7 @@ def main():
     import transformers
 
     name = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+    slug = gpu_slug(name)
     out_path = Path(args.out) / f"generate-realistic-{slug}{'-' + args.tag if args.tag else ''}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     prompts, targets = workload(args)

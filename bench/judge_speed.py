@@ -17,13 +17,12 @@ Results: JSON under --out (default $OUT, else bench/results) as judge-<gpu>.json
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from generation_speed import build_model
 from judge import Judge, judged_records
-from timing import sync_time
+from timing import gpu_slug, sync_time
 
 from common.generation.chat import end_of_turn, prepare_tokenizer
 from common.generation.engines import TransformersEngine, stop_ids
@@ -80,7 +79,7 @@ def main():
               "records_per_s": round(args.n / wall, 2), "generated_tok_s": round(tokens / wall, 1),
               "note": "random weights: unconstrained, every answer runs to the cap and is retried once (worst "
                       "case); constrained, a random model's answers take the reason's whole share of the cap"}
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+    slug = gpu_slug(name)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"judge-{slug}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

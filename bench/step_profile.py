@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from generation_speed import PAD, build_model
-from timing import sync_time
+from timing import gpu_slug, sync_time
 from torch.profiler import ProfilerActivity, profile
 
 from common.generation import fastgen
@@ -82,7 +82,7 @@ def main():
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70),
               flush=True)
     name = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+    slug = gpu_slug(name)
     out = Path(args.out) / f"step-profile-{slug}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "config": args.config, "slots": S,
