@@ -561,3 +561,43 @@ def test_engine_marks_a_looping_row(path, request, cycle, monkeypatch):
     # the text is the cycle the row wrote, as many tokens as it counts, and nothing after it
     assert looping_row["text"] == engine.tokenizer.decode((words * 24)[: looping_row["tokens"]]).strip()
     assert other["stop_reason"] == "length" and other["tokens"] == 24  # the row beside it runs on
+
+
+def test_compiling_swaps_each_models_rotary_embedding_while_a_generator_lives(monkeypatch):
+    """compile_pointwise compiles the norms, the MLPs and the modeling module's apply_rotary_pos_emb (ten small
+    kernels a layer when eager), once however often it is called; uncompile_pointwise puts the very function back.
+    Here torch.compile is a recording stand-in (the CPU build has no triton): what is tested is the swap."""
+    import importlib.util
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    home = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    original = home.apply_rotary_pos_emb
+    called = Counter()
+
+    def recording_compile(fn, **options):
+        def run(*args, **kwargs):
+            called[getattr(fn, "__name__", type(fn).__name__)] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: object() if name == "triton" else find_spec(name, *rest))
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    try:
+        assert fastgen.compile_pointwise(model)
+        assert not fastgen.compile_pointwise(model)  # already compiled: nothing more
+        swapped = home.apply_rotary_pos_emb
+        assert swapped is not original and swapped.sit_original is original
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert called["apply_rotary_pos_emb"] == config.num_hidden_layers
+    finally:
+        fastgen.uncompile_pointwise(model)
+    assert home.apply_rotary_pos_emb is original
+    assert not any(hasattr(m, "sit_compiled") for m in model.modules())
