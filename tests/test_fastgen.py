@@ -563,18 +563,20 @@ def test_engine_marks_a_looping_row(path, request, cycle, monkeypatch):
     assert other["stop_reason"] == "length" and other["tokens"] == 24  # the row beside it runs on
 
 
-def test_compiling_swaps_each_models_rotary_embedding_while_a_generator_lives(monkeypatch):
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])  # the target models' families
+def test_compiling_swaps_each_models_rotary_embedding_while_a_generator_lives(family, monkeypatch):
     """compile_pointwise compiles the norms, the MLPs and the modeling module's apply_rotary_pos_emb (ten small
     kernels a layer when eager), once however often it is called; uncompile_pointwise puts the very function back.
     Here torch.compile is a recording stand-in (the CPU build has no triton): what is tested is the swap."""
     import importlib.util
     import sys
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval()
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     home = sys.modules[type(model.model.layers[0].self_attn).__module__]
     original = home.apply_rotary_pos_emb
     called = Counter()
