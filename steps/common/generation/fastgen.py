@@ -663,8 +663,8 @@ def compile_pointwise(model):
             module.sit_compiled = True
             compiled += 1
         home = rope_home(module)
-        if home is not None and not hasattr(getattr(home, ROPE_FUNCTION), "sit_original"):
-            rope = getattr(home, ROPE_FUNCTION)
+        rope = getattr(home, ROPE_FUNCTION, None)
+        if home is not None and not hasattr(rope, "sit_original"):
             fast = torch.compile(rope, dynamic=True)
             fast.sit_original = rope
             setattr(home, ROPE_FUNCTION, fast)
@@ -673,9 +673,7 @@ def compile_pointwise(model):
 
 
 def rope_home(module):
-    """The modeling module whose `apply_rotary_pos_emb` an attention module calls (by its global name), or None.
-    Eager, the rotary embedding is ten small kernels a layer (four products, two negations, two concatenations,
-    two sums); compiled, one or two."""
+    """The modeling module whose `apply_rotary_pos_emb` an attention module calls (by its global name), or None."""
     if not type(module).__name__.endswith("Attention"):
         return None
     home = sys.modules.get(type(module).__module__)
