@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import gpu_slug
 from timing import sync_time as timed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,7 @@ def main():
               "versions": installed_versions(("torch", "transformers", "peft", "bitsandbytes", "lm_eval")),
               "cuda": torch.version.cuda}
     out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "results")
-    name = f"eval-{gpu.lower().replace('nvidia ', '').replace(' ', '-')}-{Path(args.config).stem}.json"
+    name = f"eval-{gpu_slug(gpu)}-{Path(args.config).stem}.json"
     (out_dir / name).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n{gpu}: copy {bandwidth} GB/s, fp16 matmul {tflops} TFLOP/s; 7B 4-bit weights {weights_gib:.2f} GiB, "
           f"load {load_s:.0f} s")

@@ -105,6 +105,7 @@ def main():
     a = p.parse_args()
 
     import torch
+    from timing import gpu_slug
 
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,7 @@ def main():
     deps = work / "deps-installed"  # the GPU machine has its packages: make's install target is marked done
     deps.touch()
     report = {"gpu": gpu, "versions": bench.installed_versions(bench.BENCH_PACKAGES), "tier": a.tier, "runs": []}
-    out_file = out / f"launch-{bench.gpu_slug(gpu)}.json"
+    out_file = out / f"launch-{gpu_slug(gpu)}.json"
     for name, variables in RUNS.items():
         if a.only and name not in a.only.split(","):
             continue

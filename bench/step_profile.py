@@ -2,7 +2,7 @@
 """Where a decoding step's time goes, per slot bucket: the fast path's step (steps/common/generation/fastgen.py) on
 a randomly initialised model built from a real config, every slot at a mid-run length, as its CUDA graph replays it
 (wall per step) and as torch.profiler sees it run eagerly (GPU time per kernel kind). The gap between the graph's
-step and the kernels' sum is what launching ~25 small kernels a layer costs inside the graph.
+step and the kernels' sum is what launching the step's kernels (~18 a layer) costs inside the graph.
 
     PYTHONPATH=steps python bench/step_profile.py [--buckets 8,64,512] [--cap 4096] [--slots 512]
 

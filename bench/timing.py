@@ -15,7 +15,11 @@ def sync_time(fn):
     return out, time.perf_counter() - start
 
 
-def gpu_slug(name=None):
-    """The GPU's name as a results file takes it: "NVIDIA H200" -> "h200"."""
-    name = name or torch.cuda.get_device_name()
-    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")
+FAMILIES = ("H200", "H100", "A100", "A10", "L4", "T4")  # GPUs named by their family alone
+
+
+def gpu_slug(name):
+    """The GPU's name as a results file takes it: its family where it is one of FAMILIES ("NVIDIA H100 80GB HBM3" ->
+    "h100"), else the whole name made file-safe ("NVIDIA RTX 6000 Ada Generation" -> "rtx-6000-ada-generation")."""
+    family = next((f for f in FAMILIES if re.search(rf"\b{f}\b", name)), None)
+    return family.lower() if family else re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")

@@ -659,13 +659,6 @@ def table(results):
     return "\n".join(lines)
 
 
-def gpu_slug(name):
-    for s in ("H200", "H100", "A100", "L4", "T4", "A10"):
-        if s in name:
-            return s.lower()
-    return "gpu"
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", default="core", help="core, extra, t4, speed or all")
@@ -697,6 +690,7 @@ def main():
         return
 
     import torch
+    from timing import gpu_slug
 
     work, out = Path(a.work), Path(a.out)
     (work / "data").mkdir(parents=True, exist_ok=True)

@@ -673,7 +673,9 @@ def compile_pointwise(model):
 
 
 def rope_home(module):
-    """The modeling module whose `apply_rotary_pos_emb` an attention module calls (by its global name), or None."""
+    """The modeling module whose `apply_rotary_pos_emb` an attention module calls (by its global name), or None. The
+    swap is module-wide: while one generator lives, every model of that family in the process runs the compiled
+    form (the same arithmetic)."""
     if not type(module).__name__.endswith("Attention"):
         return None
     home = sys.modules.get(type(module).__module__)
@@ -687,8 +689,9 @@ def uncompile_pointwise(model):
             module._compiled_call_impl = None
             del module.sit_compiled
         home = rope_home(module)
-        if home is not None and hasattr(getattr(home, ROPE_FUNCTION), "sit_original"):
-            setattr(home, ROPE_FUNCTION, getattr(home, ROPE_FUNCTION).sit_original)
+        rope = getattr(home, ROPE_FUNCTION, None)
+        if hasattr(rope, "sit_original"):
+            setattr(home, ROPE_FUNCTION, rope.sit_original)
 
 
 def flash_varlen_available():
