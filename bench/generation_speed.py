@@ -51,19 +51,12 @@ EOS, PAD = 128009, 128004  # <|eot_id|>, <|finetune_right_pad_id|>: never in the
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "bench" / "configs" / "llama-3.1-8b.json"))
-    p.add_argument("--requests", type=int, default=4096,
-                   help="requests in one call, as a step hands over a batch (GEN_BATCH: 8,192 on h100; a run of the "
-                        "default NUM_SAMPLES, 1000, is one call of 1,000)")
+    workload_args(p)
     p.add_argument("--static-requests", type=int, default=512,
                    help="the static engine's share (its rate does not depend on how many 128-batches it runs)")
     p.add_argument("--slots", default="256", help="rows decoded at once by the fast path (GEN_ROWS); several: 128,256")
     p.add_argument("--static-batch", type=int, default=128, help="requests per call of the static engine")
     p.add_argument("--baseline-requests", type=int, default=64)
-    p.add_argument("--cap", type=int, default=1024, help="max_new_tokens")
-    p.add_argument("--median", type=float, default=300, help="median response length (log-normal)")
-    p.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the response lengths")
-    p.add_argument("--prompt-min", type=int, default=16)
-    p.add_argument("--prompt-max", type=int, default=320)
     p.add_argument("--variants", default="fast,fast-fixed,static,static-fixed,baseline")
     p.add_argument("--admit", default="", help="the fast path's ADMIT_FRACTION (free slots wait for this share "
                    "before a prefill); several: 0.004,0.0625 (default: the module's)")
@@ -84,17 +77,32 @@ def parse_args():
     return p.parse_args()
 
 
+def workload_args(p):
+    """The workload's options (what workload() draws from), shared with bench/schedule_replay.py."""
+    p.add_argument("--requests", type=int, default=4096,
+                   help="requests in one call, as a step hands over a batch (GEN_BATCH: 8,192 on h100; a run of the "
+                        "default NUM_SAMPLES, 1000, is one call of 1,000)")
+    p.add_argument("--cap", type=int, default=1024, help="max_new_tokens")
+    p.add_argument("--median", type=float, default=300, help="median response length (log-normal)")
+    p.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the response lengths")
+    p.add_argument("--prompt-min", type=int, default=16)
+    p.add_argument("--prompt-max", type=int, default=320)
+
+
 class EndAt:
     """Logits processor: a row must end (EOS) once it holds as many tokens as its first prompt token says, and can't
     before; PAD is never sampled. Rows are identified by their own token history, so it works in every engine."""
 
+    def __init__(self, eos=EOS, pad=PAD):
+        self.eos, self.pad = eos, pad
+
     def __call__(self, input_ids, scores):
-        first = (input_ids != PAD).int().argmax(1)  # generate's left padding: the target is the first non-pad token
+        first = (input_ids != self.pad).int().argmax(1)  # generate's left padding: the target: first non-pad token
         target = input_ids.gather(1, first[:, None])[:, 0]
-        count = (input_ids != PAD).sum(1)
-        scores[:, PAD] = -math.inf
+        count = (input_ids != self.pad).sum(1)
+        scores[:, self.pad] = -math.inf
         end = count >= target
-        scores[:, EOS] = torch.where(end, torch.full_like(scores[:, EOS], math.inf), -math.inf)
+        scores[:, self.eos] = torch.where(end, torch.full_like(scores[:, self.eos], math.inf), -math.inf)
         return scores
 
 
@@ -231,14 +239,16 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
     _, warm = sync_time(lambda: generator.generate(prompts[: 2 * slots], sampling, extra_processors=[EndAt()]))
     torch.cuda.reset_peak_memory_stats()
     generator.stats.clear()
+    keys = count_keys(generator)
     (rows, _), wall = sync_time(lambda: generator.generate(prompts, sampling, extra_processors=[EndAt()]))
     stats = dict(generator.stats)
-    # Where the decoding time went: each slot bucket's step (its CUDA graph replayed alone) x the steps run at it.
-    step_ms = {}
+    # Where the decoding time went: each slot bucket's step (its CUDA graph replayed alone, every slot holding the
+    # keys a step at that bucket held on average in the run, on pages of its own) x the steps run at it.
+    step_ms, mean_keys = {}, {}
     for (bucket, length), graph in generator.graphs.items():
-        if length == generator.cache.length:
-            _, t = sync_time(lambda: [graph.replay() for _ in range(10)])
-            step_ms[bucket] = round(100 * t, 2)
+        if length == generator.cache.length and stats.get(bucket):
+            mean_keys[bucket] = round(float(keys[bucket]) / stats[bucket] / bucket)
+            step_ms[bucket] = round(1000 * replay_at(generator, graph, bucket, mean_keys[bucket]), 2)
     forward_ms = step_ms.get(generator.cache.slots)  # one decoding step of every slot
     steps = {str(b): n for b, n in sorted((k, v) for k, v in stats.items() if isinstance(k, int))}
     replay_s = sum(n * step_ms.get(int(b), 0) for b, n in steps.items()) / 1000
@@ -262,11 +272,40 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
                   admit_fraction=generator.admit_fraction, **timings,
                   full_step_forward_ms=forward_ms, compiled=generator.compiled, steps_per_slot_bucket=steps,
                   step_ms_per_slot_bucket={str(k): v for k, v in sorted(step_ms.items())},
+                  mean_keys_per_slot_bucket={str(k): v for k, v in sorted(mean_keys.items())},
                   decode_replay_s=round(replay_s, 1), prefills=stats.get("prefills", 0),
                   slots=generator.cache.slots, most_rows=stats.get("most_rows"),
                   preempted=stats.get("preempted", 0), kv_pages=getattr(generator.cache, "pages", None),
                   cache_length=generator.cache.length, graphs=len(generator.graphs), kernel=generator.kernel,
                   warm_up_run_s=round(warm, 1), check=generator.check()), *chunked]
+
+
+def count_keys(generator):
+    """Keys the decoding steps read, per slot bucket (GPU scalars, summed without a sync): each slot reads its
+    position + 1 keys (a slot without a row sits at 0)."""
+    keys, step = {}, generator.step
+
+    def counted(slots, length):
+        keys[slots] = keys.get(slots, 0) + (generator.cache.positions[:slots] + 1).sum()
+        return step(slots, length)
+
+    generator.step = counted
+    return keys
+
+
+def replay_at(generator, graph, slots, keys):
+    """Seconds a replay of a decoding step's graph takes with each of its `slots` slots holding `keys` keys, on
+    pages of its own where the cache is paged (in the run the rows' keys came from HBM, not from one cached page)."""
+    paged = hasattr(generator, "grow")  # the unpaged engine: each slot's keys lie in a region of its own
+    if paged:
+        keys = min(keys, len(generator.free_pages) // slots * fastgen.PAGE)
+        generator.grow({s: keys for s in range(slots)})
+    generator.cache.positions[:slots, 0] = keys - 1
+    _, t = sync_time(lambda: [graph.replay() for _ in range(10)])
+    generator.cache.positions.zero_()
+    if paged:
+        generator.release(list(range(slots)))
+    return t / 10
 
 
 def profile(generator, prompts, prefix):

@@ -170,6 +170,29 @@ def page_spy(generator):
     return in_use, handed
 
 
+def test_a_slot_without_a_row_decodes_at_position_0(fast_model, tokenizer, prompts, reference, stops):
+    """Decoding attention reads each slot's keys up to its position: a slot whose row ended (or that never held one)
+    must sit at 0, not at the length of the row it last held, or every step reads that dead row's length again."""
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
+    keys = ["sum", "yes", "hi"]  # three rows in four slots, ending at different steps
+    seen = []
+    step = generator.step
+
+    def spy_step(slots, length):
+        positions = generator.cache.positions[:slots, 0].tolist()
+        seen.append([positions[s] for s in range(slots) if not generator.pages_of[s]])
+        return step(slots, length)
+
+    generator.step = spy_step
+    rows, _ = generator.generate([prompts[k] for k in keys], greedy(stops))
+    assert rows == [reference[k] for k in keys]
+    lengths = sorted(len(reference[k]) for k in keys)
+    assert lengths[0] + fastgen.CHECK_EVERY < lengths[-1]  # a row was harvested while another decoded on
+    assert sum(map(len, seen)) > len(seen)  # steps ran beside a slot that had given its row back
+    assert all(p == 0 for step_positions in seen for p in step_positions)
+    assert generator.cache.positions.abs().sum() == 0  # the call ended with every slot at 0
+
+
 @pytest.fixture
 def small_pages(monkeypatch):
     """8-token pages, so that 32-token answers cross several of them."""

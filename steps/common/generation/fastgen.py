@@ -633,7 +633,9 @@ class SlotGenerator:
             generated[:slots] += live
             ended = live & (torch.isin(token, stop_ids) | (generated[:slots] >= max_new))
             active[:slots] &= ~ended
-            cache.positions[:slots, 0] += live & ~ended
+            # a slot without a live row sits at position 0, so decoding attention reads one key there, not the
+            # length of the row it last held (the Triton kernel reads each slot's keys up to its position)
+            cache.positions[:slots, 0] = (cache.positions[:slots, 0] + 1) * (live & ~ended)
             self.tokens[:slots, 0] = torch.where(live, token, self.tokens[:slots, 0])
             steps += 1
         return results, loops
