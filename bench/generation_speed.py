@@ -309,8 +309,8 @@ def replay_at(generator, graph, slots, keys):
 
 
 def profile(generator, prompts, prefix):
-    """Kernel tables (torch.profiler, CUDA time) of one eager decoding step of every slot, at the positions the
-    run left, and of one prefill of 16 prompts: where a step's and a prefill's GPU time goes."""
+    """Kernel tables (torch.profiler, CUDA time) of one eager decoding step of every slot, each at a mid-run
+    position (200-1,300), and of one prefill of 16 prompts: where a step's and a prefill's GPU time goes."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
