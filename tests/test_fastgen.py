@@ -170,11 +170,18 @@ def page_spy(generator):
     return in_use, handed
 
 
-def test_a_slot_without_a_row_decodes_at_position_0(fast_model, tokenizer, prompts, reference, stops):
-    """Decoding attention reads each slot's keys up to its position: a slot whose row ended (or that never held one)
-    must sit at 0, not at the length of the row it last held, or every step reads that dead row's length again."""
-    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4)
-    keys = ["sum", "yes", "hi"]  # three rows in four slots, ending at different steps
+@pytest.mark.parametrize("tight", [False, True])  # whole rows fit; rows outgrow a pool of 8-token pages
+def test_a_slot_without_a_row_decodes_at_position_0(fast_model, tokenizer, prompts, reference, stops, monkeypatch,
+                                                    tight):
+    """Decoding attention reads each slot's keys up to its position: a slot whose row ended, gave its pages back
+    (`tight`: preempted) or never held one must sit at 0, not at the length of the row it last held, or every step
+    reads that dead row's length again."""
+    keys, pages = ["sum", "yes", "hi"], None  # three rows in four slots, ending at different steps
+    if tight:  # the pool of test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly
+        monkeypatch.setattr(fastgen, "PAGE", 8)
+        monkeypatch.setattr(fastgen, "LENGTH_BUCKET", 128)
+        keys, pages = ["story", "photo", "sum", "yes", "hi"], 128 // 8 + 1
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4, pages=pages)
     seen = []
     step = generator.step
 
@@ -191,6 +198,7 @@ def test_a_slot_without_a_row_decodes_at_position_0(fast_model, tokenizer, promp
     assert sum(map(len, seen)) > len(seen)  # steps ran beside a slot that had given its row back
     assert all(p == 0 for step_positions in seen for p in step_positions)
     assert generator.cache.positions.abs().sum() == 0  # the call ended with every slot at 0
+    assert (generator.stats["preempted"] > 0) == tight
 
 
 @pytest.fixture

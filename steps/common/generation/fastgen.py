@@ -286,13 +286,16 @@ class SlotGenerator:
                 pages, dtype=torch.int32, device=table.device)
 
     def release(self, slots):
-        """The pages of `slots` back to the free list; their table rows point at the scratch page again."""
+        """The pages of `slots` back to the free list; their table rows point at the scratch page again and they sit
+        at position 0 (decoding attention reads one key there)."""
         for slot in slots:
             if not self.cache.fixed:
                 self.free_pages.extend(reversed(self.pages_of[slot]))
             self.pages_of[slot] = []
         if slots:
-            self.cache.table[torch.tensor(slots, device=self.device)] = 0
+            index = torch.tensor(slots, device=self.device)
+            self.cache.table[index] = 0
+            self.cache.positions[index] = 0
 
     def close(self):
         """The model as it was before this generator: its attention implementation, nothing compiled;
@@ -573,7 +576,7 @@ class SlotGenerator:
                 self.release(movers)
                 self.grow({b: n * PAGE for b, n in held.items()})
             else:
-                cache.table[src] = 0
+                cache.table[src], cache.positions[src] = 0, 0
 
         def harvest():
             """Collect the rows that ended and free their pages; return the free slots (lowest first)."""
@@ -633,8 +636,8 @@ class SlotGenerator:
             generated[:slots] += live
             ended = live & (torch.isin(token, stop_ids) | (generated[:slots] >= max_new))
             active[:slots] &= ~ended
-            # a slot without a live row sits at position 0, so decoding attention reads one key there, not the
-            # length of the row it last held (the Triton kernel reads each slot's keys up to its position)
+            # a row that ends goes to position 0 at once, as release() puts a slot without a row: decoding
+            # attention reads each slot's keys up to its position, so it reads one key there, not the ended row's
             cache.positions[:slots, 0] = (cache.positions[:slots, 0] + 1) * (live & ~ended)
             self.tokens[:slots, 0] = torch.where(live, token, self.tokens[:slots, 0])
             steps += 1
