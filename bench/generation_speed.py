@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +68,8 @@ def parse_args():
     p.add_argument("--timing", action="store_true", help="time each prefill (a GPU sync around it) into the JSON")
     p.add_argument("--profile", action="store_true", help="after the fast runs, profile one eager decoding step of "
                    "every slot and one prefill (torch.profiler): the kernel tables go to profile-*.txt under --out")
+    p.add_argument("--trace-loop", type=int, default=0, help="profile a window of the fast runs' real loop: 64 "
+                   "steps from this one on (kernel table and GPU gaps to profile-*-loop.txt under --out)")
     p.add_argument("--memory-gib", type=float, default=79.1, help="GPU memory the fast path may size itself to "
                    "(default: an 80 GB H100's; the static engine and baseline need far less at these settings)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
@@ -221,7 +224,8 @@ def unpaged_engine(directory):
 
 
 def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=None, timing=False, profile_to=None,
-             kernel=None, calls=(), engine=fastgen):
+             kernel=None, calls=(), engine=fastgen, trace_to=None,
+             trace_at=0):
     """The fast path's rows: the workload in one call, then (`calls`) handed over in calls of so many requests,
     as a step hands over its batches (GEN_BATCH samples, PREF_BATCH x NUM_RESPONSES responses). `engine`: the
     fastgen module (this one, or the unpaged one)."""
@@ -239,9 +243,11 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
     _, warm = sync_time(lambda: generator.generate(prompts[: 2 * slots], sampling, extra_processors=[EndAt()]))
     torch.cuda.reset_peak_memory_stats()
     generator.stats.clear()
-    keys = count_keys(generator)
+    keys = count_keys(generator, trace_to=trace_to, trace_at=trace_at)
     (rows, _), wall = sync_time(lambda: generator.generate(prompts, sampling, extra_processors=[EndAt()]))
     stats = dict(generator.stats)
+    in_run = in_run_ms(generator.step_events)
+    del generator.step  # no more counting
     # Where the decoding time went: each slot bucket's step (its CUDA graph replayed alone, every slot holding the
     # keys a step at that bucket held on average in the run, on pages of its own) x the steps run at it.
     step_ms, mean_keys = {}, {}
@@ -272,6 +278,8 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
                   admit_fraction=generator.admit_fraction, **timings,
                   full_step_forward_ms=forward_ms, compiled=generator.compiled, steps_per_slot_bucket=steps,
                   step_ms_per_slot_bucket={str(k): v for k, v in sorted(step_ms.items())},
+                  in_run_step_ms_per_slot_bucket=in_run,
+                  in_run_graphs_s=round(sum(steps[b] * in_run[b] for b in in_run) / 1000, 1),
                   mean_keys_per_slot_bucket={str(k): v for k, v in sorted(mean_keys.items())},
                   decode_replay_s=round(replay_s, 1), prefills=stats.get("prefills", 0),
                   slots=generator.cache.slots, most_rows=stats.get("most_rows"),
@@ -280,17 +288,77 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
                   warm_up_run_s=round(warm, 1), check=generator.check()), *chunked]
 
 
-def count_keys(generator):
+def count_keys(generator, trace_to=None, trace_at=3000, trace_steps=64):
     """Keys the decoding steps read, per slot bucket (GPU scalars, summed without a sync): each slot reads its
-    position + 1 keys (a slot without a row sits at 0)."""
-    keys, step = {}, generator.step
+    position + 1 keys (a slot without a row sits at 0). Also times each step's graph where it ran, in the run (CUDA
+    events around it: `in_run_ms(...)` sums them per bucket), and with `trace_to` profiles the steps from `trace_at`
+    on for `trace_steps` steps (torch.profiler, CPU and CUDA): where a step's time goes between the graphs."""
+    keys, events, step = {}, [], generator.step
+    window = {}
 
     def counted(slots, length):
         keys[slots] = keys.get(slots, 0) + (generator.cache.positions[:slots] + 1).sum()
-        return step(slots, length)
+        n = len(events)
+        if trace_to and n == trace_at:
+            window["profiler"] = start_trace()
+        elif trace_to and n == trace_at + trace_steps and "profiler" in window:
+            end_trace(window.pop("profiler"), trace_to, trace_steps)
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began.record()
+        out = step(slots, length)
+        ended.record()
+        events.append((slots, began, ended))
+        return out
 
     generator.step = counted
+    generator.step_events = events
     return keys
+
+
+def in_run_ms(events):
+    """Per slot bucket, the mean milliseconds its graph took where it ran in the run (synchronises)."""
+    torch.cuda.synchronize()
+    total, count = {}, {}
+    for slots, began, ended in events:
+        total[slots] = total.get(slots, 0.0) + began.elapsed_time(ended)
+        count[slots] = count.get(slots, 0) + 1
+    return {str(b): round(total[b] / count[b], 2) for b in sorted(total)}
+
+
+def start_trace():
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof.__enter__()
+    prof.began = time.perf_counter()
+    return prof
+
+
+def end_trace(prof, prefix, steps):
+    """Writes the window's kernel table and, from its timeline, how busy the GPU was: the kernels' union against
+    the window's span, and the longest gaps with the CPU op that launched the kernel after each."""
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - prof.began
+    prof.__exit__(None, None, None)
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, gaps, edge = 0.0, [], None
+    for start, end, name in kernels:
+        if edge is not None and start > edge:
+            gaps.append((start - edge, name))
+        busy += max(0.0, end - max(start, edge or start))
+        edge = max(edge or end, end)
+    span = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
+    gaps.sort(reverse=True)
+    summary = {"steps": steps, "wall_ms": round(1000 * wall, 1), "kernel_span_ms": round(span / 1000, 1),
+               "gpu_busy_ms": round(busy / 1000, 1), "gap_ms": round(sum(g for g, _ in gaps) / 1000, 2),
+               "gaps_over_50us": sum(g > 50 for g, _ in gaps),
+               "longest_gaps": [(round(g / 1000, 3), name[:80]) for g, name in gaps[:25]]}
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+    Path(f"{prefix}-loop.txt").write_text(json.dumps(summary, indent=1) + "\n" + table)
+    print(f"loop trace: {json.dumps(summary)}", flush=True)
 
 
 def replay_at(generator, graph, slots, keys):
@@ -384,7 +452,9 @@ def main():
                     calls = [int(c) for c in args.calls.split(",")] if args.calls and realistic else []
                     for row in run_fast(model, p, t, args.cap, slots, variant, args.memory_gib, admit, args.timing,
                                         profile_to=str(Path(args.out) / f"profile-{slug}") if last else None,
-                                        kernel=kernel, calls=calls, engine=engine):
+                                        kernel=kernel, calls=calls, engine=engine,
+                                        trace_to=str(Path(args.out) / f"profile-{slug}-{variant}-{slots}")
+                                        if args.trace_loop else None, trace_at=args.trace_loop):
                         save(row)
         except Exception as e:  # one variant must not cost the others
             report.setdefault("errors", {})[variant] = f"{type(e).__name__}: {e}"[:800]

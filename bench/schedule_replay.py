@@ -77,7 +77,8 @@ def main(argv=None):
               "steps_per_slot_bucket": {str(b): n for b, n in sorted(per_bucket.items())},
               "mean_keys_per_slot_bucket": {str(b): round(keys[b] / per_bucket[b] / b) for b in sorted(per_bucket)},
               "prefills": stats["prefills"], "prefill_tokens": stats["prefill_tokens"],
-              "preempted": stats["preempted"], "most_rows": stats["most_rows"],
+              "preempted": stats["preempted"], "ended_when_preempted": stats["ended_when_preempted"],
+              "most_rows": stats["most_rows"],
               "replay_s": round(time.perf_counter() - began, 1)}
     if args.device_run:
         with open(args.device_run) as f:

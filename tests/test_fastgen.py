@@ -484,7 +484,7 @@ def test_a_decoding_kernel_that_disagrees_with_the_model_gives_way_to_the_next(f
     outputs (here a stand-in for the Triton kernel) is said to be off, and the next one (SDPA) decodes."""
     calls = []
 
-    def wrong(query, key, value, lengths, table, scale):
+    def wrong(query, key, value, lengths, table, scale, order=None):
         calls.append(query.shape[0])
         return torch.zeros_like(query).transpose(1, 2)
 

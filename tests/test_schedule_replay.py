@@ -47,3 +47,13 @@ def test_a_device_run_prices_the_replay(tmp_path):
     assert estimate["decode_s"] == round(2.0 * sum(steps.values()) / 1000, 1)
     assert estimate["prefill_s"] == 0.5  # half the device run's prompt tokens
     assert estimate["other_s"] == round(1.5 / 100 * sum(steps.values()), 1)  # its 1.5 s beyond steps and prefills
+
+
+def test_resumed_rows_and_rows_ending_as_they_are_preempted_end_at_their_lengths():
+    """Short rows of very different lengths in ten pages: rows are preempted and resumed into slots that held other
+    rows (the processors must not see the last row's tokens: EndAt counts them), and one preempted row had ended in
+    the step the GPU ran while the host looked (it is finished, not resumed). replay() asserts every row's length."""
+    argv = ["--requests", "400", "--cap", "256", "--median", "20", "--sigma", "1.2", "--prompt-min", "4",
+            "--prompt-max", "40", "--slots", "8", "--admit", "0.125", "--pages", "10"]
+    report = schedule_replay.main(argv)
+    assert report["preempted"] > 0 and report["ended_when_preempted"] > 0

@@ -5,7 +5,7 @@ ends: most of the work goes to rows that have already stopped. Here up to `slots
 ends (stop token, length cap, or the loop rule) frees its slot, and the next prompt is prefilled into it.
 
 - KV cache: paged (PagedCache). Per layer one pool of PAGE-token pages, sized from free memory once; a block table
-  names each slot's pages. A row takes pages as it grows (every CHECK_EVERY steps, for the next CHECK_EVERY tokens)
+  names each slot's pages. A row takes pages as it grows (every CHECK_EVERY steps, for the tokens until the next look)
   and gives them back when it ends, so the rows decoded at once are bounded by the tokens really in flight, not by
   rows x cap. A prompt is admitted only while the free pages hold it beside a page of growth for each row in
   flight; where rows outgrow the pages anyway, the rows admitted last give theirs back and are resumed later (their
@@ -13,7 +13,9 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
   on a CPU), slot s keeps pages of its own in order, so SDPA reads them in place. Steps run on the first S' slots
   (the highest in use, rounded up to a power of two; new rows take the lowest free slot), so a draining batch costs
   less.
-- Decoding steps are captured as CUDA graphs, one per slot bucket, on a GPU; the CPU runs the same code eagerly.
+- Decoding steps are captured as CUDA graphs, one per slot bucket, on a GPU; the CPU runs the same code eagerly. The
+  host never waits for a step between looks, and at a look it reads a snapshot of the slots while the GPU runs one
+  more step, so the GPU does not idle while the host admits, moves and grows rows.
 - Decoding attention on a GPU: a Triton kernel of ours (common/generation/decode_kernel.py) reads each slot's pages
   in place through the block table, only the keys the row holds (fp16 or bf16; it runs on a T4 too). Elsewhere, or
   where it disagrees with a plain forward, SDPA over the pages (a view or a contiguous copy) under a mask over the
@@ -44,7 +46,6 @@ import itertools
 import math
 import os
 import sys
-import time
 from collections import Counter
 
 import torch
@@ -56,7 +57,7 @@ from common.models import full_attention_only
 
 PAGE = 64  # tokens a KV page holds: a multiple of the Triton kernel's BLOCK_N, which reads a page at a time
 LENGTH_BUCKET = 256  # SDPA attention reads a multiple of this many positions (a multiple of PAGE)
-CHECK_EVERY = 8  # decoding steps between looks at which rows ended (each look waits for the GPU)
+CHECK_EVERY = 8  # decoding steps between looks at which rows ended (each look reads a snapshot of the slots)
 PREFILL_TOKENS = 16384  # at most this many prompt tokens in one prefill forward...
 PREFILL_SHARE = 0.1  # ... and fewer where their activations would take more than this share of free GPU memory
 # GPU memory a decoding row takes beyond its KV pages, per vocabulary entry: its logits and the sampling's copies
@@ -204,7 +205,8 @@ class SlotGenerator:
             compiled = self.graphs_on and os.environ.get("SIT_COMPILE_DECODE", "1") == "1"
         self.compiled = compiled and compile_pointwise(model)
         self.stats = Counter()  # decoding steps per slot bucket, prefills, preemptions: where a run's time went
-        self.timing = False  # bench: time each prefill (a GPU sync before and after it) into stats["prefill_s"]
+        self.timing = False  # bench: time each prefill (CUDA events around it) into stats["prefill_s"]
+        self.prefill_events = []
         self.admit_fraction = ADMIT_FRACTION
         self.prefill_tokens = PREFILL_TOKENS  # fewer where GPU memory is short (fit_pages)
 
@@ -321,7 +323,7 @@ class SlotGenerator:
         positions = cache.positions[:slots]
         if self.reads_lengths:  # slot_attention reads each slot's key count from an int32 "mask"
             mask = (positions + 1).to(torch.int32).view(slots, 1, 1, 1)
-            extra = {"block_table": cache.table[:slots]}
+            extra = {"block_table": cache.table[:slots], "slot_order": decode_kernel.longest_first(mask.view(-1))}
         else:
             mask, extra = (self.index[:length] <= positions).view(slots, 1, 1, length), {}
         out = self.model(input_ids=self.tokens[:slots], position_ids=positions, attention_mask=mask,
@@ -360,9 +362,9 @@ class SlotGenerator:
         is padding and no mask is built; their keys and values are scattered into the slots' pages (grow() gave
         each slot pages for its prompt beforehand)."""
         timed = self.timing and self.device.type == "cuda"
-        if timed:
-            torch.cuda.synchronize(self.device)
-            began = time.perf_counter()
+        if timed:  # events, not a sync: the host keeps running ahead of the GPU
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
         unique = list(dict.fromkeys(tuple(p) for _, p in assignments))
         row_of = {p: i for i, p in enumerate(unique)}
         lengths = [len(p) for p in unique]
@@ -392,9 +394,17 @@ class SlotGenerator:
         self.stats["prefill_rows"] += len(assignments)
         self.stats["prefill_tokens"] += int(starts[-1])
         if timed:
-            torch.cuda.synchronize(self.device)
-            self.stats["prefill_s"] += time.perf_counter() - began
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self.prefill_events.append((began, ended))
         return logits
+
+    def timed_prefills(self):
+        """Adds the timed prefills' seconds to stats["prefill_s"] (waits for them)."""
+        for began, ended in self.prefill_events:
+            ended.synchronize()
+            self.stats["prefill_s"] += began.elapsed_time(ended) / 1000
+        self.prefill_events = []
 
     def check(self):
         """None if one prefill and one decoding step give the logits of a plain forward (two slots, prompts of
@@ -458,6 +468,7 @@ class SlotGenerator:
         window = sampling.loop_window
         rows = torch.arange(S, device=dev)
         admit_min = max(1, int(S * self.admit_fraction))
+        placed = {}  # slot -> position, for the rows admitted at this look (the snapshot predates them)
         idle = torch.full((self.vocab,), -math.inf, device=dev)
         idle[self.pad] = 0.0
 
@@ -497,12 +508,16 @@ class SlotGenerator:
             for s, _ in assignments:
                 if slot_request[s] in resumed:  # back where it left off: its tokens, no new first token
                     ids, plen, done, loop = resumed.pop(slot_request[s])
-                    history[s, : len(ids)] = torch.tensor(ids, device=dev)
+                    row = torch.full((L + 1,), self.pad, dtype=torch.long)  # the whole row: nothing of the slot's last
+                    row[: len(ids)] = torch.tensor(ids)  # row stays for the processors to read
+                    history[s] = row.to(dev)
                     hist_len[s], prompt_len[s], generated[s], looped[s] = len(ids), plen, done, loop
                     cache.positions[s, 0], self.tokens[s, 0], active[s] = len(ids) - 1, ids[-1], True
+                    placed[s] = len(ids) - 1
             if not fresh:
                 return
             assignments = [assignments[k] for k in fresh]
+            placed.update((s, len(p)) for s, p in assignments)
             slots = torch.tensor([s for s, _ in assignments], device=dev)
             lengths = torch.tensor([len(p) for _, p in assignments])
             padded = torch.full((len(assignments), L + 1), self.pad, dtype=torch.long)
@@ -522,35 +537,39 @@ class SlotGenerator:
             looped[slots] = False
             active[slots] = ~torch.isin(first, stop_ids) & (max_new > 1)
 
-        def make_room():
-            """Pages for every row in flight to decode its next CHECK_EVERY tokens. Where the free pages fall short,
-            the rows admitted last give theirs back and wait at the front of the queue: resumed, their tokens so far
-            are prefilled again and they go on as before. The row admitted first always keeps going (the cache holds
-            at least one whole row), so every row ends, none cut short."""
+        def make_room(positions):
+            """Pages for every row in flight to decode its next CHECK_EVERY + 1 tokens, from `positions` (where each
+            slot stood at the snapshot, one step before this takes effect). Where the free pages fall short, the rows
+            admitted last give theirs back and wait at the front of the queue: resumed, their tokens so far are
+            prefilled again and they go on as before. The row admitted first always keeps going (the cache holds at
+            least one whole row), so every row ends, none cut short."""
             live = [s for s in range(S) if slot_request[s] is not None]
             if not live:
                 return
-            positions = cache.positions[:, 0].tolist()
             wanted = {s: positions[s] + CHECK_EVERY + 1 for s in live}
             missing = {s: max(0, self.pages_for(t) - len(self.pages_of[s])) for s, t in wanted.items()}
             need = sum(missing.values())
             while not cache.fixed and need > len(self.free_pages):
                 victim = max(wanted, key=lambda s: admitted[s])
-                r, n = slot_request[victim], int(hist_len[victim])
-                resumed[r] = (history[victim, :n].tolist(), int(prompt_len[victim]), int(generated[victim]),
-                              bool(looped[victim]))
-                pending.append(r)
+                r, n = slot_request[victim], int(hist_len[victim])  # read after the step in flight (a sync)
+                tokens, start = history[victim, :n].tolist(), int(prompt_len[victim])
+                if bool(active[victim]):
+                    resumed[r] = (tokens, start, int(generated[victim]), bool(looped[victim]))
+                    pending.append(r)
+                    self.stats["preempted"] += 1
+                else:  # it ended in the step in flight: done, not preempted
+                    results[r], loops[r] = tokens[start:], bool(looped[victim])
+                    self.stats["ended_when_preempted"] += 1
                 active[victim], slot_request[victim] = False, None
                 self.release([victim])
                 del wanted[victim]
                 need -= missing.pop(victim)
-                self.stats["preempted"] += 1
             self.grow(wanted)
 
-        def compact():
+        def compact(positions):
             """Once nothing is pending, move the live rows into the lowest slots, so that the step runs on fewer
             (their pages stay where they are and the block table's rows move; in the fixed layout the keys and
-            values move to the new slot's own pages)."""
+            values move to the new slot's own pages). `positions` (the snapshot's) move with them."""
             used = [s for s in range(S) if slot_request[s] is not None]
             target = _pow2_bucket(len(used), S)
             movers = [s for s in used if s >= target]
@@ -570,7 +589,7 @@ class SlotGenerator:
             held = {b: len(self.pages_of[a]) for a, b in zip(movers, holes)}
             for a, b in zip(movers, holes):
                 slot_request[b], slot_request[a] = slot_request[a], None
-                admitted[b] = admitted[a]
+                admitted[b], positions[b] = admitted[a], positions[a]
                 self.pages_of[b], self.pages_of[a] = [] if cache.fixed else self.pages_of[a], []
             if cache.fixed:  # the new slot's own pages, as many as the row held
                 self.release(movers)
@@ -578,50 +597,42 @@ class SlotGenerator:
             else:
                 cache.table[src], cache.positions[src] = 0, 0
 
-        def harvest():
-            """Collect the rows that ended and free their pages; return the free slots (lowest first)."""
-            ended = [s for s in torch.nonzero(~active).flatten().tolist() if slot_request[s] is not None]
+        def to_host(tensor):
+            """A copy of `tensor` on its way to the host and an event that says it arrived (None on a CPU): the
+            host reads it once the GPU got there, not after the work queued behind it."""
+            host = tensor.to("cpu", non_blocking=True)  # a GPU tensor's lands in pinned memory, asynchronously
+            if dev.type != "cuda":
+                return host, None
+            arrived = torch.cuda.Event()
+            arrived.record()
+            return host, arrived
+
+        def harvest(state):
+            """Free the slots whose rows had ended at the snapshot (`state`: active, position, tokens held, prompt
+            length, looped, per slot): their tokens start on their way to the host (collect() reads them; the step
+            in flight leaves an ended row's tokens as they are) and their pages go back. The free slots, lowest
+            first."""
+            live, _, held, start, loop = state
+            ended = [s for s in range(S) if slot_request[s] is not None and not live[s]]
             if ended:
-                index = torch.tensor(ended, device=dev)
-                rows_cpu = history[index].cpu()
-                starts, ends, loop_cpu = prompt_len[index].cpu(), hist_len[index].cpu(), looped[index].cpu()
-                for k, s in enumerate(ended):
-                    r = slot_request[s]
-                    results[r] = rows_cpu[k, starts[k] : ends[k]].tolist()
-                    loops[r] = bool(loop_cpu[k])
+                tokens, arrived = to_host(history[torch.tensor(ended, device=dev)])
+                outbox.append((tokens, arrived, [(slot_request[s], start[s], held[s], loop[s]) for s in ended]))
+                for s in ended:
                     slot_request[s] = None
                 self.release(ended)
             return [s for s in range(S) if slot_request[s] is None]
 
-        admit(harvest())
-        steps = 0
-        while True:
-            if steps % CHECK_EVERY == 0:
-                if window:
-                    idx = (hist_len[:, None] - window + torch.arange(window, device=dev)).clamp(min=0)
-                    tail = history.gather(1, idx)
-                    tail = tail.masked_fill(idx < prompt_len[:, None], -1)
-                    stuck = looping(tail) & active & (generated >= window)
-                    looped |= stuck
-                    active &= ~stuck
-                free = harvest()
-                if pending and len(free) >= min(admit_min, len(pending)):
-                    admit(free)
-                elif not pending and len(free) < S:
-                    compact()
-                make_room()
-                if pending and all(r is None for r in slot_request):
-                    admit([s for s in range(S)])  # make_room gave every page back: the queue starts again
-                if all(r is None for r in slot_request):
-                    break
-                self.stats["most_rows"] = max(self.stats["most_rows"], sum(r is not None for r in slot_request))
-                in_use = max(s for s in range(S) if slot_request[s] is not None) + 1
-                slots = _pow2_bucket(in_use, S)
-                if self.reads_lengths:  # each slot reads its own pages: the view is the whole table
-                    length = L
-                else:  # the mask's width: the longest live row and the steps until the next look, bucketed
-                    longest = int(cache.positions[:slots].max())
-                    length = min(L, _round_up(longest + CHECK_EVERY + 1, LENGTH_BUCKET))
+        def collect(wait=False):
+            """The harvested rows whose tokens have reached the host, into the results."""
+            while outbox and (wait or outbox[0][1] is None or outbox[0][1].query()):
+                tokens, arrived, rows_ended = outbox.pop(0)
+                if arrived is not None:
+                    arrived.synchronize()
+                for k, (r, start, end, loop) in enumerate(rows_ended):
+                    results[r], loops[r] = tokens[k, start:end].tolist(), bool(loop)
+
+        def decode(slots, length):
+            """One decoding step of the first `slots` slots and its sampling, queued on the GPU without a wait."""
             self.step(slots, length)
             live = active[:slots]
             scores = processors(history[:slots], self.logits[:slots])
@@ -640,7 +651,54 @@ class SlotGenerator:
             # attention reads each slot's keys up to its position, so it reads one key there, not the ended row's
             cache.positions[:slots, 0] = (cache.positions[:slots, 0] + 1) * (live & ~ended)
             self.tokens[:slots, 0] = torch.where(live, token, self.tokens[:slots, 0])
+
+        # Every CHECK_EVERY steps the host looks at which rows ended and admits, moves and grows rows. It looks at a
+        # snapshot taken before one more step is queued, so the GPU decodes while the host does that work (looking
+        # at the live state would leave the GPU idle meanwhile: ~1.5 ms a step at 512 rows on an H200).
+        outbox = []  # harvested rows' tokens on their way to the host
+        steps, slots, length = 0, None, L
+        while True:
+            if steps % CHECK_EVERY == 0:
+                if window:
+                    idx = (hist_len[:, None] - window + torch.arange(window, device=dev)).clamp(min=0)
+                    tail = history.gather(1, idx)
+                    tail = tail.masked_fill(idx < prompt_len[:, None], -1)
+                    stuck = looping(tail) & active & (generated >= window)
+                    looped |= stuck
+                    active &= ~stuck
+                state, arrived = to_host(torch.stack([active.long(), cache.positions[:, 0], hist_len, prompt_len,
+                                                      looped.long()]))
+                if slots is not None:  # the step the GPU runs while the host works
+                    decode(slots, length)
+                    steps += 1
+                if arrived is not None:
+                    arrived.synchronize()
+                state = state.tolist()
+                collect()
+                placed.clear()
+                free = harvest(state)
+                if pending and len(free) >= min(admit_min, len(pending)):
+                    admit(free)
+                elif not pending and len(free) < S:
+                    compact(state[1])
+                positions = [placed.get(s, p) for s, p in enumerate(state[1])]
+                make_room(positions)
+                if pending and all(r is None for r in slot_request):
+                    admit([s for s in range(S)])  # make_room gave every page back: the queue starts again
+                    positions = [placed.get(s, p) for s, p in enumerate(positions)]
+                if all(r is None for r in slot_request):
+                    break
+                self.stats["most_rows"] = max(self.stats["most_rows"], sum(r is not None for r in slot_request))
+                in_use = max(s for s in range(S) if slot_request[s] is not None) + 1
+                slots = _pow2_bucket(in_use, S)
+                if not self.reads_lengths:  # the mask's width: the longest live row's keys until the next look
+                    longest = max(positions[s] for s in range(slots) if slot_request[s] is not None)
+                    length = min(L, _round_up(longest + CHECK_EVERY + 1, LENGTH_BUCKET))
+            decode(slots, length)
             steps += 1
+        collect(wait=True)
+        if self.timing:
+            self.timed_prefills()
         return results, loops
 
 
@@ -723,7 +781,7 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         return packed_attention(query, key, value, attention_mask.reshape(-1), kwargs["max_length_q"], scaling)
     if attention_mask is not None and attention_mask.dtype == torch.int32:
         return decode_kernel.attend(query, key, value, attention_mask.reshape(-1), kwargs["block_table"],
-                                    scaling), None
+                                    scaling, kwargs.get("slot_order")), None
     return grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
