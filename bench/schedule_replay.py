@@ -10,7 +10,7 @@ and prefill time per token: an estimate that holds where the keys per step stay 
 Use it to try a scheduling change, a workload or a tier's settings before spending GPU time.
 
     PYTHONPATH=steps python bench/schedule_replay.py --requests 8192 --cap 4096 --slots 512 --pages 7468 \\
-        --admit 0.03125 --device-run bench/results/generate-realistic-h200-cap4096-paged-512-batch8192-idle0-lease.json
+        --admit 0.03125 --device-run bench/results/generate-realistic-h200-cap4096-paged-512-batch8192-longest-first.json
 """
 
 import argparse
