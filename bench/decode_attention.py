@@ -90,7 +90,8 @@ def main():
                 scale = dim ** -0.5
                 lengths = key_counts(slots, mix, args, g)
                 (k, v), (pool_k, pool_v, table) = paged_cache(lengths, kv_heads, dim, gpu)
-                q = torch.randn(slots, 1, heads, dim, generator=gpu, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                q = torch.randn(slots, 1, heads, dim, generator=gpu, device="cuda", dtype=torch.bfloat16)
+                q = q.transpose(1, 2)
                 lengths = lengths.cuda()
                 want = reference(q, k, v, lengths, scale)
                 # the order as fastgen hands it over: worked out once a step, not in every layer's attention

@@ -41,8 +41,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def partial(Q, K, V, Lens, Table, Order, Out, Acc, Stats, scale, stride_qs, stride_qh, stride_kp, stride_kl, stride_kh,
-                stride_vp, stride_vl, stride_vh, stride_t, stride_os, stride_oh,
+    def partial(Q, K, V, Lens, Table, Order, Out, Acc, Stats, scale, stride_qs, stride_qh, stride_kp, stride_kl,
+                stride_kh, stride_vp, stride_vl, stride_vh, stride_t, stride_os, stride_oh,
                 G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PAGE: tl.constexpr,
                 SPLITS: tl.constexpr):
         # programs start in grid order, KV heads fastest: the slots with the most keys first (`Order`), so that no
