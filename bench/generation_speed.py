@@ -65,7 +65,8 @@ def parse_args():
                    "triton,flash (default: the first that runs here)")
     p.add_argument("--calls", default="", help="also hand the realistic requests to the fast path in calls of so "
                    "many, as the steps do (GEN_BATCH; PREF_BATCH x NUM_RESPONSES); several: 128,512")
-    p.add_argument("--timing", action="store_true", help="time each prefill (a GPU sync around it) into the JSON")
+    p.add_argument("--timing", action="store_true", help="time each prefill into the JSON (CUDA events; the unpaged "
+                   "engine of --unpaged-from syncs around each instead)")
     p.add_argument("--profile", action="store_true", help="after the fast runs, profile one eager decoding step of "
                    "every slot and one prefill (torch.profiler): the kernel tables go to profile-*.txt under --out")
     p.add_argument("--trace-loop", type=int, default=0, help="profile a window of the fast runs' real loop: 64 "
