@@ -244,7 +244,7 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
     _, warm = sync_time(lambda: generator.generate(prompts[: 2 * slots], sampling, extra_processors=[EndAt()]))
     torch.cuda.reset_peak_memory_stats()
     generator.stats.clear()
-    keys = count_keys(generator, trace_to=trace_to, trace_at=trace_at)
+    keys = watch_steps(generator, trace_to=trace_to, trace_at=trace_at)
     (rows, _), wall = sync_time(lambda: generator.generate(prompts, sampling, extra_processors=[EndAt()]))
     stats = dict(generator.stats)
     in_run = in_run_ms(generator.step_events)
@@ -289,7 +289,7 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
                   warm_up_run_s=round(warm, 1), check=generator.check()), *chunked]
 
 
-def count_keys(generator, trace_to=None, trace_at=3000, trace_steps=64):
+def watch_steps(generator, trace_to=None, trace_at=3000, trace_steps=64):
     """Keys the decoding steps read, per slot bucket (GPU scalars, summed without a sync): each slot reads its
     position + 1 keys (a slot without a row sits at 0). Also times each step's graph where it ran, in the run (CUDA
     events around it: `in_run_ms(...)` sums them per bucket), and with `trace_to` profiles the steps from `trace_at`
