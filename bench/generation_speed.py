@@ -225,8 +225,7 @@ def unpaged_engine(directory):
 
 
 def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=None, timing=False, profile_to=None,
-             kernel=None, calls=(), engine=fastgen, trace_to=None,
-             trace_at=0):
+             kernel=None, calls=(), engine=fastgen, trace_to=None, trace_at=0):
     """The fast path's rows: the workload in one call, then (`calls`) handed over in calls of so many requests,
     as a step hands over its batches (GEN_BATCH samples, PREF_BATCH x NUM_RESPONSES responses). `engine`: the
     fastgen module (this one, or the unpaged one)."""
@@ -244,11 +243,11 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
     _, warm = sync_time(lambda: generator.generate(prompts[: 2 * slots], sampling, extra_processors=[EndAt()]))
     torch.cuda.reset_peak_memory_stats()
     generator.stats.clear()
-    keys = watch_steps(generator, trace_to=trace_to, trace_at=trace_at)
+    keys, events = watch_steps(generator, trace_to=trace_to, trace_at=trace_at)
     (rows, _), wall = sync_time(lambda: generator.generate(prompts, sampling, extra_processors=[EndAt()]))
     stats = dict(generator.stats)
-    in_run = in_run_ms(generator.step_events)
-    del generator.step  # no more counting
+    in_run = in_run_ms(events)
+    del generator.step  # no more watching
     # Where the decoding time went: each slot bucket's step (its CUDA graph replayed alone, every slot holding the
     # keys a step at that bucket held on average in the run, on pages of its own) x the steps run at it.
     step_ms, mean_keys = {}, {}
@@ -290,10 +289,10 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
 
 
 def watch_steps(generator, trace_to=None, trace_at=3000, trace_steps=64):
-    """Keys the decoding steps read, per slot bucket (GPU scalars, summed without a sync): each slot reads its
-    position + 1 keys (a slot without a row sits at 0). Also times each step's graph where it ran, in the run (CUDA
-    events around it: `in_run_ms(...)` sums them per bucket), and with `trace_to` profiles the steps from `trace_at`
-    on for `trace_steps` steps (torch.profiler, CPU and CUDA): where a step's time goes between the graphs."""
+    """(keys, events) as the decoding steps run: the keys they read per slot bucket (GPU scalars, summed without a
+    sync; each slot reads its position + 1 keys, a slot without a row sits at 0), and CUDA events around each step's
+    graph (in_run_ms() sums them per bucket). With `trace_to`, the steps from `trace_at` on for `trace_steps` steps
+    are profiled (torch.profiler, CPU and CUDA): where a step's time goes between the graphs."""
     keys, events, step = {}, [], generator.step
     window = {}
 
@@ -312,8 +311,7 @@ def watch_steps(generator, trace_to=None, trace_at=3000, trace_steps=64):
         return out
 
     generator.step = counted
-    generator.step_events = events
-    return keys
+    return keys, events
 
 
 def in_run_ms(events):
@@ -339,7 +337,7 @@ def start_trace():
 
 def end_trace(prof, prefix, steps):
     """Writes the window's kernel table and, from its timeline, how busy the GPU was: the kernels' union against
-    the window's span, and the longest gaps with the CPU op that launched the kernel after each."""
+    the window's span, and the longest gaps, each with the kernel that ended it."""
     torch.cuda.synchronize()
     wall = time.perf_counter() - prof.began
     prof.__exit__(None, None, None)

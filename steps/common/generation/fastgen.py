@@ -468,7 +468,8 @@ class SlotGenerator:
         window = sampling.loop_window
         rows = torch.arange(S, device=dev)
         admit_min = max(1, int(S * self.admit_fraction))
-        placed = {}  # slot -> position, for the rows admitted at this look (the snapshot predates them)
+        # where each slot stands as the host last saw it: the look's snapshot, and the rows it admitted or moved
+        positions = [0] * S
         idle = torch.full((self.vocab,), -math.inf, device=dev)
         idle[self.pad] = 0.0
 
@@ -513,11 +514,12 @@ class SlotGenerator:
                     history[s] = row.to(dev)
                     hist_len[s], prompt_len[s], generated[s], looped[s] = len(ids), plen, done, loop
                     cache.positions[s, 0], self.tokens[s, 0], active[s] = len(ids) - 1, ids[-1], True
-                    placed[s] = len(ids) - 1
+                    positions[s] = len(ids) - 1
             if not fresh:
                 return
             assignments = [assignments[k] for k in fresh]
-            placed.update((s, len(p)) for s, p in assignments)
+            for s, p in assignments:
+                positions[s] = len(p)
             slots = torch.tensor([s for s, _ in assignments], device=dev)
             lengths = torch.tensor([len(p) for _, p in assignments])
             padded = torch.full((len(assignments), L + 1), self.pad, dtype=torch.long)
@@ -537,7 +539,7 @@ class SlotGenerator:
             looped[slots] = False
             active[slots] = ~torch.isin(first, stop_ids) & (max_new > 1)
 
-        def make_room(positions):
+        def make_room():
             """Pages for every row in flight to decode its next CHECK_EVERY + 1 tokens, from `positions` (where each
             slot stood at the snapshot, one step before this takes effect). Where the free pages fall short, the rows
             admitted last give theirs back and wait at the front of the queue: resumed, their tokens so far are
@@ -566,10 +568,10 @@ class SlotGenerator:
                 need -= missing.pop(victim)
             self.grow(wanted)
 
-        def compact(positions):
+        def compact():
             """Once nothing is pending, move the live rows into the lowest slots, so that the step runs on fewer
             (their pages stay where they are and the block table's rows move; in the fixed layout the keys and
-            values move to the new slot's own pages). `positions` (the snapshot's) move with them."""
+            values move to the new slot's own pages). Their `positions` move with them."""
             used = [s for s in range(S) if slot_request[s] is not None]
             target = _pow2_bucket(len(used), S)
             movers = [s for s in used if s >= target]
@@ -674,18 +676,16 @@ class SlotGenerator:
                 if arrived is not None:
                     arrived.synchronize()
                 state = state.tolist()
+                positions[:] = state[1]
                 collect()
-                placed.clear()
                 free = harvest(state)
                 if pending and len(free) >= min(admit_min, len(pending)):
                     admit(free)
                 elif not pending and len(free) < S:
-                    compact(state[1])
-                positions = [placed.get(s, p) for s, p in enumerate(state[1])]
-                make_room(positions)
+                    compact()
+                make_room()
                 if pending and all(r is None for r in slot_request):
                     admit([s for s in range(S)])  # make_room gave every page back: the queue starts again
-                    positions = [placed.get(s, p) for s, p in enumerate(positions)]
                 if all(r is None for r in slot_request):
                     break
                 self.stats["most_rows"] = max(self.stats["most_rows"], sum(r is not None for r in slot_request))
