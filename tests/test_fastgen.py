@@ -634,3 +634,45 @@ def test_compiling_swaps_each_models_rotary_embedding_while_a_generator_lives(fa
         fastgen.uncompile_pointwise(model)
     assert home.apply_rotary_pos_emb is original
     assert not any(hasattr(m, "sit_compiled") for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])  # Qwen2's projections have biases
+def test_fused_projections_give_the_same_logits_share_one_weight_and_come_apart_again(family):
+    """fuse_projections runs q/k/v as one GEMM: the same logits as before, the three weights slices of one tensor (no
+    copy kept), a k_proj called on another input than q_proj's computes its own; unfuse_projections gives each its
+    own weight and forward back."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert fastgen.fuse_projections(model) == config.num_hidden_layers
+        assert fastgen.fuse_projections(model) == 0  # already fused
+        attention = model.model.layers[0].self_attn
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        assert q.weight.untyped_storage().data_ptr() == k.weight.untyped_storage().data_ptr()
+        assert k.weight.data_ptr() == q.weight.data_ptr() + q.weight.numel() * q.weight.element_size()
+        assert (q.bias is None) == (family != "Qwen2")
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+        step = model(input_ids=ids[:, :4], use_cache=True)  # a prefill (projections apart), then a decoding step
+        torch.testing.assert_close(model(input_ids=ids[:, 4:], past_key_values=step.past_key_values).logits,
+                                   before[:, 4:])
+        x, other = torch.randn(3, 1, 32), torch.randn(3, 1, 32)  # a decoding step's shape: one token a row
+        query, key = q(x), k(x)
+        assert key.data_ptr() == query.data_ptr() + q.out_features * query.element_size()  # one GEMM's output
+        torch.testing.assert_close(key, torch.nn.functional.linear(x, k.weight, k.bias))
+        torch.testing.assert_close(k(other), torch.nn.functional.linear(other, k.weight, k.bias))
+        torch.testing.assert_close(v(x), torch.nn.functional.linear(x, v.weight, v.bias))  # q_proj's, then cleared
+        prompt = torch.randn(1, 3, 32)  # a prefill's shape: three GEMMs
+        query, key = q(prompt), k(prompt)
+        assert key.data_ptr() != query.data_ptr() + q.out_features * query.element_size()
+        torch.testing.assert_close(key, torch.nn.functional.linear(prompt, k.weight, k.bias))
+        fastgen.unfuse_projections(model)
+        assert "forward" not in vars(q) and not hasattr(attention, "sit_fused")
+        assert q.weight.untyped_storage().data_ptr() != k.weight.untyped_storage().data_ptr()
+        torch.testing.assert_close(model(input_ids=ids).logits, before)

@@ -15,7 +15,10 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
   less.
 - Decoding steps are captured as CUDA graphs, one per slot bucket, on a GPU; the CPU runs the same code eagerly. The
   host never waits for a step between looks, and at a look it reads a snapshot of the slots while the GPU runs one
-  more step, so the GPU does not idle while the host admits, moves and grows rows.
+  more step, so the GPU does not idle while the host admits, moves and grows rows. What the host sends the GPU
+  (block-table entries, prefill inputs, new rows) goes from pinned memory, queued behind the GPU's work (on_device).
+- On a GPU each attention layer's query, key and value projections run as one GEMM in decoding steps
+  (fuse_projections: their weights become slices of one tensor); a prefill runs them apart.
 - Decoding attention on a GPU: a Triton kernel of ours (common/generation/decode_kernel.py) reads each slot's pages
   in place through the block table, only the keys the row holds (fp16 or bf16; it runs on a T4 too). Elsewhere, or
   where it disagrees with a plain forward, SDPA over the pages (a view or a contiguous copy) under a mask over the
@@ -35,12 +38,15 @@ of our own passed to the model's forward (the keyword is `cache` from 5.2x on, `
 attention masks and extra keywords (`block_table`, `decode_kernel`) passed through to the attention function
 unchanged, the attention registries of `transformers.masking_utils` and the SDPA function of
 `transformers.integrations.sdpa_attention`; `config._attn_implementation` (the attention in use, put back by
-close()); `module._compiled_call_impl` (undoing `Module.compile`); each modeling module's `apply_rotary_pos_emb`
+close()); `module._compiled_call_impl` (undoing `Module.compile`); the q/k/v projections' `forward`, set on each
+`nn.Linear` while a generator lives (fuse_projections, on the order in which the attention calls them; a model that
+calls them otherwise gets each its own GEMM); each modeling module's `apply_rotary_pos_emb`
 (replaced by its compiled form while a generator lives); `torch.ops.aten._flash_attention_forward` (packed
 prefills). make_generator checks the mechanism on the model itself (one prefill and one decoding step against a
 plain forward) and returns why not where it fails; the engine then uses plain `generate`.
 """
 
+import functools
 import inspect
 import itertools
 import math
@@ -75,6 +81,16 @@ def _round_up(n, multiple):
 
 def _pow2_bucket(n, top):
     return min(top, max(MIN_SLOT_BUCKET, 1 << max(0, n - 1).bit_length()))
+
+
+def on_device(data, device, dtype=torch.long):
+    """`data` (a list or a CPU tensor) on `device`, queued behind the GPU's work: a plain copy from pageable memory
+    waits for everything queued before it (a prefill's seven such copies left the GPU idle ~10 ms each time,
+    bench/README.md), one from pinned memory does not. Nothing here writes to `data` afterwards."""
+    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def nucleus_sample(probs, top_p, candidates=256):
@@ -204,6 +220,7 @@ class SlotGenerator:
         if compiled is None:  # SIT_COMPILE_DECODE=0: eager norms and MLPs
             compiled = self.graphs_on and os.environ.get("SIT_COMPILE_DECODE", "1") == "1"
         self.compiled = compiled and compile_pointwise(model)
+        self.fused = self.device.type == "cuda" and fuse_projections(model) > 0  # a GPU's GEMMs gain from it
         self.stats = Counter()  # decoding steps per slot bucket, prefills, preemptions: where a run's time went
         self.timing = False  # bench: time each prefill (CUDA events around it) into stats["prefill_s"]
         self.prefill_events = []
@@ -283,9 +300,8 @@ class SlotGenerator:
                 owned.append(1 + slot * self.cache.max_pages + col if self.cache.fixed else self.free_pages.pop())
                 rows.append(slot), cols.append(col), pages.append(owned[-1])
         if pages:
-            table = self.cache.table
-            table[torch.tensor(rows, device=table.device), torch.tensor(cols, device=table.device)] = torch.tensor(
-                pages, dtype=torch.int32, device=table.device)
+            dev = self.device
+            self.cache.table[on_device(rows, dev), on_device(cols, dev)] = on_device(pages, dev, torch.int32)
 
     def release(self, slots):
         """The pages of `slots` back to the free list; their table rows point at the scratch page again and they sit
@@ -295,7 +311,7 @@ class SlotGenerator:
                 self.free_pages.extend(reversed(self.pages_of[slot]))
             self.pages_of[slot] = []
         if slots:
-            index = torch.tensor(slots, device=self.device)
+            index = on_device(slots, self.device)
             self.cache.table[index] = 0
             self.cache.positions[index] = 0
 
@@ -308,6 +324,8 @@ class SlotGenerator:
             self.model.set_attn_implementation(self.attention_before)
         uncompile_pointwise(self.model)
         self.compiled = False
+        unfuse_projections(self.model)
+        self.fused = False
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -380,16 +398,16 @@ class SlotGenerator:
         tokens = torch.cat(tokens)
         dev = self.device
         cache.mode = "prefill"
-        cache.source = tokens.to(dev)
-        cache.flat_index = torch.cat(flat).to(dev)
-        bounds = torch.tensor(starts, dtype=torch.int32).view(1, 1, 1, -1).to(dev)
-        last = torch.tensor(starts[1:]) - 1
+        cache.source = on_device(tokens, dev)
+        cache.flat_index = on_device(torch.cat(flat), dev)
+        bounds = on_device(starts, dev, torch.int32).view(1, 1, 1, -1)
+        last = on_device(starts[1:], dev) - 1
         with torch.no_grad():
-            out = self.model(input_ids=ids[None].to(dev), position_ids=positions[None].to(dev), attention_mask=bounds,
-                             max_length_q=max(lengths), use_cache=True, logits_to_keep=last.to(dev),
+            out = self.model(input_ids=on_device(ids, dev)[None], position_ids=on_device(positions, dev)[None],
+                             attention_mask=bounds, max_length_q=max(lengths), use_cache=True, logits_to_keep=last,
                              **{self.cache_kw: cache})
         cache.mode, cache.source, cache.flat_index = "decode", None, None
-        logits = out.logits[0].float()[torch.tensor([row_of[tuple(p)] for _, p in assignments], device=dev)]
+        logits = out.logits[0].float()[on_device([row_of[tuple(p)] for _, p in assignments], dev)]
         self.stats["prefills"] += 1
         self.stats["prefill_rows"] += len(assignments)
         self.stats["prefill_tokens"] += int(starts[-1])
@@ -511,7 +529,7 @@ class SlotGenerator:
                     ids, plen, done, loop = resumed.pop(slot_request[s])
                     row = torch.full((L + 1,), self.pad, dtype=torch.long)  # the whole row: nothing of the slot's last
                     row[: len(ids)] = torch.tensor(ids)  # row stays for the processors to read
-                    history[s] = row.to(dev)
+                    history[s] = on_device(row, dev)
                     hist_len[s], prompt_len[s], generated[s], looped[s] = len(ids), plen, done, loop
                     cache.positions[s, 0], self.tokens[s, 0], active[s] = len(ids) - 1, ids[-1], True
                     positions[s] = len(ids) - 1
@@ -520,14 +538,14 @@ class SlotGenerator:
             assignments = [assignments[k] for k in fresh]
             for s, p in assignments:
                 positions[s] = len(p)
-            slots = torch.tensor([s for s, _ in assignments], device=dev)
+            slots = on_device([s for s, _ in assignments], dev)
             lengths = torch.tensor([len(p) for _, p in assignments])
             padded = torch.full((len(assignments), L + 1), self.pad, dtype=torch.long)
             for k, (_, p) in enumerate(assignments):
                 padded[k, : len(p)] = torch.tensor(p)
-            history[slots] = padded.to(dev)  # one copy to the GPU (one per row waited for the GPU each time)
-            lengths = lengths.to(dev)
-            scores = processors(history[slots], logits[torch.tensor(fresh, device=dev)])
+            history[slots] = on_device(padded, dev)  # one copy to the GPU, not one per row
+            lengths = on_device(lengths, dev)
+            scores = processors(history[slots], logits[on_device(fresh, dev)])
             if len(suppress):
                 scores[:, suppress] = -math.inf
             first = choose(scores)
@@ -578,7 +596,7 @@ class SlotGenerator:
             holes = [s for s in range(target) if slot_request[s] is None][: len(movers)]
             if not movers:
                 return
-            src, dst = torch.tensor(movers, device=dev), torch.tensor(holes, device=dev)
+            src, dst = on_device(movers, dev), on_device(holes, dev)
             if cache.fixed:  # each slot keeps its own pages: the keys and values move, the table rows stay
                 for pool in (*cache.keys, *cache.values):
                     by_slot = pool[1:].view(S, cache.max_pages, *pool.shape[1:])
@@ -617,7 +635,7 @@ class SlotGenerator:
             live, _, held, start, loop = state
             ended = [s for s in range(S) if slot_request[s] is not None and not live[s]]
             if ended:
-                tokens, arrived = to_host(history[torch.tensor(ended, device=dev)])
+                tokens, arrived = to_host(history[on_device(ended, dev)])
                 outbox.append((tokens, arrived, [(slot_request[s], start[s], held[s], loop[s]) for s in ended]))
                 for s in ended:
                     slot_request[s] = None
@@ -733,6 +751,72 @@ def compile_pointwise(model):
             setattr(home, ROPE_FUNCTION, fast)
             compiled += 1
     return compiled > 0
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # an attention module's input projections, called in this order
+
+
+def fuse_projections(model):
+    """Run each attention layer's query, key and value projections as one GEMM: their weights (and biases) become
+    slices of one tensor (no extra memory) and q_proj computes all three, which k_proj and v_proj then hand back. At
+    512 rows of the 8B model the key and value GEMMs (1,024 outputs each) leave most of an H200 idle: the three
+    take 1.50 ms a step over 32 layers, one takes 1.18; the decoding step at 8-256 rows takes 0.33-0.40 ms less
+    (bench/results/prefill-profile-h200.json); at 512 rows it is a wash. Decoding only (one token a row): a
+    prefill's GEMMs gain nothing from it and its rotary embedding ran slower on the slices (9.4 against 7.1 ms a
+    prefill of 3,536 tokens, bench/results/prefill-explore-h200.json). Only plain `nn.Linear` projections of one
+    dtype (not 4-bit or LoRA layers). How many attention layers were fused."""
+    fused = 0
+    for module in model.modules():
+        layers = [getattr(module, name, None) for name in PROJECTIONS]
+        if (hasattr(module, "sit_fused") or not all(type(layer) is torch.nn.Linear for layer in layers)
+                or any("forward" in vars(layer) for layer in layers)  # hooked already (accelerate): left alone
+                or len({layer.weight.dtype for layer in layers}) > 1
+                or len({layer.bias is None for layer in layers}) > 1):
+            continue
+        sizes = [layer.out_features for layer in layers]
+        weight = torch.cat([layer.weight.data for layer in layers])
+        bias = None if layers[0].bias is None else torch.cat([layer.bias.data for layer in layers])
+        for layer, w, b in zip(layers, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * 3):
+            layer.weight.data = w  # the separate tensors are freed: each layer's weights are now a slice of one
+            if b is not None:
+                layer.bias.data = b
+        held = {}  # what q_proj computed for the others, and from which input
+
+        def project(x, weight=weight, bias=bias, sizes=sizes, held=held, own=layers[0]):
+            if x.dim() != 3 or x.shape[1] != 1:  # not a decoding step: k_proj and v_proj run their own GEMMs
+                return torch.nn.functional.linear(x, own.weight, own.bias)
+            query, held[1], held[2] = torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
+            held["input"] = x
+            return query
+
+        def reuse(x, k, layer, held=held):
+            # a model that calls them in another order or on other inputs gets each layer's own GEMM
+            out = held.get(k) if held.get("input") is x else None
+            if k == 2:  # the last of the three: nothing outlives the layer's call
+                held.clear()
+            return out if out is not None else torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+        layers[0].forward = project
+        layers[1].forward = functools.partial(reuse, k=1, layer=layers[1])
+        layers[2].forward = functools.partial(reuse, k=2, layer=layers[2])
+        module.sit_fused = True
+        fused += 1
+    return fused
+
+
+def unfuse_projections(model):
+    """Undo fuse_projections: separate weights again (a copy each, so that nothing shares memory, e.g. for
+    save_pretrained) and the projections' own forward."""
+    for module in model.modules():
+        if not hasattr(module, "sit_fused"):
+            continue
+        for name in PROJECTIONS:
+            layer = getattr(module, name)
+            del layer.forward
+            layer.weight.data = layer.weight.data.clone()
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.clone()
+        del module.sit_fused
 
 
 def rope_home(module):
@@ -897,6 +981,7 @@ def make_generator(model, pad_token_id, slots=None):
             generator.close()
         else:
             uncompile_pointwise(model)
+            unfuse_projections(model)
             if model.config._attn_implementation != attention:
                 model.set_attn_implementation(attention)
         return None, f"the fast path does not run on this model or transformers version ({type(e).__name__}: {e})"
