@@ -85,7 +85,7 @@ def _pow2_bucket(n, top):
 
 def on_device(data, device, dtype=torch.long):
     """`data` (a list or a CPU tensor) on `device`, queued behind the GPU's work: a plain copy from pageable memory
-    waits for everything queued before it (a prefill's seven such copies left the GPU idle ~10 ms each time,
+    waits for everything queued before it (a prefill's seven such copies: 89.0 against 86.1 ms for 3,536 tokens,
     bench/README.md), one from pinned memory does not. Nothing here writes to `data` afterwards."""
     tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
