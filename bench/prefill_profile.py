@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from common.generation import fastgen
 from generation_speed import PAD, build_model
-from step_profile import kind
+from step_profile import fill_slots, kind
 from timing import gpu_slug
 from torch.profiler import ProfilerActivity, profile
 
@@ -101,11 +101,8 @@ def prefills(generator, sizes, body, reps):
 
 def steps(generator, buckets, mean_keys):
     """The decoding step's graph per bucket, projections fused (as the engine runs them) and apart."""
-    cache, S, L = generator.cache, generator.cache.slots, generator.cache.length
-    torch.manual_seed(0)
-    lengths = torch.randint(mean_keys // 2, mean_keys * 3 // 2, (S,))
-    generator.grow({s: int(lengths[s]) + 1 for s in range(S)})
-    cache.positions[:, 0] = lengths.to(generator.device)
+    S, L = generator.cache.slots, generator.cache.length
+    fill_slots(generator, mean_keys)
     results = defaultdict(dict)
     for projections in ("fused", "apart"):
         if projections == "apart":

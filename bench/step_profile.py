@@ -39,6 +39,15 @@ def kind(name):
     return "other elementwise"
 
 
+def fill_slots(generator, mean_keys):
+    """Every slot of the cache holds a row of mean_keys +-50% keys (uniform, seed 0), on pages of its own."""
+    cache = generator.cache
+    torch.manual_seed(0)
+    lengths = torch.randint(mean_keys // 2, mean_keys * 3 // 2, (cache.slots,))
+    generator.grow({s: int(lengths[s]) + 1 for s in range(cache.slots)})
+    cache.positions[:, 0] = lengths.to(generator.device)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "bench" / "configs" / "llama-3.1-8b.json"))
@@ -53,11 +62,8 @@ def main():
     model = build_model(args.config)
     generator = fastgen.SlotGenerator(model, PAD, slots=args.slots, memory_limit=int(args.memory_gib * 2**30))
     generator.ensure_cache(args.cap + 512)
-    cache, S, L = generator.cache, generator.cache.slots, generator.cache.length
-    torch.manual_seed(0)
-    lengths = torch.randint(args.mean_length // 2, args.mean_length * 3 // 2, (S,))
-    generator.grow({s: int(lengths[s]) + 1 for s in range(S)})
-    cache.positions[:, 0] = lengths.to(generator.device)
+    L = generator.cache.length
+    fill_slots(generator, args.mean_length)
     results = []
     for bucket in [int(b) for b in args.buckets.split(",")]:
         generator.step(bucket, L)  # capture (and compile on first use)
@@ -85,9 +91,10 @@ def main():
     slug = gpu_slug(name)
     out = Path(args.out) / f"step-profile-{slug}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "config": args.config, "slots": S,
-                               "cache_length": L, "mean_keys": args.mean_length, "compiled": generator.compiled,
-                               "kernel": generator.kernel, "results": results}, indent=1) + "\n")
+    out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "config": args.config,
+                               "slots": generator.cache.slots, "cache_length": L, "mean_keys": args.mean_length,
+                               "compiled": generator.compiled, "kernel": generator.kernel, "results": results},
+                              indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -594,6 +594,16 @@ def test_engine_marks_a_looping_row(path, request, cycle, monkeypatch):
     assert other["stop_reason"] == "length" and other["tokens"] == 24  # the row beside it runs on
 
 
+def tiny_model(family):
+    """A randomly initialised two-layer model of a transformers family (Llama, Qwen2, Mistral), in eval mode."""
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=2)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
 @pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])  # the target models' families
 def test_compiling_swaps_each_models_rotary_embedding_while_a_generator_lives(family, monkeypatch):
     """compile_pointwise compiles the norms, the MLPs and the modeling module's apply_rotary_pos_emb (ten small
@@ -602,12 +612,8 @@ def test_compiling_swaps_each_models_rotary_embedding_while_a_generator_lives(fa
     import importlib.util
     import sys
 
-    import transformers
-
-    config = getattr(transformers, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                       num_hidden_layers=2, num_attention_heads=4,
-                                                       num_key_value_heads=2)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    model = tiny_model(family)
+    config = model.config
     home = sys.modules[type(model.model.layers[0].self_attn).__module__]
     original = home.apply_rotary_pos_emb
     called = Counter()
@@ -641,13 +647,9 @@ def test_fused_projections_give_the_same_logits_share_one_weight_and_come_apart_
     """fuse_projections runs q/k/v as one GEMM: the same logits as before, the three weights slices of one tensor (no
     copy kept), a k_proj called on another input than q_proj's computes its own; unfuse_projections gives each its
     own weight and forward back."""
-    import transformers
-
-    config = getattr(transformers, f"{family}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                       num_hidden_layers=2, num_attention_heads=4,
-                                                       num_key_value_heads=2)
     torch.manual_seed(0)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    model = tiny_model(family)
+    config = model.config
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     with torch.no_grad():
         before = model(input_ids=ids).logits

@@ -93,6 +93,17 @@ def on_device(data, device, dtype=torch.long):
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def to_host(tensor):
+    """A copy of `tensor` on its way to the host and an event that says it arrived (None for a CPU tensor): the host
+    reads it once the GPU got there, not after the work queued behind it."""
+    host = tensor.to("cpu", non_blocking=True)  # a GPU tensor's lands in pinned memory, asynchronously
+    if tensor.device.type != "cuda":
+        return host, None
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return host, arrived
+
+
 def nucleus_sample(probs, top_p, candidates=256):
     """One token per row from `probs`, restricted to the nucleus as transformers' TopPLogitsWarper does (the most
     probable tokens whose mass before them is under top_p). The nucleus is looked for among the `candidates` most
@@ -502,16 +513,17 @@ class SlotGenerator:
             else they wait for rows to end."""
             in_flight = sum(q is not None for q in slot_request)
             while pending and free:
-                assignments, budget = [], self.prefill_tokens
+                assignments, budget, wanted, claimed = [], self.prefill_tokens, {}, 0
                 while pending and free and budget > 0:
                     r = pending[-1]
                     ids = resumed[r][0][:-1] if r in resumed else prompts[r]
-                    need = self.pages_for(len(ids) + CHECK_EVERY + 1) + in_flight
-                    if (not cache.fixed and need > len(self.free_pages)) or (assignments and len(ids) > budget):
+                    pages = self.pages_for(len(ids) + CHECK_EVERY + 1)
+                    if (not cache.fixed and claimed + pages + in_flight > len(self.free_pages)) or (
+                            assignments and len(ids) > budget):
                         break
                     pending.pop()
                     slot = free.pop(0)
-                    self.grow({slot: len(ids) + CHECK_EVERY + 1})
+                    wanted[slot], claimed = len(ids) + CHECK_EVERY + 1, claimed + pages
                     assignments.append((slot, ids))
                     budget -= len(ids)
                     slot_request[slot], admitted[slot] = r, self.stats["admitted"]
@@ -519,6 +531,7 @@ class SlotGenerator:
                     in_flight += 1
                 if not assignments:
                     return
+                self.grow(wanted)  # one block-table write for the prefill's rows
                 start(assignments)
 
         def start(assignments):
@@ -616,16 +629,6 @@ class SlotGenerator:
                 self.grow({b: n * PAGE for b, n in held.items()})
             else:
                 cache.table[src], cache.positions[src] = 0, 0
-
-        def to_host(tensor):
-            """A copy of `tensor` on its way to the host and an event that says it arrived (None on a CPU): the
-            host reads it once the GPU got there, not after the work queued behind it."""
-            host = tensor.to("cpu", non_blocking=True)  # a GPU tensor's lands in pinned memory, asynchronously
-            if dev.type != "cuda":
-                return host, None
-            arrived = torch.cuda.Event()
-            arrived.record()
-            return host, arrived
 
         def harvest(state):
             """Free the slots whose rows had ended at the snapshot (`state`: active, position, tokens held, prompt
