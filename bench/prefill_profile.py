@@ -10,6 +10,9 @@ randomly initialised model built from a real config.
 2. The decoding step's CUDA graph per slot bucket (every slot at 280-840 keys) with the query, key and value
    projections fused into one GEMM (fastgen.fuse_projections, as the engine runs) and apart.
 3. The 32 layers' linear layers alone at several row counts (CUDA graphs): q/k/v and gate/up apart or fused.
+4. With --overlap N,...: a prefill and N decoding steps of the largest bucket, one after the other on one stream, and
+   the prefill on a second stream while the steps run (both streams at default priority, then the steps on a
+   high-priority stream): whether a compute-bound prefill hides under the steps' memory-bound attention.
 
     PYTHONPATH=steps python bench/prefill_profile.py [--sizes 1000,3660,8000,16000] [--buckets 8,256,512]
 
@@ -117,6 +120,55 @@ def steps(generator, buckets, mean_keys):
     return [{"slots": b, **row} for b, row in results.items()]
 
 
+def overlap(generator, size, bucket, counts, mean_keys, reps):
+    """A prefill of ~`size` prompt tokens (into the first slots, racing the steps' reads of them: timing only) and n
+    decoding steps at `bucket` rows: in sequence on one stream, then the prefill on a side stream meanwhile."""
+    L = generator.cache.length
+    fill_slots(generator, mean_keys)
+    rng = random.Random(1)
+    prompts, tokens = [], 0
+    while tokens + 320 < size:
+        prompts.append([rng.randint(0, 127999) for _ in range(rng.randint(16, 320))])
+        tokens += len(prompts[-1])
+    assignments = list(enumerate(prompts))
+    generator.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
+    generator.step(bucket, L)
+    side, high = torch.cuda.Stream(), torch.cuda.Stream(priority=-100)  # out of range: the highest there is
+    results = []
+    for n in counts:
+        def sequential(n=n):
+            generator.prefill(assignments)
+            for _ in range(n):
+                generator.step(bucket, L)
+
+        def overlapped(n=n, steps_stream=None):
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                generator.prefill(assignments)
+            if steps_stream is not None:
+                steps_stream.wait_stream(main)
+                with torch.cuda.stream(steps_stream):
+                    for _ in range(n):
+                        generator.step(bucket, L)
+                main.wait_stream(steps_stream)
+            else:
+                for _ in range(n):
+                    generator.step(bucket, L)
+            main.wait_stream(side)
+
+        row = {"prefill_tokens": tokens, "slots": bucket, "steps": n,
+               "prefill_ms": round(gpu_ms(lambda: generator.prefill(assignments), reps), 2),
+               "steps_ms": round(gpu_ms(lambda n=n: [generator.step(bucket, L) for _ in range(n)], reps), 2),
+               "sequential_ms": round(gpu_ms(sequential, reps), 2),
+               "overlapped_ms": round(gpu_ms(overlapped, reps), 2),
+               "overlapped_steps_high_priority_ms": round(gpu_ms(lambda: overlapped(steps_stream=high), reps), 2)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    generator.release(list(range(generator.cache.slots)))
+    return results
+
+
 def gemms(model, rows, body):
     """The 32 layers' linear layers at `rows` rows: apart, and with q/k/v and gate/up each fused."""
     weights = [(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, m.gate_proj.weight,
@@ -155,6 +207,7 @@ def main():
     p.add_argument("--buckets", default="8,64,256,512")
     p.add_argument("--mean-keys", type=int, default=560)
     p.add_argument("--gemm-rows", default="8,64,256,512,3660")
+    p.add_argument("--overlap", default="", help="decoding steps to overlap a prefill with, e.g. 2,4,8 (none: skip)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="")
@@ -163,12 +216,16 @@ def main():
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
               "body_parameters": body}
-    report["gemms"] = gemms(model, [int(r) for r in args.gemm_rows.split(",")], body)
+    report["gemms"] = gemms(model, [int(r) for r in args.gemm_rows.split(",") if r], body)
     generator = fastgen.SlotGenerator(model, PAD, slots=args.slots, memory_limit=int(args.memory_gib * 2**30))
     generator.ensure_cache(args.cap + 512)
     report["compiled"], report["fused"] = generator.compiled, generator.fused
-    report["prefills"] = prefills(generator, [int(s) for s in args.sizes.split(",")], body, args.reps)
-    report["steps"] = steps(generator, [int(b) for b in args.buckets.split(",")], args.mean_keys)
+    report["prefills"] = prefills(generator, [int(s) for s in args.sizes.split(",") if s], body, args.reps)
+    buckets = [int(b) for b in args.buckets.split(",") if b]
+    report["steps"] = steps(generator, buckets, args.mean_keys)
+    if args.overlap:
+        report["overlap"] = overlap(generator, int(args.sizes.split(",")[0]), max(buckets or [args.slots]),
+                                    [int(n) for n in args.overlap.split(",")], args.mean_keys, args.reps)
     out = Path(args.out) / f"prefill-profile-{gpu_slug(report['gpu'])}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
