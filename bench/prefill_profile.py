@@ -65,15 +65,20 @@ def pageable_copy(data, device, dtype=torch.long):
     return tensor.to(device)
 
 
+def random_prompts(size, rng):
+    """Prompts of 16-320 random tokens, as many as ~`size` tokens hold; and their tokens."""
+    prompts, tokens = [], 0
+    while tokens + 320 < size:
+        prompts.append([rng.randint(0, 127999) for _ in range(rng.randint(16, 320))])
+        tokens += len(prompts[-1])
+    return prompts, tokens
+
+
 def prefills(generator, sizes, body, reps):
     rng = random.Random(0)
     results = []
     for size in sizes:
-        prompts, tokens = [], 0
-        while tokens + 320 < size:
-            n = rng.randint(16, 320)
-            prompts.append([rng.randint(0, 127999) for _ in range(n)])
-            tokens += n
+        prompts, tokens = random_prompts(size, rng)
         assignments = list(enumerate(prompts))
         generator.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
         for copies in ("queued", "pageable"):
@@ -125,11 +130,7 @@ def overlap(generator, size, bucket, counts, mean_keys, reps):
     decoding steps at `bucket` rows: in sequence on one stream, then the prefill on a side stream meanwhile."""
     L = generator.cache.length
     fill_slots(generator, mean_keys)
-    rng = random.Random(1)
-    prompts, tokens = [], 0
-    while tokens + 320 < size:
-        prompts.append([rng.randint(0, 127999) for _ in range(rng.randint(16, 320))])
-        tokens += len(prompts[-1])
+    prompts, tokens = random_prompts(size, random.Random(1))
     assignments = list(enumerate(prompts))
     generator.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
     generator.step(bucket, L)

@@ -585,13 +585,13 @@ class SlotGenerator:
             while not cache.fixed and need > len(self.free_pages):
                 victim = max(wanted, key=lambda s: admitted[s])
                 r, n = slot_request[victim], int(hist_len[victim])  # read after the step in flight (a sync)
-                tokens, start = history[victim, :n].tolist(), int(prompt_len[victim])
+                tokens, plen = history[victim, :n].tolist(), int(prompt_len[victim])
                 if bool(active[victim]):
-                    resumed[r] = (tokens, start, int(generated[victim]), bool(looped[victim]))
+                    resumed[r] = (tokens, plen, int(generated[victim]), bool(looped[victim]))
                     pending.append(r)
                     self.stats["preempted"] += 1
                 else:  # it ended in the step in flight: done, not preempted
-                    results[r], loops[r] = tokens[start:], bool(looped[victim])
+                    results[r], loops[r] = tokens[plen:], bool(looped[victim])
                     self.stats["ended_when_preempted"] += 1
                 active[victim], slot_request[victim] = False, None
                 self.release([victim])
