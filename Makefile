@@ -35,8 +35,10 @@ include env/models/$(MODEL).mk
 ## FILTER_ARGS: the filter step's extra flags (steps/filter.py -h); the GPU tiers': Magpie's default filter (input
 #   quality good or excellent) and unsafe responses dropped, since refusals are kept
 ## TASKS: lm-eval tasks (offline: ifeval_local, mc_local)
-## LIMIT: examples per eval task (empty: all)
-## EVAL_BATCH: eval batch size (MAX_GEN_TOKS: generated tokens cap; EVAL_4BIT: --load-in-4bit where set)
+## LIMIT: a seeded random sample of N documents of each eval task, the same for base, SFT and DPO (MMLU stratified by
+#   subject; N,ifeval=all: per task; empty: all)
+## EVAL_BATCH: log-likelihood batch size (MAX_GEN_TOKS: generated tokens cap; EVAL_4BIT: --load-in-4bit where set)
+## EVAL_GEN_ROWS: rows the generation engine decodes at once for generative eval tasks (IFEval)
 # A GPU tier on a machine without one stops here, before installing or loading anything (expanded in the recipes).
 CHECK_CUDA = $(if $(filter cpu,$(GPU))$(GPU_NAME),,$(error GPU=$(GPU) needs an NVIDIA GPU and nvidia-smi finds none: \
   use GPU=cpu (the embedded default) or a GPU runtime (Colab: Runtime > Change runtime type > T4 GPU)))
@@ -63,6 +65,7 @@ SEED ?= 0
 ## TEST_FRACTION: share of ids held out as the test split (dataset, sft, dpo)
 TEST_FRACTION ?= 0.05
 LIMIT ?=
+EVAL_GEN_ROWS ?= $(GEN_ROWS)
 ## ENGINE: generation engine, transformers or vllm
 ENGINE ?= transformers
 ## EMBEDDER: sentence embedder for near-duplicate filtering
@@ -164,16 +167,16 @@ $(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft $(RUN)/.settings/dpo
 	$(CHECK_CUDA)$(LAUNCH_TRAINING) steps/dpo.py --config $(DPO_CONFIG) --model_name_or_path $(MODEL_ID) --sft_adapter $(RUN)/sft \
 	  --train_file $< --output_dir $@ --dtype $(DTYPE) --seed $(SEED) --test_fraction $(TEST_FRACTION) $(DPO_ARGS)
 
-# EVAL_COST_<MODEL_SIZE> (tier.mk): measured seconds per log-likelihood pass and per generated token, for the time
+# EVAL_COST_<MODEL_SIZE> (tier.mk): measured seconds per log-likelihood token and per generated token, for the time
 # the step prints before it starts. EVAL_4BIT (tier.mk): --load-in-4bit where the tier evaluates in 4-bit.
 EVAL_COST = $(EVAL_COST_$(MODEL_SIZE))
-EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --dtype $(DTYPE) \
-  --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) $(EVAL_4BIT) $(if $(EVAL_COST),--cost $(EVAL_COST)) \
-  $(EVAL_ARGS)
-$(RUN)/eval/base.json: $(RUN)/.settings/eval | $(DEPS) $(NEEDS_DEFAULT)
-	$(CHECK_CUDA)$(EVAL) --out $@
-$(RUN)/eval/%.json: $(RUN)/% $(RUN)/.settings/eval
-	$(CHECK_CUDA)$(EVAL) --adapter $< --out $@
+EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --gen-rows $(EVAL_GEN_ROWS) \
+  --dtype $(DTYPE) --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) --seed $(SEED) $(EVAL_4BIT) \
+  $(if $(EVAL_COST),--cost $(EVAL_COST)) $(EVAL_ARGS)
+# One recipe, one load of the base model for the three; the step skips a model whose JSON holds the same evaluation.
+$(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json &: $(RUN)/sft $(RUN)/dpo $(RUN)/.settings/eval \
+  | $(DEPS) $(NEEDS_DEFAULT)
+	$(CHECK_CUDA)$(EVAL) --out-dir $(RUN)/eval --adapter sft=$(RUN)/sft --adapter dpo=$(RUN)/dpo
 
 # One page in two forms: markdown (plots in report_plots/) and self-contained HTML (plots embedded).
 $(RUN)/report.md $(RUN)/report.html &: $(RUN)/eval/sft.json $(RUN)/eval/dpo.json $(RUN)/eval/base.json $(RUN)/.settings/report

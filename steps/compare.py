@@ -64,7 +64,8 @@ def main(argv=None):
     about = [(name, str(path), evals[(name, "base")]["model"], ", ".join(evals[(name, "base")].get("tasks", [])),
               limit_text(evals[(name, "base")].get("limit"))) for name, path in runs]
     notes = ["Cells: value ± lm-eval's standard error; SFT and DPO rows add (in brackets) the difference against the "
-             "base model of the same run. A difference within about twice the standard errors is noise."]
+             "base model of the same run. Each run's report (report.md) gives these differences paired over the same "
+             "examples, with their standard error and whether they are beyond noise."]
     settings = {(tasks, limit) for *_, tasks, limit in about}
     if len(settings) > 1:
         notes.append("**The runs were evaluated on different tasks or LIMITs: compare their columns with care.**")

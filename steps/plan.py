@@ -21,8 +21,9 @@ import textwrap
 from pathlib import Path
 
 from common import OptionError, run_step
+from common.eval_requests import allocate, duration, eval_seconds, parse_cost, parse_limit, sample_count, task_limit
 from common.io.files import write_json
-from common.options import at_least, eval_limit, fraction, optional, positive_int, step_parser
+from common.options import at_least, fraction, optional, positive_int, step_parser
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_EVALUATED = ("base", "sft", "dpo")
@@ -50,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--dpo-config", required=True, help="the tier's DPO YAML")
     p.add_argument("--test-fraction", type=fraction, default=0.0, help="TEST_FRACTION: held out of training")
     p.add_argument("--tasks", required=True, help="TASKS, comma-separated")
-    p.add_argument("--limit", type=optional(eval_limit), default="",
-                   help="LIMIT: examples per task (or a fraction); empty: all")
+    p.add_argument("--limit", default="", help="LIMIT: a random sample of N documents of each task (N,TASK=N|all: "
+                                                "per task; a fraction in (0, 1): a share); empty: all")
     p.add_argument("--max-gen-toks", type=optional(positive_int), default="",
                    help="MAX_GEN_TOKS: cap on an eval answer; empty: the task's")
     p.add_argument("--eval-cost", default="", metavar="LL_S,TOKEN_S",
@@ -223,55 +224,28 @@ def decode_entry(costs, tier_costs, cap):
 
 # ---- Eval requests, from the tasks' sizes -------------------------------------------------------------------------
 
-def sample_size(docs, limit):
-    """lm-eval's get_sample_size: a limit below 1 is a fraction of the documents."""
-    if limit is None:
-        return docs
-    return min(docs, math.ceil(docs * limit) if limit < 1 else int(limit))
-
-
-def local_docs(path):
-    return [json.loads(line) for line in (REPO / path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def count_eval(tasks_spec, tasks, limit, max_gen_toks):
-    """Model passes and generated tokens (every answer to its cap) per evaluated model, as steps/eval.py counts them
-    (count_requests); tasks whose sizes the costs file lacks are returned as unknown."""
-    counts = {"passes": 0, "generate_until": 0, "max_gen_tokens": 0}
+    """Log-likelihood tokens and generated tokens (every answer to its cap) per evaluated model, for the documents
+    LIMIT samples (common/eval_requests.py, as steps/eval.py draws them; a group stratified by subtask); `tokens` in
+    env/costs.json is a document's mean (its context once, each choice, the chat template's tokens). Tasks whose
+    sizes the costs file lacks are returned as unknown."""
+    limits = parse_limit(limit)
+    counts = {"documents": 0, "loglikelihood_tokens": 0, "generate_until": 0, "max_gen_tokens": 0}
     unknown = []
     for task in tasks:
         spec = tasks_spec.get(task)
         if spec is None or task == "about":
             unknown.append(task)
             continue
-        if "file" in spec:
-            docs = local_docs(spec["file"])
-            docs = docs[:sample_size(len(docs), limit)]
-            if spec["kind"] == "multiple_choice":
-                for doc in docs:
-                    single = all(len(str(c).strip()) <= 1 for c in doc["choices"])
-                    counts["passes"] += 1 if single else len(doc["choices"])
-            else:
-                counts["generate_until"] += len(docs)
-                counts["max_gen_tokens"] += len(docs) * (max_gen_toks or spec.get("max_gen_toks", 256))
-        elif spec["kind"] == "multiple_choice":
-            sizes = spec["subtasks"].values() if "subtasks" in spec else [spec["docs"]]
-            docs = sum(sample_size(n, limit) for n in sizes)
-            counts["passes"] += docs if spec.get("one_pass") else docs * spec["choices"]
+        sizes = spec.get("subtasks") or {task: spec["docs"]}
+        docs = sum(allocate(sizes, sample_count(sum(sizes.values()), task_limit(limits, task))).values())
+        counts["documents"] += docs
+        if spec["kind"] == "multiple_choice":
+            counts["loglikelihood_tokens"] += round(docs * spec["tokens"])
         else:
-            n = sample_size(spec["docs"], limit)
-            counts["generate_until"] += n
-            counts["max_gen_tokens"] += n * (max_gen_toks or spec.get("max_gen_toks", 1280))
+            counts["generate_until"] += docs
+            counts["max_gen_tokens"] += docs * (max_gen_toks or spec.get("max_gen_toks", 1280))
     return counts, unknown
-
-
-def eval_cost(text):
-    try:
-        per_pass, per_token = (float(x) for x in text.split(","))
-    except ValueError:
-        raise OptionError(f"EVAL_COST={text!r}: expected two numbers LL_S,TOKEN_S (seconds per log-likelihood pass, "
-                          "per generated token)") from None
-    return per_pass, per_token
 
 
 # ---- The plan -----------------------------------------------------------------------------------------------------
@@ -376,27 +350,28 @@ def plan(args):
 
 
 def evaluation(args, costs, tier):
-    """Base, SFT and DPO, the same requests each, at the tier's EVAL_COST (the eval step's own figure)."""
+    """Base, SFT and DPO from one load of the base model, the same requests each, at the tier's EVAL_COST (the eval
+    step's own figure)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    limit = float(args.limit) if args.limit not in ("", None) else None
-    counts, unknown = count_eval(costs["eval_tasks"], tasks, limit, optional_int(args.max_gen_toks, "MAX_GEN_TOKS"))
-    basis = [f"requests counted from the tasks' sizes (env/costs.json) and LIMIT={args.limit or 'all'}; the eval step "
-             "counts the real ones from the datasets before it starts"]
+    counts, unknown = count_eval(costs["eval_tasks"], tasks, args.limit, optional_int(args.max_gen_toks, "MAX_GEN_TOKS"))
+    basis = [f"documents counted from the tasks' sizes (env/costs.json) and LIMIT={args.limit or 'all'} (a random "
+             "sample, the same for the three); the eval step counts the real ones from the datasets before it starts"]
     if unknown:
         basis.append(f"not counted (sizes not in env/costs.json): {', '.join(unknown)}")
     if args.eval_cost:
-        per_pass, per_token = eval_cost(args.eval_cost)
-        per_model = counts["passes"] * per_pass + counts["max_gen_tokens"] * per_token
+        per_model = eval_seconds(counts["loglikelihood_tokens"], counts["max_gen_tokens"],
+                                 parse_cost(args.eval_cost, "EVAL_COST"))
         basis.append(f"EVAL_COST={args.eval_cost} from env/{args.tier}/tier.mk (EVAL_COST_{args.model_size}: s a "
-                     "pass, s a generated token of a request; every answer to its cap, an upper bound): "
+                     "log-likelihood token, s a generated token; every answer to its cap, an upper bound): "
                      f"{tier['eval_source']}")
     else:
         per_model = 0.0
         basis.append(f"no EVAL_COST_{args.model_size} on this tier: eval's work not estimated")
     models = len(MODELS_EVALUATED)
-    work = (f"{models} models (base, sft, dpo) x ({counts['passes']:,} passes + {counts['generate_until']:,} answers of "
-            f"up to {counts['max_gen_tokens']:,} tokens) = {models} x {duration(per_model)}; {args.tasks}")
-    return row("eval", work, models * per_model, models * tier["startup_s"]["eval"], basis, requests=counts)
+    work = (f"{models} models (base, sft, dpo) x ({counts['loglikelihood_tokens']:,} log-likelihood tokens + "
+            f"{counts['generate_until']:,} answers of up to {counts['max_gen_tokens']:,} tokens) = {models} x "
+            f"{duration(per_model)}, one model load; {args.tasks}")
+    return row("eval", work, models * per_model, tier["startup_s"]["eval"], basis, requests=counts)
 
 
 def number(value):
@@ -407,13 +382,6 @@ def number(value):
 def article(name):
     """'an H200', 'an A100', 'a T4', 'a CPU': by how the first letter is spoken."""
     return ("an " if name[0] in "AEFHILMNORSX" else "a ") + name
-
-
-def duration(seconds):
-    """As the eval step prints its estimate: hours from 90 minutes up, minutes from 90 seconds."""
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 WIDTH = 118  # the project's line length

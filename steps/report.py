@@ -9,8 +9,9 @@ samples (category, input quality, difficulty, safety, and the quality reasons th
 nearest-neighbour distances and a 2-D map of the kept instructions coloured by category (these three where the
 records carry tags and distances), reward scores and margins, training curves (SFT loss; DPO loss, reward margin and
 accuracy; each with its value on the held-out test split where the trainer logged one, and that split's size n), the
-evaluation table (base, SFT, DPO with standard errors where lm-eval gives one, deltas against base, examples per
-task) and the settings used (models, tier, seeds, package versions).
+evaluation (a headline of what changed beyond noise; base, SFT, DPO with standard errors where lm-eval gives one, and
+their paired differences over the same examples; examples per task; time per model) and the settings used (models,
+tier, seeds, package versions).
 
 Reads only the files the other steps wrote in the run directory. Plots are matplotlib PNGs: the markdown links
 them from <out>_plots/ (report_plots/ for report.md), the HTML page embeds them as data URIs, so it is one file.
@@ -28,8 +29,9 @@ from common import DataError, run_step
 from common.io.files import output_lock, write_text
 from common.io.jsonl import read_jsonl
 from common.options import step_parser
-from common.reporting.eval_tables import (EVAL_HEADER, STAGES, eval_rows, eval_tasks, fmt, limit_text, metric_names,
-                                          read_json, share, stderr_of)
+from common.reporting.eval_tables import (EVAL_HEADER, MARK, STAGES, eval_rows, eval_tasks, fmt, headline, limit_text,
+                                          metric_names, read_json, share, signed, stderr_of)
+from common.reporting.paired import RULE, leaves_of
 from common.reporting.render import Heading, Para, Table, new_figure, plot, to_html, to_markdown
 from common.reporting.tag_stats import (COPIED_REASON, TAG_FIELDS, TAG_TITLES, distribution_table, reason_status,
                                         tagged, tags_of)
@@ -482,9 +484,11 @@ def template_note(evals):
 
 
 def examples(evaluation, task):
-    """Examples lm-eval scored of a task (its n_samples' effective count), None where not recorded."""
-    n = evaluation.get("n_samples", {}).get(task, {}).get("effective")
-    return n if isinstance(n, int) else None
+    """Examples lm-eval scored of a task (its n_samples' effective count; a group's: its leaf tasks'), None where
+    not recorded."""
+    counts = evaluation.get("n_samples", {})
+    found = [counts.get(t, {}).get("effective") for t in ([task] if task in counts else leaves_of(evaluation, task))]
+    return sum(found) if found and all(isinstance(n, int) for n in found) else None
 
 
 def eval_bars(evals):
@@ -502,32 +506,122 @@ def eval_bars(evals):
     return bars
 
 
+def sample_note(evals, tasks):
+    """Which examples the models answered: the eval step's seeded sample where it recorded one."""
+    samples = [evals[stage].get("sample") for stage in STAGES if "examples" in evals[stage]]
+    if not samples[0]:
+        return "Base, SFT and DPO answered the same lm-eval documents, paired by document id."
+    if any(s != samples[0] for s in samples):
+        return ("The models' samples of examples differ (eval/*.json \"sample\"): each difference pairs the examples "
+                "both models answered.")
+    seeds = sorted({str(v.get("seed")) for v in samples[0].values()})
+    sizes, whole = [], True
+    for task in tasks:
+        drawn = [samples[0][leaf] for leaf in leaves_of(evals["base"], task) if leaf in samples[0]]
+        n, of = sum(d["n"] for d in drawn), sum(d["of"] for d in drawn)
+        whole = whole and n == of
+        if drawn:
+            sizes.append(f"{task} {'all ' if n == of else f'{n} of '}{of}")
+    if whole:
+        return f"Base, SFT and DPO answered every example of each task: {', '.join(sizes)}."
+    return (f"Base, SFT and DPO answered the same examples, a seeded random sample (seed {', '.join(seeds)}) of N "
+            f"of M per task: {', '.join(sizes)}.")
+
+
+def paired_notes(evals, comparisons):
+    """What the difference columns are, what n each rests on, and where pairing fell short."""
+    paired = [c for c in comparisons if c.paired is not None]
+    if not paired:
+        return ["These eval JSONs have no per-example results (evaluated by an older eval step), so each difference "
+                "is given unpaired: ± the two standard errors combined as if independent (sqrt(se1² + se2²)), which "
+                "overstates the error of a difference on the same questions, and none is marked beyond noise."]
+    tasks = list(dict.fromkeys(c.task for c in paired))
+    sizes = []
+    for task in tasks:
+        ns = sorted({c.paired.n for c in paired if c.task == task})
+        units = sorted({c.paired.units for c in paired if c.task == task and c.paired.units})
+        sizes.append(f"{task} {'/'.join(map(str, ns))}" + (
+            f" ({'/'.join(map(str, units))} instructions for its instruction-level metrics)" if units else ""))
+    notes = [f"A difference (later - earlier) is paired: the mean of the per-example differences ± their standard "
+             f"error (for an instruction-level metric, a ratio over instructions clustered by prompt). {MARK} marks "
+             f"a difference beyond noise ({RULE}). Each comparison rests on the n examples both models answered: "
+             f"{', '.join(sizes)}.", sample_note(evals, tasks)]
+    short = [f"{c.task} {c.metric} {c.later} - {c.earlier} ({c.paired.unmatched})" for c in paired
+             if c.paired.unmatched]
+    if short:
+        notes.append(f"Examples answered by one model only, left out of the pairing: {', '.join(short)}.")
+    off = [f"{c.task} {c.metric} {c.later} - {c.earlier} ({signed(c.paired.diff)} vs {signed(c.paired.reported)})"
+           for c in paired if not c.paired.unmatched and c.paired.reported is not None and not c.paired.agrees]
+    if off:
+        notes.append(f"**The per-example results do not add up to lm-eval's scores** for {', '.join(off)}: check "
+                     "eval/*.json.")
+    unpaired = [f"{c.task} {c.metric} {c.later} - {c.earlier}" for c in comparisons if c.paired is None]
+    if unpaired:
+        notes.append(f"Unpaired (no per-example results): {', '.join(unpaired)}: ± the two standard errors combined "
+                     "as if independent, which overstates the error; not marked.")
+    return notes
+
+
+def offline_note(base):
+    """What a score on the cpu tier's local stand-in tasks means, and what it does not."""
+    local = [t for t in eval_tasks(base) if t.endswith("_local")]
+    if not local:
+        return None
+    tiny = "embedded:smollm2" in str(base.get("model")) or "135m" in str(base.get("model")).lower()
+    return (f"The local tasks ({', '.join(local)}) are a few dozen self-written stand-ins for IFEval and MMLU/HellaSwag"
+            + (", here with the cpu tier's embedded 135M model" if tiny else "") + ": their scores show that the "
+            "chain trains and evaluates end to end, and a difference beyond noise shows an adapter changed the "
+            "model's answers on these few examples. They are not a benchmark and say nothing of the model on the "
+            "real tasks.")
+
+
+def time_blocks(evals):
+    """Each model's evaluation time: the eval step's estimate before it ran, and the wall clock it measured."""
+    rows, loads = [], set()
+    for stage in STAGES:
+        spent, requests = evals[stage].get("time") or {}, evals[stage].get("requests") or {}
+        if "wall_s" not in spent:
+            continue
+        expected = spent.get("expected_s")
+        cached = f"{requests['from_cache']} of {requests['total']}" if "from_cache" in requests else "not recorded"
+        rows.append((stage, "no estimate (no --cost)" if expected is None else fmt(float(expected), 0),
+                     fmt(float(spent["wall_s"]), 1), cached))
+        if "load_s" in spent:  # one base model load shared by the models evaluated in one run of the step
+            loads.add(f"{fmt(float(spent['load_s']), 1)} s for {spent.get('models_this_load', '?')} model(s)")
+    if not rows:
+        return []
+    load = (f"its requests, the model's loading not included (the base model loads: {'; '.join(sorted(loads))})"
+            if loads else "its wall clock, loading the model included")
+    return [Table(["model", "expected (s)", "measured (s)", "requests answered from the cache"], rows),
+            Para("Expected: the eval step's estimate before it ran, from this tier's measured cost per request (--cost;"
+                 f" every generation counted to its token cap, so an upper bound); measured: {load}. Requests "
+                 "answered from the cache take no model time.")]
+
+
 def eval_section(outputs):
     evals = outputs["evals"]
     base = evals["base"]
-    rows, _ = eval_rows(evals)
+    rows, comparisons = eval_rows(evals)
     bars = eval_bars(evals)
     # n (examples scored) beside each metric: the table's third column
     n_of = {(task, metric): n for task, metric, n, _, _ in bars}
     rows = [(task, metric, "?" if n_of.get((task, metric)) is None else n_of[task, metric], *rest)
             for task, metric, *rest in rows]
     subtasks = len(base["results"]) - len(eval_tasks(base))
-    samples = ", ".join(f"{t} {base.get('n_samples', {}).get(t, {}).get('effective', '?')}" for t in eval_tasks(base))
+    samples = ", ".join(f"{t} {'?' if examples(base, t) is None else examples(base, t)}" for t in eval_tasks(base))
     no_stderr = [f"{task} {metric}" for task, metric, _, values, errors in bars
                  if any(v is not None and e is None for v, e in zip(values, errors))]
-    notes = [f"Examples per task (n): {samples} (LIMIT: {limit_text(base.get('limit'))})."
-             " ± is lm-eval's standard error; a delta is given ± the standard error of the difference "
-             "(the two errors combined as if independent, which overstates it for the same questions), so a delta "
-             "within about twice that is noise."]
+    notes = [f"Examples per task (n): {samples} (LIMIT: {limit_text(base.get('limit'))}). A model's value is given "
+             "± lm-eval's standard error.", *paired_notes(evals, comparisons)]
     if no_stderr:
-        notes.append(f"lm-eval gives no standard error for {', '.join(no_stderr)}: no ± in the table, no error bar "
-                     "in the chart.")
+        notes.append(f"lm-eval gives no standard error for {', '.join(no_stderr)}: no ± on its values in the table, "
+                     "no error bar in the chart.")
     if subtasks > 0:
         notes.append(f"{subtasks} subtasks and subgroups of these are in eval/*.json, not listed here.")
     if any(t.startswith("ifeval") for t in eval_tasks(base)):
         notes.append("IFEval's inst_level metrics are shares of the instructions within its n prompts; its sentence "
                      f"checks used punkt: {base.get('punkt')}.")
-    notes.append(template_note(evals))
+    notes += [n for n in (offline_note(base), template_note(evals)) if n]
     fig, (ax,) = new_figure(1)
     fig.set_size_inches(min(12, max(6, 1.6 * len(bars))), 4.2)
     width = 0.27
@@ -550,9 +644,11 @@ def eval_section(outputs):
         f", none for {', '.join(no_stderr)} (lm-eval gives none)." if no_stderr else ".")
     return [
         Heading("Evaluation (lm-evaluation-harness)"),
+        Para(headline(comparisons)),
         Table([*EVAL_HEADER[:2], "n", *EVAL_HEADER[2:]], rows),
         Para(" ".join(notes)),
         plot("eval", fig, caption),
+        *time_blocks(evals),
     ]
 
 

@@ -114,3 +114,24 @@ def eval_result(stage, acc):
             "n_samples": {"mc_local": {"original": 8, "effective": 4}},
             "settings": {"chat_template": "model's own", "chat_template_sha256": "abc"}, "punkt": None,
             "versions": {"torch": "2", "transformers": "5", "trl": "1", "peft": "0.21", "lm_eval": "0.4"}}
+
+
+def mc_eval(stage, correct, n=40, of=48):
+    """An eval JSON in the eval step's format with per-example results: mc_local's acc is 1 for the doc ids in
+    `correct` of a seeded sample of n of its `of` examples (the same sample for every model)."""
+    acc = [int(i in correct) for i in range(n)]
+    p = sum(acc) / n
+    result = {**eval_result(stage, p), "limit": n}
+    result["results"]["mc_local"]["acc_stderr,none"] = (p * (1 - p) / (n - 1)) ** 0.5  # lm-eval's, over n
+    result["n_samples"]["mc_local"] = {"original": of, "effective": n}
+    result.update(examples={"mc_local": {"doc_id": list(range(n)), "acc,none": acc}}, leaves={"mc_local": ["mc_local"]},
+                  sample={"mc_local": {"n": n, "of": of, "seed": 1234}},
+                  time={"requests": {}, "cost": "0.05,0.004", "expected_s": 120.0, "wall_s": 98.5, "load_s": 12.0,
+                        "models_this_load": 3},
+                  requests={"total": n, "from_cache": 0, "answered": n})
+    return result
+
+
+# mc_local's right answers: SFT gains 12 over base (every one up: beyond noise); DPO gains 2 and loses 1 over SFT
+# (within noise), 14 and 1 over base (beyond noise).
+MC_CORRECT = {"base": set(range(10)), "sft": set(range(22)), "dpo": set(range(1, 24))}

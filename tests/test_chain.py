@@ -93,22 +93,20 @@ def test_every_step_records_the_one_dtype_decision(chain_run, tmp_path, monkeypa
 
 # ---- Settings stamps (env/settings.mk): an output follows the settings that shape it -------------------------------
 
-EVALS = ["eval/base", "eval/dpo", "eval/sft"]
-# What `make -n all` runs on the finished test chain when a setting upstream of everything changes (base's eval
-# depends on no output of the chain, so only a change of the eval settings redoes it).
-AFTER_GENERATE = sorted(["generate", "judge", "filter", "preference", "sft", "dpo", "eval/sft", "eval/dpo", "report",
-                         "dataset"])
+EVALS = ["eval"]  # one command for base, SFT and DPO (it skips a model whose JSON holds the same evaluation)
+# What `make -n all` runs on the finished test chain when a setting upstream of everything changes.
+AFTER_GENERATE = sorted(["generate", "judge", "filter", "preference", "sft", "dpo", "eval", "report", "dataset"])
 
 
 def would_run(run, target="all", **changed):
-    """The steps `make -n TARGET` would run on the finished run `run` with `changed` settings, sorted; an eval as
-    eval/<model>. make -n writes nothing, settings stamps included."""
+    """The steps `make -n TARGET` would run on the finished run `run` with `changed` settings, sorted. make -n writes
+    nothing, settings stamps included."""
     result = subprocess.run([*make_command(target, run, **changed), "-n"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = []
     for line in result.stdout.splitlines():
         if step := re.search(r"steps/(\w+)\.py", line):
-            steps.append("eval/" + re.search(r"/eval/(\w+)\.json", line)[1] if step[1] == "eval" else step[1])
+            steps.append(step[1])
     return sorted(steps)
 
 
@@ -131,9 +129,8 @@ def test_a_changed_setting_redoes_its_output_and_what_follows_and_only_that(chai
     assert would_run(chain_run, NUM_SAMPLES="13") == sorted(AFTER_GENERATE + ["plan"])
     assert would_run(chain_run, GENERATE_ARGS="--response-temperature 0") == AFTER_GENERATE
     assert would_run(chain_run, PREFERENCE_ARGS="--allow-truncated-chosen --temperature 0.5") == \
-        sorted(["preference", "dpo", "eval/dpo", "report", "dataset"])
-    assert would_run(chain_run, SFT_ARGS="--max_steps 3 --save_steps 1") == sorted(["sft", "dpo", "eval/sft",
-                                                                                       "eval/dpo", "report"])
+        sorted(["preference", "dpo", "eval", "report", "dataset"])
+    assert would_run(chain_run, SFT_ARGS="--max_steps 3 --save_steps 1") == sorted(["sft", "dpo", "eval", "report"])
     # make -n and -q wrote no stamp: the next unchanged make has nothing to do
     assert {name: stamp for name, stamp in stamps(chain_run).items() if name in before} == before
     assert "TASKS=ifeval_local,mc_local\nEVAL_BATCH=4\n" in before["eval"][0]  # the settings, readable
@@ -152,20 +149,20 @@ def test_a_changed_tier_yaml_redoes_training_and_what_follows(chain_run, tmp_pat
     config.write_text("# a comment reworded, a blank line added\n\n" + config.read_text())
     assert would_run(run, SFT_CONFIG=config) == []  # the checksum leaves comments out
     config.write_text(config.read_text().replace("max_length: 512", "max_length: 256"))
-    assert would_run(run, SFT_CONFIG=config) == sorted(["sft", "dpo", "eval/sft", "eval/dpo", "report", "plan"])
+    assert would_run(run, SFT_CONFIG=config) == sorted(["sft", "dpo", "eval", "report", "plan"])
 
 
 def test_a_new_adapter_redoes_its_eval_and_only_what_follows(chain_run, tmp_path):
     """An adapter written after its eval (the step renames a new directory into place) is evaluated again; a new SFT
-    adapter also retrains DPO on it. make -n and -q: nothing runs."""
+    adapter also retrains DPO on it. make -n and -q: nothing runs (which models the eval redoes, tests/test_eval.py)."""
     run = tmp_path / "run"
     shutil.copytree(chain_run, run, ignore=shutil.ignore_patterns("*.safetensors", "cache"))  # copy2 keeps the times
     assert subprocess.run([*make_command("eval", run), "-q"]).returncode == 0
     os.utime(run / "dpo")  # now: newer than eval/dpo.json
-    assert would_run(run, "eval") == ["eval/dpo"]
+    assert would_run(run, "eval") == ["eval"]
     assert subprocess.run([*make_command("eval", run), "-q"]).returncode == 1
     os.utime(run / "sft")
-    assert would_run(run, "eval") == ["dpo", "eval/dpo", "eval/sft"]
+    assert would_run(run, "eval") == ["dpo", "eval"]
 
 
 def test_a_run_made_before_settings_stamps_is_kept_and_a_change_then_redoes_eval_alone(chain_run, tmp_path):
@@ -182,9 +179,9 @@ def test_a_run_made_before_settings_stamps_is_kept_and_a_change_then_redoes_eval
                              capture_output=True, text=True)
     assert changed.returncode != 0  # PY=false
     assert "settings of eval changed: TASKS=mc_local\n" in changed.stdout
-    assert sorted(re.findall(r"steps/(\w+)\.py .*--tasks mc_local .*/eval/(\w+)\.json", changed.stdout)) == \
-        [("eval", "base"), ("eval", "dpo"), ("eval", "sft")]
-    assert len(re.findall(r"steps/\w+\.py", changed.stdout)) == 3
+    evals = re.findall(r"steps/eval\.py .*--tasks mc_local .*--out-dir (\S+) --adapter sft=\S+ --adapter dpo=\S+",
+                       changed.stdout)
+    assert evals == [f"{run}/eval"] and len(re.findall(r"steps/\w+\.py", changed.stdout)) == 1
     assert "TASKS=mc_local\n" in (run / ".settings" / "eval").read_text()
 
 

@@ -69,6 +69,7 @@ def test_both_offline_tasks_ran_for_base_sft_and_dpo(chain_run):
         assert result["settings"]["chat_template_sha256"] == sha256_16(smol_template())
         assert result["requests"]["total"] == 4 + 4 * 4 and result["loglikelihoods"]["mc_local"]["count"] == 16
         assert result["requests"]["by_fast_engine"] == 4  # IFEval's prompts went through the engine (LoRA too)
+        assert result["requests"]["by_packed_scorer"] == 16  # and every choice through the packed scorer
 
 
 def sha256_16(text):
@@ -86,8 +87,8 @@ def eval_args(run_dir, stage, out, tasks="mc_local"):
     recorded = json.loads((run_dir / "eval" / f"{stage}.json").read_text())
     settings = recorded["settings"]
     args = ["--model", recorded["model"], "--tasks", tasks, "--batch-size", settings["batch_size"],
-            "--dtype", settings["dtype"], "--max-gen-toks", settings["max_gen_toks"], "--limit", int(recorded["limit"]),
-            "--out", out, "--cache-dir", out.parent / "cache"]
+            "--dtype", settings["dtype"], "--max-gen-toks", settings["max_gen_toks"], "--limit", recorded["limit"],
+            "--seed", recorded["seed"], "--gen-rows", settings["gen_rows"], "--out", out, "--cache-dir", out.parent / "cache"]
     return args + (["--adapter", recorded["adapter"]] if recorded["adapter"] else [])
 
 
@@ -99,6 +100,37 @@ def test_adapters_change_the_loglikelihoods_and_a_repeated_base_run_does_not(cha
     run_step("eval", *eval_args(chain_run, "base", tmp_path / "base.json"))  # a fresh cache: recomputed
     again = json.loads((tmp_path / "base.json").read_text())
     assert again["requests"]["answered"] == 16 and again["loglikelihoods"]["mc_local"] == sums["base"]
+
+
+def test_adapters_switched_on_one_load_answer_as_separate_loads(chain_run, tmp_path):
+    """The chain evaluated base, SFT and DPO from one load (DPO's adapter put on after SFT's); DPO alone, loaded
+    fresh with its adapter only, gives the same log-likelihoods and the same per-example scores."""
+    chained = json.loads((chain_run / "eval" / "dpo.json").read_text())
+    assert chained["time"]["models_this_load"] == 3  # the chain's one recipe evaluated all three
+    run_step("eval", *eval_args(chain_run, "dpo", tmp_path / "dpo.json", tasks="ifeval_local,mc_local"))
+    alone = json.loads((tmp_path / "dpo.json").read_text())
+    assert alone["time"]["models_this_load"] == 1 and alone["requests"]["from_cache"] == 0
+    assert alone["loglikelihoods"] == chained["loglikelihoods"]
+    assert alone["examples"] == chained["examples"] and alone["key"] == chained["key"]
+
+
+def test_the_three_models_answer_the_same_random_sample(chain_run):
+    evals = {stage: json.loads((chain_run / "eval" / f"{stage}.json").read_text()) for stage in ("base", "sft", "dpo")}
+    base = evals["base"]
+    assert base["limit"] == "4" and base["seed"] == 0
+    assert base["sample"] == {"ifeval_local": {"n": 4, "of": 57, "seed": 0}, "mc_local": {"n": 4, "of": 48, "seed": 0}}
+    ids = {task: base["examples"][task]["doc_id"] for task in ("ifeval_local", "mc_local")}
+    for stage in ("sft", "dpo"):
+        assert evals[stage]["sample"] == base["sample"]
+        assert {task: evals[stage]["examples"][task]["doc_id"] for task in ids} == ids
+    assert all(len(v) == 4 and v != [0, 1, 2, 3] for v in ids.values())  # drawn, not the first four
+    from common.eval_requests import draw
+
+    assert ids["mc_local"] == draw({"mc_local": 48}, 4, 0)["mc_local"]  # the draw the step records
+    mc = base["examples"]["mc_local"]  # per-example scores that add up to lm-eval's own
+    assert sum(mc["acc,none"]) / 4 == base["results"]["mc_local"]["acc,none"]
+    inst = base["examples"]["ifeval_local"]["inst_level_strict_acc,none"]
+    assert sum(map(sum, inst)) / sum(map(len, inst)) == base["results"]["ifeval_local"]["inst_level_strict_acc,none"]
 
 
 def test_a_base_model_without_a_chat_template_is_prompted_with_its_adapters_template(smol, tmp_path):
@@ -123,9 +155,8 @@ def test_a_base_model_without_a_chat_template_is_prompted_with_its_adapters_temp
     import eval as eval_step
 
     def template(adapter_dir):
-        args = eval_step.parse_args(["--model", str(base), "--out", str(tmp_path / "x.json")]
-                                    + (["--adapter", str(adapter_dir)] if adapter_dir else []))
-        return eval_step.eval_tokenizer(args)[1]
+        args = eval_step.parse_args(["--model", str(base), "--out", str(tmp_path / "x.json")])
+        return eval_step.eval_tokenizer(args, str(adapter_dir) if adapter_dir else None)[1]
 
     expected = {"chat_template": "project default", "chat_template_sha256": sha256_16(DEFAULT_CHAT_TEMPLATE)}
     assert template(None) == template(adapter) == expected
@@ -169,7 +200,9 @@ def test_compare_evaluates_only_missing_models_and_tables_every_run(chain_run, t
     result = make("compare", chain_run, RUNS_DIR=runs, COMPARE="smol qwen")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evals_run = [line for line in result.stdout.splitlines() if "steps/eval.py" in line]
-    assert len(evals_run) == 1 and f"--adapter {smol}/dpo" in evals_run[0]  # only the missing one
+    assert len(evals_run) == 1 and f"--adapter dpo={smol}/dpo" in evals_run[0]  # one command for smol's three
+    assert "eval: dpo from one load of" in result.stdout  # which evaluated only the missing one
+    assert "base.json is up to date" in result.stdout and "sft.json is up to date" in result.stdout
     assert (smol / "eval" / "dpo.json").exists()
 
     table = (runs / "compare-cpu.md").read_text()

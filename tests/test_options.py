@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 from common import OptionError, run_step
-from common.options import HelpFormatter, between, eval_batch_size, eval_limit, fraction, positive_int, probability
+from common.options import HelpFormatter, between, eval_batch_size, fraction, positive_int, probability
 
 import compare
 import dataset
@@ -142,7 +142,7 @@ def test_values_at_the_edges_of_each_range_parse():
 def test_the_types_edges():
     assert positive_int("1") == 1 and probability("1") == 1.0 and fraction("0") == 0.0
     for kind, bad in ((positive_int, "0"), (positive_int, "1.5"), (probability, "0"), (probability, "1.0001"),
-                      (fraction, "1"), (fraction, "-inf"), (between(0, 1), "nan"), (eval_limit, "-1"),
+                      (fraction, "1"), (fraction, "-inf"), (between(0, 1), "nan"),
                       (eval_batch_size, "auto:"), (eval_batch_size, "-2")):
         with pytest.raises(argparse.ArgumentTypeError, match="must be"):
             kind(bad)

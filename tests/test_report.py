@@ -12,9 +12,10 @@ import compare
 import pytest
 import report as report_step
 from conftest import make, read_lines, run_step
-from run_fixture import make_run
+from run_fixture import MC_CORRECT, make_run, mc_eval
 
-from common.reporting.eval_tables import metric_names, stderr_of
+from common.reporting.eval_tables import COMPARISONS, metric_names, stderr_of
+from common.reporting.paired import BEYOND, paired_difference
 
 SECTIONS = ["Data funnel", "Generation yield", "Dropped by each filter rule", "Instruction diversity", "Most common opening words",
             "Most common first verbs", "Lengths (words)", "Reward scores", "Training",
@@ -141,19 +142,28 @@ def test_training_rows_match_the_curves(chain_run, report):
                 assert line.endswith(f"| n={n} {unit}{'' if n == 1 else 's'} |")
 
 
-def test_eval_table_has_standard_errors_and_deltas_against_base(chain_run, report):
-    evals = {m: json.loads((chain_run / "eval" / f"{m}.json").read_text())["results"] for m in ("base", "sft", "dpo")}
-    for task, metric in (("ifeval_local", "prompt_level_strict_acc"), ("mc_local", "acc"), ("mc_local", "acc_norm")):
+def test_eval_table_has_standard_errors_and_paired_differences(chain_run, report):
+    evals = {m: json.loads((chain_run / "eval" / f"{m}.json").read_text()) for m in ("base", "sft", "dpo")}
+    assert all("examples" in e for e in evals.values()), "the eval step writes per-example results"
+    for task, metric in (("ifeval_local", "prompt_level_strict_acc"), ("ifeval_local", "inst_level_strict_acc"),
+                         ("mc_local", "acc"), ("mc_local", "acc_norm")):
+        key = f"{metric},none"
         cells = row(report, task, metric)
-        values = [evals[m][task][f"{metric},none"] for m in ("base", "sft", "dpo")]
-        errors = [evals[m][task][f"{metric}_stderr,none"] for m in ("base", "sft", "dpo")]
         assert cells[2] == "4"  # n: the examples scored
-        assert cells[3:6] == [f"{v:.3f} ± {e:.3f}" for v, e in zip(values, errors)]
-        for cell, value, error in zip(cells[6:], values[1:], errors[1:]):
-            assert cell == f"{value - values[0]:+.3f} ± {(error ** 2 + errors[0] ** 2) ** 0.5:.3f}"
+        if metric != "inst_level_strict_acc":
+            values = [evals[m]["results"][task][key] for m in ("base", "sft", "dpo")]
+            errors = [evals[m]["results"][task][f"{metric}_stderr,none"] for m in ("base", "sft", "dpo")]
+            assert cells[3:6] == [f"{v:.3f} ± {e:.3f}" for v, e in zip(values, errors)]
+        for cell, (later, earlier) in zip(cells[6:], COMPARISONS):
+            p = paired_difference(evals[earlier], evals[later], task, key)
+            assert (p.n, p.unmatched) == (4, 0) and p.agrees  # the examples add up to lm-eval's scores
+            assert cell == f"{p.diff:+.3f}" + ("" if p.se is None else f" ± {p.se:.3f}") + (
+                " *" if p.verdict == BEYOND else "")
+    assert section(report, "Evaluation (lm-evaluation-harness)").startswith("\nBeyond noise (|difference| > 2 paired")
+    assert "both models answered: ifeval_local 4 (" in report and "instruction-level metrics), mc_local 4." in report
     no_stderr = row(report, "ifeval_local", "inst_level_strict_acc")  # lm-eval gives none for this one
-    assert no_stderr[3] == f"{evals['base']['ifeval_local']['inst_level_strict_acc,none']:.3f}"
-    ifeval = evals["base"]["ifeval_local"]
+    assert no_stderr[3] == f"{evals['base']['results']['ifeval_local']['inst_level_strict_acc,none']:.3f}"
+    ifeval = evals["base"]["results"]["ifeval_local"]
     without = [f"ifeval_local {k.split(',')[0]}" for k in metric_names(ifeval) if stderr_of(ifeval, k) is None]
     assert "ifeval_local inst_level_strict_acc" in without  # the chart says which metrics have no error bar
     assert f"error bars: ± standard error, none for {', '.join(without)} (lm-eval gives none)" in report
@@ -282,7 +292,7 @@ def test_error_bars_only_where_lm_eval_gives_a_standard_error(tmp_path):
     assert caption.endswith("error bars: ± standard error, none for ifeval_local inst_level_strict_acc "
                             "(lm-eval gives none).")
     notes = section(text, "Evaluation (lm-evaluation-harness)")
-    assert "no standard error for ifeval_local inst_level_strict_acc: no ± in the table, no error bar" in notes
+    assert "no standard error for ifeval_local inst_level_strict_acc: no ± on its values in the table" in notes
     assert row(text, "ifeval_local", "inst_level_strict_acc")[2:4] == ["4", "0.600"]  # n, then the value alone
     assert row(text, "mc_local", "acc")[2:4] == ["4", "0.250 ± 0.200"]
 
@@ -415,3 +425,7 @@ def test_compare_tables_runs_with_the_shared_eval_tables(tmp_path):
     text = (tmp_path / "compare.md").read_text()
     assert row(text, "a", "base")[2] == "0.250 ± 0.200"
     assert row(text, "b", "dpo")[2] == "0.750 ± 0.200 (+0.500)"
+    for stage in MC_CORRECT:  # eval JSONs with per-example results table alike
+        (two / "eval" / f"{stage}.json").write_text(json.dumps(mc_eval(stage, MC_CORRECT[stage])))
+    compare.main(["--run", f"a={one}", "--run", f"b={two}", "--out", str(tmp_path / "compare.md")])
+    assert row((tmp_path / "compare.md").read_text(), "b", "sft")[2] == "0.550 ± 0.080 (+0.300)"

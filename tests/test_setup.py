@@ -73,7 +73,7 @@ def test_the_constraint_check_finds_each_kind_of_disagreement():
 
 def test_the_installed_packages_are_the_constrained_versions():
     """make setup installed with the constraints: what this Python has is what env/constraints.txt says (packages a
-    CPU setup doesn't install, bitsandbytes and liger-kernel, are skipped)."""
+    CPU setup doesn't install, liger-kernel, is skipped)."""
     wrong = []
     for line in requirement_lines(CONSTRAINTS.read_text()):
         constraint = Requirement(line)

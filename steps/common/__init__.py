@@ -3,7 +3,8 @@ those; training and reporting never import the engine, and nothing imports in a 
 
 - here: the errors a step reports (StepError and kinds), say_once, run_step, installed_versions;
   options.py (the steps' command lines), models.py (loading, with errors that say how to fix them), precision.py
-  (the one dtype decision), rubric.py (the judge's prompt, schema and parsing)
+  (the one dtype decision), rubric.py (the judge's prompt, schema and parsing), eval_requests.py (the eval's random
+  sample and its time estimate, for the eval step and the plan)
 - io/: outputs written atomically, JSONL with resume, the batch loop, shards, the train/test split
 - generation/: the generation engine and what it is told (sampling, templates, recipes, engines, reward models)
 - training/: TRL's command line, checkpoints and the final adapter, padding-free attention (never the engine)

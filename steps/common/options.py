@@ -110,10 +110,6 @@ share = between(0, 1)  # ratios and cosine thresholds: [0, 1]
 number = _checked("a finite number", float, lambda v: True)  # e.g. a reward threshold, any sign
 
 
-# lm-eval's --limit: examples per task (a whole number >= 1) or a fraction of each task in (0, 1)
-eval_limit = _checked("a whole number of examples (at least 1) or a fraction in (0, 1)", float,
-                      lambda v: 0 < v < 1 or (v >= 1 and v.is_integer()))
-
 
 def eval_batch_size(text):
     """lm-eval's --batch-size: a whole number >= 1, "auto", or "auto:N" (re-detect the size N times)."""

@@ -9,6 +9,8 @@ The training side never imports this package.
 - engines.py        the engines behind one call, `engine.sample(prompts, sampling, seed)`
 - fastgen.py        the fast path: continuous batching over a paged KV cache, CUDA graphs, 4-bit models too
 - decode_kernel.py  the Triton decoding attention over the paged cache
-- eval_engine.py    lm-eval's HFLM with its generative requests answered by the fast path
+- eval_engine.py    lm-eval's HFLM with its generative requests answered by the fast path, its log-likelihood ones
+                    by loglik.py
+- loglik.py         the packed log-likelihood scorer: a context once beside its continuations (tree mask)
 - reward.py         reward models behind one call: a classifier (DeBERTa) or an embedding similarity
 """

@@ -1,4 +1,5 @@
-"""lm-evaluation-harness's HFLM with its generative requests answered by the fast engine (common/generation/fastgen.py).
+"""lm-evaluation-harness's HFLM with its generative requests answered by the fast engine (common/generation/fastgen.py)
+and its log-likelihood requests by the packed scorer (common/generation/loglik.py).
 
 `EngineHFLM.generate_until` hands greedy requests to `fastgen.make_generator`'s SlotGenerator (continuous batching:
 a row that ends frees its slot for the next prompt, where HFLM's batches wait for their longest answer) and gives
@@ -28,22 +29,37 @@ once. make_generator switches the model's attention to the engine's and may comp
 generator's close() undoes both after each generate_until and drops its KV cache, so log-likelihood requests run on
 the model exactly as loaded, whether or not generation ran first.
 
+`EngineHFLM._loglikelihood_tokens` (under loglikelihood and loglikelihood_rolling) gives HFLM's answers, (sum of the
+continuation's token log-probs, every token the argmax), from `loglik.score`: each context run once for all its
+continuations (a tree mask), groups packed into rows of loglik_row_tokens and forwards of loglik_tokens, logits only
+where scored, log_softmax in float32 (HFLM's is in the model's dtype unless softmax_dtype says otherwise: on a bf16
+model HFLM's own answers carry bf16 rounding that these don't). Each answer goes to the request cache as its forward
+returns, keyed as HFLM keys it (none for loglikelihood_rolling's windows, whose context string is None: HFLM caches
+their document's total). HFLM's own `_loglikelihood_tokens` answers what the scorer can't: requests HFLM truncates
+(context + continuation over max_length + 1 tokens, or over the model's sliding window), every request of a seq2seq
+model, mixed precision, SIT_PACKED_LOGLIK=0, an attention implementation that takes no custom mask (flash
+attention), and a model where the scorer's self-check (`loglik.check`) disagrees with plain forwards; said once.
+
 Written against lm-eval 0.4.13. Relies on: HFLM.generate_until's behaviour as described above (re-implemented here,
 not called), HFLM's attributes `backend`, `truncation`, `think_end_token`, `mixed_precision_dtype`, `cache_hook`,
 `batch_size`, `max_length`, `max_gen_toks`, `tok_batch_encode`, `tok_decode`, and the module functions
-`lm_eval.models.utils.normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`.
-tests/test_eval_engine.py checks the answers against HFLM's own.
+`lm_eval.models.utils.normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`; for
+log-likelihoods, the requests `_loglikelihood_tokens` gets ((context, continuation) strings, context_enc,
+continuation_enc) and HFLM's truncation rule, `rank`, `cache_hook.add_partial("loglikelihood", ...)`.
+tests/test_eval_engine.py and tests/test_loglik.py check the answers against HFLM's own.
 """
 
+import os
 import sys
 from typing import NamedTuple
 
+import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
 from common import say_once
-from common.generation import fastgen
+from common.generation import fastgen, loglik
 from common.generation.engines import stop_ids
 from common.generation.sampling import Sampling
 
@@ -63,6 +79,11 @@ GREEDY_NEUTRAL = {
     "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
     "guidance_scale": 1.0, "watermarking_config": None,
 }
+# The packed scorer's self-check (loglik.check) against plain forwards: a model that ignores the tree mask or the
+# position ids is off by 7-12 nats there; rounding, by about 1e-5 in float32 and up to ~0.5 in bf16 (the probe's
+# 17-token continuation, plain bf16 logits against the scorer's: 0.52 measured on a CPU with bf16) or 4-bit.
+CHECK_TOLERANCE_FP32 = 1e-3
+CHECK_TOLERANCE_HALF = 2.0
 
 
 class Plan(NamedTuple):
@@ -78,18 +99,28 @@ def neutral(key, value):
 
 
 class EngineHFLM(HFLM):
-    """HFLM whose generate_until runs on the fast engine where it can (see the module docstring); log-likelihood
-    requests are HFLM's own. `engine_answered` counts the requests the engine answered, `engine_off` holds why it
-    did not run (None while it does)."""
+    """HFLM whose generate_until runs on the fast engine and whose log-likelihood requests run through the packed
+    scorer where they can (see the module docstring). `engine_answered` counts the requests the engine answered,
+    `engine_off` holds why it did not run (None while it does); `packed_answered` and `packed_off` the same for the
+    scorer. loglik_row_tokens / loglik_tokens: the scorer's tokens per row / per forward (None: loglik's defaults)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, gen_rows=None, loglik_row_tokens=None, loglik_tokens=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.gen_rows = gen_rows
         self.engine_answered = 0
         self.engine_off = None
+        self.loglik_tokens = loglik_tokens or loglik.BATCH_TOKENS
+        self.loglik_row_tokens = min(loglik_row_tokens or loglik.ROW_TOKENS, self.loglik_tokens)
+        self.packed_answered = 0
+        self.packed_off = None
+        self.packed_check = None  # self_check's finding: None before it runs, "" where the scorer agrees
 
     @property
     def engine_rows(self):
-        """Rows the engine decodes at once: the eval's batch size (EVAL_BATCH)."""
+        """Rows the engine decodes at once: gen_rows where given (the tier's generation rows, EVAL_GEN_ROWS), else
+        the eval's batch size (EVAL_BATCH)."""
+        if self.gen_rows:
+            return self.gen_rows
         return self.batch_size if isinstance(self.batch_size, int) else AUTO_ROWS
 
     # ---- which requests the engine takes ---------------------------------------------------------------------------
@@ -211,3 +242,72 @@ class EngineHFLM(HFLM):
                 hit = next((k + 1 for k, text in enumerate(self.tokenizer.batch_decode(windows)) if stop in text), end)
                 end = min(end, hit)
         return end
+
+    # ---- log-likelihood ------------------------------------------------------------------------------------------
+    def packed_why_not(self):
+        """Why the packed scorer can't answer this model's requests (None where it can)."""
+        if self.backend != "causal":
+            return f"a {self.backend} model"
+        if self.mixed_precision_dtype is not None:
+            return "mixed precision"
+        if os.environ.get("SIT_PACKED_LOGLIK", "1") == "0":
+            return "SIT_PACKED_LOGLIK=0"
+        return loglik.refusal(self.model) or self.self_check()
+
+    def self_check(self):
+        """Why the scorer disagrees with plain forwards on loglik.check's probe (None where it agrees); run once."""
+        if self.packed_check is None:
+            exact = self.model.get_input_embeddings().weight.dtype == torch.float32 and not getattr(
+                self.model, "is_quantized", False)  # bitsandbytes rounds to 16 bits even at float32 compute
+            tolerance = CHECK_TOLERANCE_FP32 if exact else CHECK_TOLERANCE_HALF
+            try:
+                off = loglik.check(self.model)
+                self.packed_check = "" if off <= tolerance else f"its self-check is {off:.3g} off plain forwards"
+            except Exception as e:  # a forward that won't take the mask, the position ids or logits_to_keep
+                self.packed_check = f"its self-check failed: {type(e).__name__}: {e}"
+        return self.packed_check or None
+
+    def packed_limit(self):
+        """The most tokens (context + continuation) of a request the scorer answers: HFLM truncates longer ones to
+        max_length + 1, and none may pass a sliding window."""
+        window = loglik.longest(self.model)
+        return min(self.max_length + 1, window or self.max_length + 1)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        why = self.packed_off = self.packed_why_not()
+        if why is not None:
+            say_once(f"eval: log-likelihood requests through lm-eval's own HFLM, not the packed scorer ({why})")
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        limit = self.packed_limit()
+        mine = [i for i, (_, ctx, cont) in enumerate(requests) if ctx and cont and len(ctx) + len(cont) <= limit]
+        rest = sorted(set(range(len(requests))) - set(mine))
+        if rest:
+            say_once(f"eval: log-likelihood requests over {limit} tokens (context + continuation) go through lm-eval's "
+                     "own HFLM, which truncates them")
+        answers = [None] * len(requests)
+        if mine:
+            self.run_packed(requests, mine, answers, disable_tqdm)
+        if rest:
+            theirs = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm=disable_tqdm,
+                                                   override_bs=override_bs)
+            for i, answer in zip(rest, theirs):
+                answers[i] = answer
+        return answers
+
+    def run_packed(self, requests, mine, answers, disable_tqdm):
+        """Answer requests[i] for i in `mine` into answers[i] through loglik.score, each answer into the request
+        cache as its forward returns (HFLM's key: the (context, continuation) strings; none where they are None)."""
+        pbar = tqdm(total=len(mine), disable=(disable_tqdm or (self.rank != 0)),
+                    desc="Running loglikelihood requests (packed)")
+
+        def done(k, answer):
+            request_str = requests[mine[k]][0]
+            answers[mine[k]] = answer
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, answer)
+            self.packed_answered += 1
+            pbar.update(1)
+
+        loglik.score(self.model, [requests[i][1:] for i in mine], row_tokens=self.loglik_row_tokens,
+                     batch_tokens=self.loglik_tokens, progress=done)
+        pbar.close()

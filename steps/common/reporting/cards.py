@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 from common.models import hub_id
-from common.reporting.eval_tables import EVAL_HEADER, eval_rows, eval_tasks, limit_text, table
+from common.reporting.eval_tables import EVAL_HEADER, MARK, eval_rows, eval_tasks, headline, limit_text, table
+from common.reporting.paired import RULE
 
 MAGPIE_BIBTEX = """@article{xu2024magpie,
   title   = {Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned {LLMs} with Nothing},
@@ -277,12 +278,17 @@ def with_evaluation(card_text, evals, stage, dataset=None):
         card.data.datasets = [dataset]
     text = card.text
     if evals.get("base"):
-        rows, _ = eval_rows(evals)
+        rows, comparisons = eval_rows(evals)
         base = evals["base"]
-        section = ("## Evaluation\n\n" + table(EVAL_HEADER, rows) + "\n\n" +
-                   f"lm-evaluation-harness with the chat template, on {', '.join(eval_tasks(base))} (examples per "
-                   f"task: {limit_text(base.get('limit'))}); value ± standard error, deltas against the base model. "
-                   f"This adapter is the `{stage}` column." + (
+        paired = any(c.paired is not None for c in comparisons)
+        deltas = (f"differences ± their paired standard error over the same examples, {MARK} where beyond noise "
+                  f"({RULE})" if paired else "differences ± both standard errors combined as if independent (no "
+                                             "per-example results recorded)")
+        section = ("## Evaluation\n\n" + (headline(comparisons) + "\n\n" if paired else "")
+                   + table(EVAL_HEADER, rows) + "\n\n"
+                   + f"lm-evaluation-harness with the chat template, on {', '.join(eval_tasks(base))} (examples per "
+                   f"task: {limit_text(base.get('limit'))}); value ± lm-eval's standard error, {deltas}. This adapter "
+                   f"is the `{stage}` column." + (
                        " The cpu tier's tasks are small local stand-ins (ifeval_local, mc_local): a check that the "
                        "chain runs, not a benchmark." if any(t.endswith("_local") for t in eval_tasks(base)) else ""))
         text = re.sub(r"## Evaluation\n.*?(?=\n## |\Z)", lambda _: section + "\n", text, count=1, flags=re.S)
