@@ -173,8 +173,11 @@ EVAL_COST = $(EVAL_COST_$(MODEL_SIZE))
 EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --gen-rows $(EVAL_GEN_ROWS) \
   --dtype $(DTYPE) --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) --seed $(SEED) $(EVAL_4BIT) \
   $(if $(EVAL_COST),--cost $(EVAL_COST)) $(EVAL_ARGS)
-# One recipe, one load of the base model for the three; the step skips a model whose JSON holds the same evaluation.
-$(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json &: $(RUN)/sft $(RUN)/dpo $(RUN)/.settings/eval \
+# The three JSONs wait for both adapters; whichever make comes to first evaluates every model not yet up to date
+# from one load of the base model (the step skips, and touches, a JSON that holds the same evaluation), so the
+# others are then up to date. A new adapter or a deleted JSON redoes that model alone. (Not a grouped target:
+# GNU make 4.3's -n leaves out what follows one.)
+$(RUN)/eval/base.json $(RUN)/eval/sft.json $(RUN)/eval/dpo.json: $(RUN)/sft $(RUN)/dpo $(RUN)/.settings/eval \
   | $(DEPS) $(NEEDS_DEFAULT)
 	$(CHECK_CUDA)$(EVAL) --out-dir $(RUN)/eval --adapter sft=$(RUN)/sft --adapter dpo=$(RUN)/dpo
 

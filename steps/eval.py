@@ -46,7 +46,7 @@ from common.eval_requests import draw, duration, eval_seconds, parse_cost, parse
 from common.generation.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
 from common.io.files import output_lock, write_json
 from common.models import device, hub_load, load_causal_lm, load_tokenizer, resolve
-from common.options import eval_batch_size, positive_int, step_parser
+from common.options import eval_batch_size, eval_limit, positive_int, step_parser
 from common.precision import dtype_name, resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def parse_args(argv=None):
                                         "(NAME.json), from one load of the base model")
     p.add_argument("--tasks", default="ifeval_local", help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=str(REPO / "data" / "tasks"), help="directory of local task YAMLs")
-    p.add_argument("--limit", default="", metavar="N[,TASK=N|all...]",
+    p.add_argument("--limit", type=eval_limit, default="", metavar="N[,TASK=N|all...]",
                    help="a seeded random sample of N documents of each task (a fraction in (0, 1): that share; "
                         "groups stratified by subtask), TASK=N for one task; default: all")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")

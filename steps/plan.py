@@ -23,7 +23,7 @@ from pathlib import Path
 from common import OptionError, run_step
 from common.eval_requests import allocate, duration, eval_seconds, parse_cost, parse_limit, sample_count, task_limit
 from common.io.files import write_json
-from common.options import at_least, fraction, optional, positive_int, step_parser
+from common.options import at_least, eval_limit, fraction, optional, positive_int, step_parser
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_EVALUATED = ("base", "sft", "dpo")
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--dpo-config", required=True, help="the tier's DPO YAML")
     p.add_argument("--test-fraction", type=fraction, default=0.0, help="TEST_FRACTION: held out of training")
     p.add_argument("--tasks", required=True, help="TASKS, comma-separated")
-    p.add_argument("--limit", default="", help="LIMIT: a random sample of N documents of each task (N,TASK=N|all: "
+    p.add_argument("--limit", type=optional(eval_limit), default="", help="LIMIT: a random sample of N documents of each task (N,TASK=N|all: "
                                                 "per task; a fraction in (0, 1): a share); empty: all")
     p.add_argument("--max-gen-toks", type=optional(positive_int), default="",
                    help="MAX_GEN_TOKS: cap on an eval answer; empty: the task's")

@@ -587,13 +587,14 @@ def time_blocks(evals):
         rows.append((stage, "no estimate (no --cost)" if expected is None else fmt(float(expected), 0),
                      fmt(float(spent["wall_s"]), 1), cached))
         if "load_s" in spent:  # one base model load shared by the models evaluated in one run of the step
-            loads.add(f"{fmt(float(spent['load_s']), 1)} s for {spent.get('models_this_load', '?')} model(s)")
+            n = spent.get("models_this_load", "?")
+            loads.add(f"{fmt(float(spent['load_s']), 1)} s, once for {n} model{'s' * (n != 1)}")
     if not rows:
         return []
-    load = (f"its requests, the model's loading not included (the base model loads: {'; '.join(sorted(loads))})"
+    load = (f"its requests, the model's loading not included (the base model's load: {'; '.join(sorted(loads))})"
             if loads else "its wall clock, loading the model included")
     return [Table(["model", "expected (s)", "measured (s)", "requests answered from the cache"], rows),
-            Para("Expected: the eval step's estimate before it ran, from this tier's measured cost per request (--cost;"
+            Para("Expected: the eval step's estimate before it ran, from this tier's measured cost per token (--cost;"
                  f" every generation counted to its token cap, so an upper bound); measured: {load}. Requests "
                  "answered from the cache take no model time.")]
 

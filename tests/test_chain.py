@@ -79,7 +79,7 @@ def test_every_step_records_the_one_dtype_decision(chain_run, tmp_path, monkeypa
     dry = subprocess.run([*make_command("all", tmp_path / "dry", DTYPE=other), "-n"], capture_output=True, text=True)
     commands = dry.stdout.replace("\\\n", " ").splitlines()
     loading = [c for c in commands if re.search(r"steps/(generate|judge|preference|sft|dpo|eval)\.py", c)]
-    assert len(loading) == 8 and all(f"--dtype {other} " in c for c in loading), loading  # eval: base, sft, dpo
+    assert len(loading) == 8 and all(f"--dtype {other} " in c for c in loading), loading  # eval: one a JSON
 
     engines = []
     monkeypatch.setattr(generate, "load_engine", lambda *a, real=generate.load_engine, **k: engines.append(
@@ -93,21 +93,22 @@ def test_every_step_records_the_one_dtype_decision(chain_run, tmp_path, monkeypa
 
 # ---- Settings stamps (env/settings.mk): an output follows the settings that shape it -------------------------------
 
-EVALS = ["eval"]  # one command for base, SFT and DPO (it skips a model whose JSON holds the same evaluation)
+EVALS = ["eval"]  # one process for base, SFT and DPO (it skips a model whose JSON holds the same evaluation)
 # What `make -n all` runs on the finished test chain when a setting upstream of everything changes.
 AFTER_GENERATE = sorted(["generate", "judge", "filter", "preference", "sft", "dpo", "eval", "report", "dataset"])
 
 
 def would_run(run, target="all", **changed):
-    """The steps `make -n TARGET` would run on the finished run `run` with `changed` settings, sorted. make -n writes
-    nothing, settings stamps included."""
+    """The steps `make -n TARGET` would run on the finished run `run` with `changed` settings, sorted, each once (make
+    -n prints the eval's one command for each stale JSON: the first run of it brings the others up to date). make -n
+    writes nothing, settings stamps included."""
     result = subprocess.run([*make_command(target, run, **changed), "-n"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = []
     for line in result.stdout.splitlines():
         if step := re.search(r"steps/(\w+)\.py", line):
             steps.append(step[1])
-    return sorted(steps)
+    return sorted(set(steps))
 
 
 def stamps(run):
@@ -181,7 +182,7 @@ def test_a_run_made_before_settings_stamps_is_kept_and_a_change_then_redoes_eval
     assert "settings of eval changed: TASKS=mc_local\n" in changed.stdout
     evals = re.findall(r"steps/eval\.py .*--tasks mc_local .*--out-dir (\S+) --adapter sft=\S+ --adapter dpo=\S+",
                        changed.stdout)
-    assert evals == [f"{run}/eval"] and len(re.findall(r"steps/\w+\.py", changed.stdout)) == 1
+    assert evals == [f"{run}/eval"] * 3 and len(re.findall(r"steps/\w+\.py", changed.stdout)) == 3  # one a JSON
     assert "TASKS=mc_local\n" in (run / ".settings" / "eval").read_text()
 
 
@@ -193,7 +194,7 @@ def makefile_definitions():
 
 def step_rules():
     """(targets, prerequisites, recipe) of each Makefile rule whose recipe runs a step and writes under RUN."""
-    lines = (REPO / "Makefile").read_text().splitlines()
+    lines = (REPO / "Makefile").read_text().replace("\\\n", " ").splitlines()  # continuation lines joined
     for i, line in enumerate(lines):
         if line.startswith("$(RUN)/") and (rule := re.match(r"(.*?) *&?: *(.*)$", line)):
             recipe = []
@@ -222,7 +223,7 @@ def test_every_step_rule_has_a_stamp_holding_what_its_recipe_passes():
                 for targets, prerequisites, _ in rules}
     assert all(len(names) == 1 for names in stamp_of.values()), stamp_of  # each rule has its one stamp
     names = sorted({names[0] for names in stamp_of.values()})
-    assert len(rules) == 13 and names == ["dataset", "dpo", "eval", "filter", "generate", "judge", "merge", "plan",
+    assert len(rules) == 12 and names == ["dataset", "dpo", "eval", "filter", "generate", "judge", "merge", "plan",
                                           "preference", "report", "report-png", "sft"]
     show = f"show-settings: ; @$(foreach s,{' '.join(names)},echo $(s) $(SETTINGS.$(s));) echo cuda $(CUDA_STEPS)"
     listed = subprocess.run(["make", "-C", str(REPO), "--no-print-directory", f"--eval={show}", "show-settings",

@@ -98,10 +98,10 @@ def spy_on_forwards(monkeypatch, dbdict=None):
 
     forwards, run = [], loglik.run_forward
 
-    def spied(model, rows, device, per_row):
+    def spied(model, rows, device):
         forwards.append(dict(pieces=[len(r) for r in rows], lengths=[loglik.row_length(r) for r in rows],
                              cached=len(dbdict) if dbdict is not None else None))
-        return run(model, rows, device, per_row)
+        return run(model, rows, device)
 
     monkeypatch.setattr(loglik, "run_forward", spied)
     return forwards
@@ -147,16 +147,22 @@ def assert_small_rows(forwards, row_tokens):
     assert all(n <= row_tokens for f in forwards for n, pieces in zip(f["lengths"], f["pieces"]) if pieces > 1)
 
 
-def test_scores_through_a_1d_logits_to_keep_index(setup, monkeypatch):
-    """transformers before slice_logits_to_keep (5.17 on the GPU) keep the same positions in every row: the union of
-    the rows' positions, each row's picked out of it."""
+def test_only_the_scored_positions_reach_the_lm_head(setup, monkeypatch):
+    """The LM head sees one hidden state per scored token (a continuation's tokens, its first at the context's last
+    token), never a whole row's: with 4 rows a forward, the union of their positions would be 4x that."""
     from common.generation import loglik
 
-    monkeypatch.setattr(loglik, "per_row_keep", lambda model: False)
-    forwards = spy_on_forwards(monkeypatch)
-    got = loglik.score(setup["model"], tokens(setup["requests"]), row_tokens=64, batch_tokens=128)
-    assert_small_rows(forwards, 64)
+    head, seen = setup["model"].get_output_embeddings(), []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1]))
+    try:
+        requests = tokens(setup["requests"])
+        got = loglik.score(setup["model"], requests, row_tokens=64, batch_tokens=256)
+    finally:
+        hook.remove()
     assert_same(got, setup["answers"], setup["docs"])
+    distinct = {(tuple(ctx), tuple(cont)) for ctx, cont in requests}
+    assert all(len(shape) == 1 for shape in seen)  # gathered positions, not [rows, T]
+    assert sum(shape[0] for shape in seen) == sum(len(cont) for _, cont in distinct)
 
 
 def test_a_broken_mask_or_position_ids_change_the_answers(setup, monkeypatch):
@@ -216,7 +222,7 @@ def test_through_a_lora_adapter(setup, smol):
                                            init_lora_weights=False, task_type="CAUSAL_LM")).eval()
     reference = recorder_class()(pretrained=peft, tokenizer=setup["tokenizer"], batch_size=1)
     expected = reference.loglikelihood(instances([HAND_MADE[k] for k in SHORT]), disable_tqdm=True)
-    assert loglik.refusal(peft) is None and loglik.per_row_keep(peft)
+    assert loglik.refusal(peft) is None
     got = loglik.score(peft, tokens(reference.seen), row_tokens=64, batch_tokens=128)
     assert_same(got, expected, [HAND_MADE[k][0] for k in SHORT])
     unadapted = [setup["answers"][len(setup["args"]) - len(HAND_MADE) + k] for k in SHORT]
@@ -307,3 +313,25 @@ def test_a_4bit_model(setup):
     assert_same(got, expected, [HAND_MADE[k][0] for k in SHORT], tolerance=FOUR_BIT_TOLERANCE)
     unquantized = [setup["answers"][len(setup["args"]) - len(HAND_MADE) + k] for k in SHORT]
     assert max(abs(g[0] - u[0]) for g, u in zip(got, unquantized)) > 1.0  # quantization changed the answers
+
+
+def test_strings_tokenized_up_front_give_hflms_token_pairs(setup, monkeypatch):
+    """EngineHFLM.loglikelihood tokenizes every string first, in batches: _loglikelihood_tokens gets the token pairs
+    HFLM's own per-request tokenization gives (trailing spaces moved, special tokens by HFLM's rule), and no pair's
+    string is tokenized one call at a time."""
+    from common.generation.eval_engine import EngineHFLM
+
+    lm = EngineHFLM(pretrained=setup["model"], tokenizer=setup["tokenizer"], batch_size=1)
+    seen = []
+    monkeypatch.setattr(lm, "_loglikelihood_tokens", lambda requests, disable_tqdm=False: seen.extend(requests) or [])
+    single = []
+    encode = lm.tokenizer.encode
+    monkeypatch.setattr(lm.tokenizer, "encode", lambda *a, **k: single.append(a) or encode(*a, **k))
+    args = setup["args"] + [("Question: spaces at the end  ", "moved"), ("<|endoftext|>starts with the prefix", " x")]
+    lm.loglikelihood(instances(args), disable_tqdm=True)
+    monkeypatch.undo()
+    probe = recorder_class()(pretrained=setup["model"], tokenizer=setup["tokenizer"], batch_size=8)
+    probe.loglikelihood(instances(args), disable_tqdm=True)  # HFLM's own tokenization, request by request
+    assert single == [(x,) for c, x in args if not c]  # only an empty context's continuation (HFLM's own branch)
+    assert seen == probe.seen
+    assert lm.encoded == {}  # dropped after the call

@@ -70,8 +70,10 @@ BAD = [  # step, option, value, what the message must say
     ("preference", "--temperature", "-1", "a number at least 0, got -1"),
     ("preference", "--top-p", "0", "a number in (0, 1], got 0"),
     ("preference", "--min-margin", "-1", "a number at least 0, got -1"),
-    ("eval", "--limit", "0", "a whole number of examples (at least 1) or a fraction in (0, 1), got 0"),
-    ("eval", "--limit", "2.5", "a whole number of examples (at least 1) or a fraction in (0, 1), got 2.5"),
+    ("eval", "--limit", "0", "a whole number of documents (at least 1) or a fraction in (0, 1), optionally per task "
+                             "(1000,ifeval=all), got '0'"),
+    ("eval", "--limit", "1000,ifeval=2.5", "a whole number of documents (at least 1) or a fraction in (0, 1), "
+                                           "optionally per task (1000,ifeval=all), got '1000,ifeval=2.5'"),
     ("eval", "--batch-size", "0", "a whole number at least 1, auto or auto:N (N at least 1), got '0'"),
     ("eval", "--batch-size", "auto:0", "a whole number at least 1, auto or auto:N (N at least 1), got 'auto:0'"),
     ("eval", "--max-gen-toks", "0", f"{WHOLE} 1, got 0"),
@@ -80,7 +82,8 @@ BAD = [  # step, option, value, what the message must say
     ("report_png", "--width", "0", f"{WHOLE} 1, got 0"),
     ("plan", "--num-samples", "0", f"{WHOLE} 1, got 0"),
     ("plan", "--test-fraction", "1.0", "a number in [0, 1), got 1.0"),
-    ("plan", "--limit", "0", "a whole number of examples (at least 1) or a fraction in (0, 1), got 0"),
+    ("plan", "--limit", "0", "a whole number of documents (at least 1) or a fraction in (0, 1), optionally per task "
+                             "(1000,ifeval=all), got '0'"),
     ("plan", "--nproc", "0", f"{WHOLE} 1, got 0"),
 ]
 
@@ -129,14 +132,14 @@ def test_values_at_the_edges_of_each_range_parse():
     assert (args.near_duplicate_threshold, args.min_reward, args.min_response_tokens) == (1.0, -2.5, 0)
     assert dataset.parse_args([*REQUIRED["dataset"], "--test-fraction", "0"]).test_fraction == 0.0
     assert dataset.parse_args([*REQUIRED["dataset"], "--test-fraction", "0.99"]).test_fraction == 0.99
-    for value, limit in (("0.5", 0.5), ("4", 4.0), ("1", 1.0)):
-        assert eval_step.parse_args([*REQUIRED["eval"], "--limit", value]).limit == limit
+    for value in ("0.5", "4", "1", "1000,ifeval=all", "mmlu=0.1"):  # kept as the text (the results record it)
+        assert eval_step.parse_args([*REQUIRED["eval"], "--limit", value]).limit == value
     for value in ("auto", "auto:4", "16"):  # kept as the text lm-eval takes (and the results record)
         assert eval_step.parse_args([*REQUIRED["eval"], "--batch-size", value]).batch_size == value
     args = plan.parse_args([*REQUIRED["plan"], "--limit=", "--max-gen-toks=", "--max-instruction-tokens="])
     assert (args.limit, args.max_gen_toks, args.max_instruction_tokens) == (None, None, None)  # make's unset variables
     args = plan.parse_args([*REQUIRED["plan"], "--limit=0.25", "--max-gen-toks=256", "--test-fraction", "0"])
-    assert (args.limit, args.max_gen_toks, args.test_fraction) == (0.25, 256, 0.0)
+    assert (args.limit, args.max_gen_toks, args.test_fraction) == ("0.25", 256, 0.0)
 
 
 def test_the_types_edges():

@@ -150,7 +150,7 @@ def test_report_table_and_headline_name_what_is_beyond_noise(tmp_path):
     assert "a seeded random sample (seed 1234) of N of M per task: mc_local 40 of 48." in text
     assert "cpu tier's embedded 135M model" in text and "not a benchmark" in text
     assert cells(text, "dpo")[1:] == ["120", "98.5", "0 of 40"]  # expected vs measured seconds
-    assert "loading not included (the base model loads: 12.0 s for 3 model(s))" in text
+    assert "loading not included (the base model's load: 12.0 s, once for 3 models)" in text
     assert "unpaired" not in text.lower()
 
     whole = {stage: mc_eval(stage, MC_CORRECT[stage], of=40) for stage in MC_CORRECT}

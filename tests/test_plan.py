@@ -89,14 +89,23 @@ def test_an_unknown_tier_or_model_size_is_refused_by_name():
     assert result.returncode == 2 and "error: MODEL_SIZE=70b" in result.stderr and "3b, 7b" in result.stderr
 
 
-def test_eval_requests_are_counted_as_the_eval_step_counts_them():
-    """The t4 eval of bench/README.md, where the step itself printed 23,227 passes and 541 answers of up to 276,992
-    tokens at LIMIT 1000 (TruthfulQA's answers assumed 7 a question in both)."""
+def test_eval_requests_are_counted_from_the_sample_the_eval_step_draws():
+    """The t4 eval: LIMIT 1000 with IFEval whole is 1,000 MMLU questions over its 57 subjects (stratified, as
+    steps/eval.py draws them), 1,000 HellaSwag contexts, TruthfulQA-MC2's 817 and IFEval's 541 answers of up to 512
+    tokens; log-likelihood tokens are documents x each task's mean."""
+    from common.eval_requests import allocate
+
     costs = json.loads((REPO / "env/costs.json").read_text())
-    counts, unknown = plan.count_eval(costs["eval_tasks"], ["ifeval", "mmlu", "truthfulqa_mc2", "hellaswag"], 1000, 512)
-    assert unknown == [] and counts == {"passes": 23227, "generate_until": 541, "max_gen_tokens": 276992}
-    counts, unknown = plan.count_eval(costs["eval_tasks"], ["mc_local", "gsm8k"], 0.5, None)
-    assert unknown == ["gsm8k"] and counts["passes"] > 0  # a local task counted from its file; an unknown one named
+    tasks = costs["eval_tasks"]
+    counts, unknown = plan.count_eval(tasks, ["ifeval", "mmlu", "truthfulqa_mc2", "hellaswag"], "1000,ifeval=all", 512)
+    assert sum(allocate(tasks["mmlu"]["subtasks"], 1000).values()) == 1000
+    tokens = 1000 * tasks["mmlu"]["tokens"] + 1000 * tasks["hellaswag"]["tokens"] + 817 * tasks["truthfulqa_mc2"]["tokens"]
+    assert unknown == [] and counts == {"documents": 1000 + 817 + 1000 + 541, "loglikelihood_tokens": tokens,
+                                        "generate_until": 541, "max_gen_tokens": 541 * 512}
+    everything, _ = plan.count_eval(tasks, ["mmlu"], "", None)
+    assert everything["documents"] == 14042 == sum(tasks["mmlu"]["subtasks"].values())
+    counts, unknown = plan.count_eval(tasks, ["mc_local", "gsm8k"], "0.5", None)
+    assert unknown == ["gsm8k"] and counts["documents"] == 24  # half of mc_local's 48; an unknown task named
 
 
 def test_training_configs_are_read_as_yaml_reads_them(tmp_path):

@@ -13,6 +13,7 @@ import copy
 import math
 
 from common import OptionError
+from common.eval_requests import parse_limit
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -121,3 +122,14 @@ def eval_batch_size(text):
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"must be a whole number at least 1, auto or auto:N (N at least 1), got {text!r}")
+
+
+def eval_limit(text):
+    """LIMIT: N documents of each task, a fraction in (0, 1), per task N,TASK=N|all (common/eval_requests.py); kept
+    as the text, which the results record."""
+    try:
+        parse_limit(text)
+    except OptionError:
+        raise argparse.ArgumentTypeError("must be a whole number of documents (at least 1) or a fraction in (0, 1), "
+                                         f"optionally per task (1000,ifeval=all), got {text!r}") from None
+    return text

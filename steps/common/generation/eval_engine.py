@@ -45,7 +45,9 @@ not called), HFLM's attributes `backend`, `truncation`, `think_end_token`, `mixe
 `batch_size`, `max_length`, `max_gen_toks`, `tok_batch_encode`, `tok_decode`, and the module functions
 `lm_eval.models.utils.normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`; for
 log-likelihoods, the requests `_loglikelihood_tokens` gets ((context, continuation) strings, context_enc,
-continuation_enc) and HFLM's truncation rule, `rank`, `cache_hook.add_partial("loglikelihood", ...)`.
+continuation_enc) and HFLM's truncation rule, `rank`, `cache_hook.add_partial("loglikelihood", ...)`, and for the
+batched tokenization, `_encode_pair`'s rule (trailing spaces moved to the continuation), HFLM.tok_encode's special
+tokens rule (`add_bos_token`, `prefix_token_id`, `lm_eval.models.utils._add_special_kwargs`, `has_bos_prefix`).
 tests/test_eval_engine.py and tests/test_loglik.py check the answers against HFLM's own.
 """
 
@@ -55,7 +57,8 @@ from typing import NamedTuple
 
 import torch
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
+                                  postprocess_generated_text)
 from tqdm import tqdm
 
 from common import say_once
@@ -114,6 +117,7 @@ class EngineHFLM(HFLM):
         self.packed_answered = 0
         self.packed_off = None
         self.packed_check = None  # self_check's finding: None before it runs, "" where the scorer agrees
+        self.encoded = {}  # a loglikelihood call's strings, tokenized up front (encode_all)
 
     @property
     def engine_rows(self):
@@ -263,7 +267,7 @@ class EngineHFLM(HFLM):
             try:
                 off = loglik.check(self.model)
                 self.packed_check = "" if off <= tolerance else f"its self-check is {off:.3g} off plain forwards"
-            except Exception as e:  # a forward that won't take the mask, the position ids or logits_to_keep
+            except Exception as e:  # a forward that won't take the mask, the position ids or the decoder call
                 self.packed_check = f"its self-check failed: {type(e).__name__}: {e}"
         return self.packed_check or None
 
@@ -272,6 +276,47 @@ class EngineHFLM(HFLM):
         max_length + 1, and none may pass a sliding window."""
         window = loglik.longest(self.model)
         return min(self.max_length + 1, window or self.max_length + 1)
+
+    # ---- tokenization: every string of a loglikelihood call encoded up front -----------------------------------------
+    def loglikelihood(self, requests, disable_tqdm=False):
+        """HFLM's, with the strings its _encode_pair will encode tokenized first, in one batched call per
+        special-tokens setting, a context shared by several continuations once (one tokenizer call a string cost
+        ~0.2 ms on a CPU core: 2 a request, seconds on MMLU's 56,000 requests). tok_encode then reads them."""
+        self.encoded = self.encode_all([request.args for request in requests])
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self.encoded = {}
+
+    def encode_all(self, pairs):
+        """{string: token ids} for the strings _encode_pair encodes for these (context, continuation) pairs, each
+        with the special tokens tok_encode would give it."""
+        strings = set()
+        for context, continuation in pairs:
+            if context and self.backend == "causal":  # as _encode_pair: trailing spaces go to the continuation
+                spaces = len(context) - len(context.rstrip())
+                if spaces:
+                    context, continuation = context[:-spaces], context[-spaces:] + continuation
+                strings.update((context, context + continuation))
+        by_setting = {}
+        prefix = self.tokenizer.decode(self.prefix_token_id)
+        for string in strings:
+            kwargs = _add_special_kwargs(None, self.add_bos_token)
+            if has_bos_prefix(string, prefix):
+                kwargs["add_special_tokens"] = False
+            by_setting.setdefault(kwargs.get("add_special_tokens"), []).append(string)
+        encoded = {}
+        for special, group in by_setting.items():
+            kwargs = {} if special is None else {"add_special_tokens": special}
+            encoded.update(zip(group, self.tokenizer(group, **kwargs)["input_ids"]))
+        return encoded
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        encoded = getattr(self, "encoded", None)
+        if encoded and add_special_tokens is None and not left_truncate_len and not kwargs and string in encoded:
+            return list(encoded[string])
+        return super().tok_encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len,
+                                  **kwargs)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
         why = self.packed_off = self.packed_why_not()

@@ -14,18 +14,23 @@ every position and the whole vocabulary. Here:
   once), each later one at the token before it.
 - Groups are packed into rows of at most `row_tokens` (best-fit decreasing; a group longer than that is split into
   pieces that each repeat the context), rows into forwards of at most `batch_tokens` padded tokens, longest first.
-- Only the scored positions go through the LM head (`logits_to_keep`), log_softmax in float32 a chunk at a time.
+- Only the scored positions go through the LM head: the decoder's hidden states (`get_decoder()`) are gathered at
+  them and `get_output_embeddings()` applied to those alone, log_softmax in float32 a chunk at a time. (Transformers'
+  `logits_to_keep` keeps the same positions in every row before 5.24: the union of a forward's rows, 4x the LM head
+  work and logits memory at 4 rows; on an H100 the HellaSwag-shaped requests ran 2x HFLM with it.) A model whose
+  causal-LM forward does more than `lm_head(hidden)` (logit soft-capping, scaling) fails the self-check (`check`).
 
 Same answers as HFLM up to float summation order: the sum of the continuation's token log-probs, and whether each
 token is the argmax. Not for requests HFLM truncates (len(context + continuation) > max_length + 1): the caller
 sends those to HFLM. `refusal` says where the path can't run (an attention implementation that takes no custom mask,
-a forward without logits_to_keep, PEFT prompt learning); `check` compares it with plain forwards on a probe, which
-catches a model that ignores the mask or the position ids; `longest` bounds requests where a sliding window would
-apply (the custom mask is given to every layer as it is, so the window would not be).
+a model without a decoder and output embeddings to call, PEFT prompt learning); `check` compares it with plain
+forwards on a probe, which catches a model that ignores the mask or the position ids, or computes its logits
+otherwise; `longest` bounds requests where a sliding window would apply (the custom mask is given to every layer as
+it is, so the window would not be).
 
 Memory per forward: the mask is rows x T^2 booleans (T: the longest row, row_tokens unless one group is longer;
 SDPA makes it an additive mask in the model's dtype, eager attention takes a float one from us), activations are
-rows x T <= batch_tokens tokens, the kept logits at most batch_tokens x vocab in the model's dtype, the float32
+rows x T <= batch_tokens tokens, the kept logits one per scored token in the model's dtype, the float32
 log_softmax LOGSOFTMAX_ROWS x vocab.
 
 Library internals (transformers 5.17 and torch 2.11 on the GPU, 5.24 and 2.13 in the CPU tests): a 4D attention_mask
@@ -33,15 +38,10 @@ is returned as it is by transformers.masking_utils (`_preprocess_mask_arguments`
 also to sliding-window layers. SDPA takes our boolean mask (True = attend) and then never sets is_causal; with a mask
 transformers repeats GQA's key/value heads (no enable_gqa); on an H100 (torch 2.11) SDPA ran a bool or float mask
 through cuDNN's attention in bf16/fp16 and the memory-efficient kernel in fp32 (flash refuses any mask). Eager
-attention adds the mask to its scores, so it gets a float one (0 / dtype min). `logits_to_keep`: a 1-D tensor keeps the
-same positions in every row (`hidden_states[:, index]`, 5.17); a [rows, T] boolean keeps each row's own and flattens
-them (`slice_logits_to_keep`, 5.24, not in 5.17): used where the model's modeling module has that helper
-(`per_row_keep`), else the 1-D index of the positions any row needs.
+attention adds the mask to its scores, so it gets a float one (0 / dtype min).
 """
 
 import bisect
-import inspect
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -77,8 +77,9 @@ def refusal(model):
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in MASK_IMPLEMENTATIONS:
         return f"{attention} attention takes no custom 4D mask"
-    if "logits_to_keep" not in inspect.signature(base_model(model).forward).parameters:
-        return f"{type(base_model(model)).__name__}.forward has no logits_to_keep"
+    lm = base_model(model)
+    if not hasattr(lm, "get_decoder") or lm.get_output_embeddings() is None:
+        return f"{type(lm).__name__} has no decoder and output embeddings to call apart"
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return "PEFT prompt learning (virtual tokens)"
@@ -92,13 +93,6 @@ def longest(model):
     windows = [getattr(config, k, None) for k in ("sliding_window", "attention_chunk_size")]
     windows = [w for w in windows if isinstance(w, int) and w > 0]
     return min(windows) if windows else None
-
-
-def per_row_keep(model):
-    """Whether logits_to_keep takes a [rows, T] boolean (each row's own positions, flattened): the model's modeling
-    module slices through transformers' slice_logits_to_keep. Else a 1-D index keeps the union of the rows'."""
-    module = sys.modules.get(type(base_model(model)).__module__)
-    return hasattr(module, "slice_logits_to_keep")
 
 
 def check(model):
@@ -227,48 +221,36 @@ def model_mask(model, mask):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def kept_logits(model, ids, pos, mask, at, per_row):
-    """The logits at the (row, position) pairs `at` ([n, 2]): a [len(at), vocab] matrix through logits_to_keep."""
-    rows, T = ids.shape
-    keep = torch.zeros(rows, T, dtype=torch.bool, device=ids.device)
-    keep[at[:, 0], at[:, 1]] = True
-    if per_row:  # each row's own positions, flattened in row-major order
-        rank = keep.view(-1).cumsum(0) - 1
-        index, logits_to_keep = rank[at[:, 0] * T + at[:, 1]], keep
-    else:  # the same positions in every row: the union of the rows'
-        columns = keep.any(0)
-        rank = columns.cumsum(0) - 1
-        index, logits_to_keep = at[:, 0] * int(columns.sum()) + rank[at[:, 1]], columns.nonzero().squeeze(1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=logits_to_keep,
-                   use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1])
-    if logits.shape[0] != (int(keep.sum()) if per_row else rows * len(logits_to_keep)):
-        raise RuntimeError(f"{type(base_model(model)).__name__} ignored logits_to_keep ({tuple(logits.shape)})")
-    return logits, index
+def kept_logits(model, ids, pos, mask, at):
+    """The logits at the (row, position) pairs `at` ([n, 2]): the decoder's last hidden states there, through the
+    LM head; no other position's logits are computed."""
+    lm = base_model(model)
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    return lm.get_output_embeddings()(hidden[at[:, 0], at[:, 1]])
 
 
-def token_scores(logits, index, targets):
-    """Per scored token: log p(target) from logits[index] and whether target is the argmax there (HFLM's log_softmax
-    and argmax, in float32, LOGSOFTMAX_ROWS kept positions at a time)."""
-    logprobs = torch.empty(len(index), device=logits.device)
-    best = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for start in range(0, logits.shape[0], LOGSOFTMAX_ROWS):
+def token_scores(logits, targets):
+    """Per scored token (a row of logits each): log p(target) and whether target is the argmax there (HFLM's
+    log_softmax and argmax, in float32, LOGSOFTMAX_ROWS rows at a time)."""
+    logprobs = torch.empty(len(targets), device=logits.device)
+    greedy = torch.empty(len(targets), dtype=torch.bool, device=logits.device)
+    for start in range(0, len(targets), LOGSOFTMAX_ROWS):
         part = F.log_softmax(logits[start : start + LOGSOFTMAX_ROWS].float(), dim=-1)
-        best[start : start + len(part)] = part.argmax(-1)
-        inside = (index >= start) & (index < start + len(part))
-        logprobs[inside] = part[index[inside] - start, targets[inside]]
-    return logprobs, best[index] == targets
+        wanted = targets[start : start + len(part)]
+        logprobs[start : start + len(part)] = part.gather(1, wanted[:, None]).squeeze(1)
+        greedy[start : start + len(part)] = part.argmax(-1) == wanted
+    return logprobs, greedy
 
 
-def run_forward(model, rows, device, per_row):
+def run_forward(model, rows, device):
     """[(request index, (logprob, is_greedy))] for every request in these rows, from one forward."""
     ids, pos, doc, branch, scored = layout(rows)
     ids, pos, doc, branch = (torch.tensor(x, device=device) for x in (ids, pos, doc, branch))
     at = torch.tensor([p for _, where, _ in scored for p in where], device=device)
     targets = torch.tensor([t for _, _, cont in scored for t in cont], device=device)
     owner = torch.tensor([c for c, (_, _, cont) in enumerate(scored) for _ in cont], device=device)
-    logits, index = kept_logits(model, ids, pos, model_mask(model, tree_mask(doc, branch)), at, per_row)
-    logprobs, greedy = token_scores(logits, index, targets)
+    logits = kept_logits(model, ids, pos, model_mask(model, tree_mask(doc, branch)), at)
+    logprobs, greedy = token_scores(logits, targets)
     sums = torch.zeros(len(scored), device=device).index_add_(0, owner, logprobs).tolist()
     misses = torch.zeros(len(scored), device=device).index_add_(0, owner, (~greedy).float()).tolist()
     return [(i, (s, miss == 0)) for (owners, _, _), s, miss in zip(scored, sums, misses) for i in owners]
@@ -280,10 +262,9 @@ def score(model, requests, *, row_tokens=ROW_TOKENS, batch_tokens=BATCH_TOKENS, 
     request as its forward returns."""
     answers = [None] * len(requests)
     device = model.get_input_embeddings().weight.device
-    per_row = per_row_keep(model)
     with torch.inference_mode():
         for rows in batches(pack(pieces(requests, row_tokens), row_tokens), batch_tokens):
-            for i, answer in run_forward(model, rows, device, per_row):
+            for i, answer in run_forward(model, rows, device):
                 answers[i] = answer
                 if progress is not None:
                     progress(i, answer)
