@@ -37,8 +37,10 @@ include env/models/$(MODEL).mk
 ## TASKS: lm-eval tasks (offline: ifeval_local, mc_local)
 ## LIMIT: a seeded random sample of N documents of each eval task, the same for base, SFT and DPO (MMLU stratified by
 #   subject; N,ifeval=all: per task; empty: all)
-## EVAL_BATCH: log-likelihood batch size (MAX_GEN_TOKS: generated tokens cap; EVAL_4BIT: --load-in-4bit where set)
+## EVAL_BATCH: lm-eval's batch size where its own HFLM answers (MAX_GEN_TOKS: generated tokens cap; EVAL_4BIT:
+#   --load-in-4bit where set)
 ## EVAL_GEN_ROWS: rows the generation engine decodes at once for generative eval tasks (IFEval)
+## EVAL_LOGLIK_TOKENS: tokens a forward of the packed log-likelihood scorer (empty: steps/common/generation/loglik.py's)
 # A GPU tier on a machine without one stops here, before installing or loading anything (expanded in the recipes).
 CHECK_CUDA = $(if $(filter cpu,$(GPU))$(GPU_NAME),,$(error GPU=$(GPU) needs an NVIDIA GPU and nvidia-smi finds none: \
   use GPU=cpu (the embedded default) or a GPU runtime (Colab: Runtime > Change runtime type > T4 GPU)))
@@ -66,6 +68,7 @@ SEED ?= 0
 TEST_FRACTION ?= 0.05
 LIMIT ?=
 EVAL_GEN_ROWS ?= $(GEN_ROWS)
+EVAL_LOGLIK_TOKENS ?=
 ## ENGINE: generation engine, transformers or vllm
 ENGINE ?= transformers
 ## EMBEDDER: sentence embedder for near-duplicate filtering
@@ -171,8 +174,8 @@ $(RUN)/dpo: $(RUN)/preference.jsonl $(RUN)/sft $(RUN)/.settings/dpo
 # the step prints before it starts. EVAL_4BIT (tier.mk): --load-in-4bit where the tier evaluates in 4-bit.
 EVAL_COST = $(EVAL_COST_$(MODEL_SIZE))
 EVAL = $(PY) steps/eval.py --model $(MODEL_ID) --tasks $(TASKS) --batch-size $(EVAL_BATCH) --gen-rows $(EVAL_GEN_ROWS) \
-  --dtype $(DTYPE) --max-gen-toks $(MAX_GEN_TOKS) $(if $(LIMIT),--limit $(LIMIT)) --seed $(SEED) $(EVAL_4BIT) \
-  $(if $(EVAL_COST),--cost $(EVAL_COST)) $(EVAL_ARGS)
+  $(if $(EVAL_LOGLIK_TOKENS),--loglik-tokens $(EVAL_LOGLIK_TOKENS)) --dtype $(DTYPE) --max-gen-toks $(MAX_GEN_TOKS) \
+  $(if $(LIMIT),--limit $(LIMIT)) --seed $(SEED) $(EVAL_4BIT) $(if $(EVAL_COST),--cost $(EVAL_COST)) $(EVAL_ARGS)
 # The three JSONs wait for both adapters; whichever make comes to first evaluates every model not yet up to date
 # from one load of the base model (the step skips, and touches, a JSON that holds the same evaluation), so the
 # others are then up to date. A new adapter or a deleted JSON redoes that model alone. (Not a grouped target:

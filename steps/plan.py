@@ -354,8 +354,9 @@ def evaluation(args, costs, tier):
     step's own figure)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     counts, unknown = count_eval(costs["eval_tasks"], tasks, args.limit, optional_int(args.max_gen_toks, "MAX_GEN_TOKS"))
-    basis = [f"documents counted from the tasks' sizes (env/costs.json) and LIMIT={args.limit or 'all'} (a random "
-             "sample, the same for the three); the eval step counts the real ones from the datasets before it starts"]
+    sample = f"LIMIT={args.limit} (a seeded random sample, the same for the three)" if args.limit else "every document"
+    basis = [f"documents counted from the tasks' sizes (env/costs.json), {sample}; the eval step counts the real ones "
+             "from the datasets before it starts"]
     if unknown:
         basis.append(f"not counted (sizes not in env/costs.json): {', '.join(unknown)}")
     if args.eval_cost:

@@ -21,8 +21,10 @@ PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
 EVAL_BATCH ?= 16
 MAX_GEN_TOKS ?= 1280
-# Seconds per log-likelihood model pass (mean over the tasks' mix) and per generated token of a request at EVAL_BATCH,
-# per MODEL_SIZE: the time the eval step and `make plan` print. The H100's 4-bit measurements plus the A100's
-# slower compute and bandwidth (bench/README.md "Eval"); bf16 skips the dequantisation, so an upper bound.
-EVAL_COST_3b ?= 0.021,0.0077
-EVAL_COST_7b ?= 0.029,0.0081
+# IFEval's answers through the engine at 256 rows (generation's GEN_ROWS is 64; the paged KV cache holds what fits).
+EVAL_GEN_ROWS ?= 256
+# Seconds per log-likelihood token and per generated token, per MODEL_SIZE: the h100 tier's (env/h100/tier.mk)
+# scaled to an A100 40GB by dense bf16 FLOP/s for scoring (312 / 989) and by bandwidth for generating (1.56 / 3.35 TB/s);
+# not measured on an A100.
+EVAL_COST_3b ?= 8.9e-5,2.1e-4
+EVAL_COST_7b ?= 2.2e-4,4.1e-4

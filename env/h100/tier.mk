@@ -22,8 +22,12 @@ PREF_MAX_TOKENS ?= 512
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
 EVAL_BATCH ?= 32
 MAX_GEN_TOKS ?= 1280
-# Seconds per log-likelihood model pass (mean over the tasks' mix) and per generated token of a request at EVAL_BATCH,
-# per MODEL_SIZE: the time the eval step and `make plan` print. The H100's 4-bit measurements (bench/results/
-# eval-h100.json); bf16 skips the dequantisation, so an upper bound.
-EVAL_COST_3b ?= 0.014,0.0032
-EVAL_COST_7b ?= 0.013,0.0037
+# Seconds per log-likelihood token (the packed scorer) and per generated token (IFEval through the engine at
+# EVAL_GEN_ROWS = GEN_ROWS, 512), per MODEL_SIZE: the time the eval step and `make plan` print. 3B: measured on an
+# H100 in bf16, base and a LoRA adapter on the full tasks' counts (bench/results/eval-paths-h100-llama-3.2-3b-three.json:
+# 48k log-likelihood tokens/s base, 31k with an adapter; 11.5k and 10.0k generated tokens/s), the mean over base and
+# two adapters. 7B: the 3B's scaled by parameters (x2.5 per token scored, x2 per token generated), not measured.
+EVAL_COST_3b ?= 2.8e-5,9.6e-5
+# 16,384 tokens a scorer forward: 1.26x 8,192's on MMLU-shaped requests (bench/results/eval-paths-h100-llama-3.2-3b.json)
+EVAL_LOGLIK_TOKENS ?= 16384
+EVAL_COST_7b ?= 7.0e-5,1.9e-4

@@ -24,13 +24,12 @@ NUM_RESPONSES ?= 4
 PREF_BATCH ?= 32
 PREF_ROWS ?= 64
 PREF_MAX_TOKENS ?= 512
-# Eval sized for the same session (bench/README.md "Eval"; estimates for a T4 from H100 measurements): the first 100
-# examples of each task and MMLU subject (5,700 MMLU questions; 100 IFEval prompts), batch 32 (generation is per-step
-# overhead-bound: 32 costs what 16 does), answers capped at 512 tokens (the SFT data's MAX_RESPONSE_TOKENS; IFEval's own
-# 1280 at batch 4 was ~8 h a model). Expected per model, generation run to the cap: 3B ~10 min, 7B ~18 min. LIMIT=1000
-# (~47 and ~82 min a model) measures finer where the session allows. A killed eval resumes from its request cache.
+# Eval sized for the same session (bench/README.md "Eval"; estimates for a T4 from H100 measurements): all of IFEval
+# (541 prompts) and a seeded random sample of 1,000 documents of each log-likelihood task (MMLU stratified by subject;
+# TruthfulQA-MC2's 817 whole), the same for base, SFT and DPO; answers capped at 512 tokens (the SFT data's
+# MAX_RESPONSE_TOKENS). A killed eval resumes from its request cache.
 TASKS ?= ifeval,mmlu,truthfulqa_mc2,hellaswag
-LIMIT ?= 100
+LIMIT ?= 1000,ifeval=all
 EVAL_BATCH ?= 32
 MAX_GEN_TOKS ?= 512
 # 4-bit NF4 for every size: the t4 SFT/DPO configs train QLoRA, so the adapters are evaluated on the quantised
@@ -38,7 +37,9 @@ MAX_GEN_TOKS ?= 512
 # at batch 32, 7B 6.9 GiB, 3B 4.6; log-likelihood at 16, 7B 6.5, 3B 7.8 (Llama's 128k vocabulary: logits), so about
 # 12 GiB at 32 for a 3B (not measured): EVAL_BATCH=16 if a T4 runs out of memory.
 EVAL_4BIT ?= --load-in-4bit
-# Seconds per log-likelihood model pass (mean over the tasks' mix at LIMIT 100) and per generated token of a request at
-# EVAL_BATCH, per MODEL_SIZE: the time the eval step and `make plan` print (bench/results/eval-h100.json, scaled).
-EVAL_COST_3b ?= 0.053,0.005
-EVAL_COST_7b ?= 0.099,0.0078
+# Seconds per log-likelihood token and per generated token, per MODEL_SIZE: estimates for a T4, not measured on one.
+# Scoring: the packed scorer on an H100 in 4-bit (bench/results/eval-paths-h100-llama-3.2-3b-4bit.json: 44k tokens/s,
+# x1.36 for two of the three models carrying an adapter) scaled by fp16 FLOP/s (65 / 989); 7B x2.3. Generating: the
+# 8B generator's t4 rate in make plan (183 tokens/s at 64 rows) x2.4 for a 3B's smaller 4-bit weights (x1.1 for 7B).
+EVAL_COST_3b ?= 4.7e-4,2.3e-3
+EVAL_COST_7b ?= 1.1e-3,5.0e-3
