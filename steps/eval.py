@@ -232,10 +232,8 @@ def cache_prefix(args, job, model):
     """Where lm-eval's request cache lives for this model: `<cache dir>/<out stem>-<key>` (+ `_rank0.db`).
 
     lm-eval keys a cached answer by the request alone (the prompt text, continuation and generation options), not by
-    the model that answered it. So everything else that changes an answer is hashed into the file name: the base
-    model, the adapter's weights (not its path: retraining in place must not reuse stale answers), the dtype, 4-bit
-    loading, the chat template and lm-eval's version. A changed setting starts a new cache file; the same one
-    resumes where a killed run stopped."""
+    the model that answered it. So the model's key (model_key) is hashed into the file name: a changed model or
+    setting starts a new cache file; the same one resumes where a killed run stopped."""
     folder = Path(args.cache_dir) if args.cache_dir else job.out.parent / "cache"
     return folder / f"{job.out.stem}-{sha256(json.dumps(model, sort_keys=True))[:16]}"
 

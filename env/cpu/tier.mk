@@ -27,10 +27,11 @@ PREF_BATCH ?= 8
 PREF_ROWS ?= 32
 PREF_MAX_TOKENS ?= 128
 TASKS ?= ifeval_local,mc_local
-# The first 32 items of each task: three evals were 43% of `make all` on the AVX2 CPU with all of them (57 and 48).
+# A random sample of 32 items of each task: three evals were 43% of `make all` on the AVX2 CPU with all of them (57, 48).
 LIMIT ?= 32
 EVAL_BATCH ?= 16
 MAX_GEN_TOKS ?= 96
-# Seconds per log-likelihood pass and per generated token of a request at EVAL_BATCH 16, measured on the slowest CPU
-# tried (2 cores, AVX2, fp32): the eval step's time estimate is an upper bound on faster CPUs.
-EVAL_COST_tiny ?= 0.12,0.014
+# Seconds per log-likelihood token and per generated token (32 rows), from the eval step of `make all` on a 2-core
+# Xeon in fp32 (oneDNN capped at AVX2) and in bf16: 96.9 and 110.1 s for the three models (bench/results/
+# make-all-cpu-xeon-*.json); every answer counted to its cap.
+EVAL_COST_tiny ?= 1.5e-3,8.5e-3
