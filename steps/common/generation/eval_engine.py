@@ -40,7 +40,7 @@ their document's total). HFLM's own `_loglikelihood_tokens` answers what the sco
 model, mixed precision, SIT_PACKED_LOGLIK=0, an attention implementation that takes no custom mask (flash
 attention), and a model where the scorer's self-check (`loglik.check`) disagrees with plain forwards; said once.
 
-Written against lm-eval 0.4.13. Relies on: HFLM.generate_until's behaviour as described above (re-implemented here,
+Library internals (lm-eval 0.4.13): HFLM.generate_until's behaviour as described above (re-implemented here,
 not called), HFLM's attributes `backend`, `truncation`, `think_end_token`, `mixed_precision_dtype`, `cache_hook`,
 `batch_size`, `max_length`, `max_gen_toks`, `tok_batch_encode`, `tok_decode`, and the module functions
 `lm_eval.models.utils.normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`; for

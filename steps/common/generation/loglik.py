@@ -33,7 +33,8 @@ SDPA makes it an additive mask in the model's dtype, eager attention takes a flo
 rows x T <= batch_tokens tokens, the kept logits one per scored token in the model's dtype, the float32
 log_softmax LOGSOFTMAX_ROWS x vocab.
 
-Library internals (transformers 5.17 and torch 2.11 on the GPU, 5.24 and 2.13 in the CPU tests): a 4D attention_mask
+Library internals (transformers 5.17 and torch 2.11 on the GPU, 5.24 and 2.13 in the CPU tests): the model config's
+`_attn_implementation` says which attention runs (refusal, model_mask); a 4D attention_mask
 is returned as it is by transformers.masking_utils (`_preprocess_mask_arguments`) for every attention implementation,
 also to sliding-window layers. SDPA takes our boolean mask (True = attend) and then never sets is_causal; with a mask
 transformers repeats GQA's key/value heads (no enable_gqa); on an H100 (torch 2.11) SDPA ran a bool or float mask
