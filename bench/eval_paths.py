@@ -1,7 +1,7 @@
 """The eval step's paths against lm-eval's own, and base + SFT + DPO from one load, on one CUDA GPU, with no download.
 
     PYTHONPATH=steps:bench python bench/eval_paths.py --config bench/configs/llama-3.2-3b.json \
-        [--dtype bfloat16 | --load-in-4bit] [--compare mmlu=2000,hellaswag=1000,truthfulqa=200] [--hflm-batches 32,128] \
+        [--load-in-4bit] [--compare mmlu=2000,hellaswag=1000,truthfulqa=200] [--hflm-batches 32,128] \
         [--three] [--gen-rows 256] [--max-gen-toks 1280] [--tag NAME]
 
 A randomly initialised model is built from the real config, saved, and loaded back through the eval step's own
@@ -102,7 +102,8 @@ def paths(lm_hf, lm_packed, config, counts, batches, budgets):
             torch.cuda.reset_peak_memory_stats()
             theirs, seconds = timed(lambda: lm_hf.loglikelihood(reqs, disable_tqdm=True))
             diff, agree = compare(theirs, packed, reqs)
-            row["hflm"].append({"batch": batch, "seconds": round(seconds, 2), "speedup": round(seconds / row["packed_s"], 2),
+            row["hflm"].append({"batch": batch, "seconds": round(seconds, 2),
+                                "speedup": round(seconds / row["packed_s"], 2),
                                 "max_abs_diff": round(diff, 5), "argmax_agrees": round(agree, 4),
                                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
         best = min(row["hflm"], key=lambda h: h["seconds"])
@@ -182,7 +183,8 @@ def main():
     folder = Path(tempfile.mkdtemp()) / "model"
     config = build(args.config, folder, dtype)
     if args.cap_gib:
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
     model, load_s = timed(lambda: load_causal_lm(str(folder), dtype=str(dtype).split(".")[1],
                                                  load_in_4bit=args.load_in_4bit))
     model.eval()

@@ -353,7 +353,8 @@ def put_on(model, job):
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        return hub_load(job.adapter, lambda: PeftModel.from_pretrained(model, job.adapter, adapter_name=job.name)).eval()
+        peft = hub_load(job.adapter, lambda: PeftModel.from_pretrained(model, job.adapter, adapter_name=job.name))
+        return peft.eval()
     hub_load(job.adapter, lambda: model.load_adapter(job.adapter, adapter_name=job.name))
     model.set_adapter(job.name)
     return model.eval()

@@ -51,8 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--dpo-config", required=True, help="the tier's DPO YAML")
     p.add_argument("--test-fraction", type=fraction, default=0.0, help="TEST_FRACTION: held out of training")
     p.add_argument("--tasks", required=True, help="TASKS, comma-separated")
-    p.add_argument("--limit", type=optional(eval_limit), default="", help="LIMIT: a random sample of N documents of each task (N,TASK=N|all: "
-                                                "per task; a fraction in (0, 1): a share); empty: all")
+    p.add_argument("--limit", type=optional(eval_limit), default="",
+                   help="LIMIT: a random sample of N documents of each task (N,TASK=N|all: per task; a fraction in "
+                        "(0, 1): a share); empty: all")
     p.add_argument("--max-gen-toks", type=optional(positive_int), default="",
                    help="MAX_GEN_TOKS: cap on an eval answer; empty: the task's")
     p.add_argument("--eval-cost", default="", metavar="LL_S,TOKEN_S",
@@ -353,7 +354,8 @@ def evaluation(args, costs, tier):
     """Base, SFT and DPO from one load of the base model, the same requests each, at the tier's EVAL_COST (the eval
     step's own figure)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    counts, unknown = count_eval(costs["eval_tasks"], tasks, args.limit, optional_int(args.max_gen_toks, "MAX_GEN_TOKS"))
+    max_gen_toks = optional_int(args.max_gen_toks, "MAX_GEN_TOKS")
+    counts, unknown = count_eval(costs["eval_tasks"], tasks, args.limit, max_gen_toks)
     sample = f"LIMIT={args.limit} (a seeded random sample, the same for the three)" if args.limit else "every document"
     basis = [f"documents counted from the tasks' sizes (env/costs.json), {sample}; the eval step counts the real ones "
              "from the datasets before it starts"]
