@@ -105,10 +105,7 @@ def jobs_of(args):
     if args.out:
         if len(args.adapter) > 1:
             raise OptionError("--out takes one model: give at most one --adapter, or use --out-dir for several")
-        adapter = args.adapter[0] if args.adapter else None
-        if adapter and "=" in adapter and not Path(adapter).exists():  # NAME=DIR, as --out-dir takes it
-            adapter = adapter.partition("=")[2]
-        return [Job(Path(args.out).stem, adapter, Path(args.out))]
+        return [Job(Path(args.out).stem, args.adapter[0] if args.adapter else None, Path(args.out))]
     jobs = [Job("base", None, Path(args.out_dir) / "base.json")]
     for item in args.adapter:
         name, sep, adapter = item.partition("=")
