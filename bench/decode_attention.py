@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from provenance import provenance
 from timing import gpu_slug
 
 from common.generation import decode_kernel, fastgen
@@ -119,7 +120,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "page": fastgen.PAGE,
                                "keys_per_slot": f"uniform {args.min_keys}-{args.max_keys}; skewed: one slot in "
-                               f"{LONG_EVERY} at {args.long_keys}", "results": rows}, indent=1) + "\n")
+                               f"{LONG_EVERY} at {args.long_keys}", **provenance(), "results": rows}, indent=1) + "\n")
     print(f"\n{name}; wrote {out}")
     print(f"{'model':<14}{'slots':>6}{'mix':>8}{'splits':>7}{'longest first us':>18}{'slot order us':>15}"
           f"{'GB/s':>7}{'speedup':>9}{'max diff':>10}")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from filter import near_duplicates, sentence_embedder
+from provenance import provenance
 
 TEMPLATES = ["Write a {d} poem about {t}.", "Explain {t} to a {d} audience.", "Give me {d} tips about {t}.",
              "What are the {d} facts everyone should know about {t}?", "Summarise the history of {t} in a {d} way.",
@@ -76,7 +77,7 @@ def main():
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
         print(rows[-1], flush=True)
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (no GPU)",
-              "torch_threads": torch.get_num_threads(), "threshold": args.threshold, "results": rows}
+              "torch_threads": torch.get_num_threads(), "threshold": args.threshold, **provenance(), "results": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -17,7 +17,7 @@ often near-ties, so bf16 summation order can flip a few).
 
 --three: the whole eval of three models the way steps/eval.py runs it, at the real tasks' document counts (MMLU
 14,042, HellaSwag 10,042, TruthfulQA-MC2 817, IFEval 541): one load, then the base, then two LoRA adapters (r 8,
-alpha 16, every projection: env/lora.yaml's shape, random weights) put on with eval.put_on and switched. A random
+alpha 16, every projection: env/lora.yaml's shape, random weights) put on with eval.Adapters and switched (merged into the bf16 weights). A random
 model never stops, so every IFEval answer runs to --max-gen-toks (the worst case); the JSON also gives the engine's
 tokens/s, from which an answer-length mix prices realistically.
 
@@ -25,35 +25,20 @@ Writes eval-paths-<gpu>-<config>[-tag].json to $OUT or bench/results/ with the c
 """
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from eval_speed import requests, word_tokenizer
+from provenance import provenance
 from timing import gpu_slug
 from timing import sync_time as timed
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"mmlu": 14042, "hellaswag": 10042, "truthfulqa": 817, "gen": 541}  # the real tasks' documents
-
-
-def provenance():
-    """The commit the run's code is, whether the tree differed from it, and the command line."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-    diff = git("diff", "HEAD", "--", "steps", "bench")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(diff),
-            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
 
 def build(config_path, folder, dtype):
@@ -132,12 +117,13 @@ def three(model, tokenizer, config, args):
         model = peft.unload()
     gen = {"until": ["</s>"], "max_gen_toks": args.max_gen_toks, "do_sample": False}
     work = {kind: requests(kind, n, config.vocab_size, seed=2, max_gen_toks=args.max_gen_toks)
-            for kind, n in FULL.items()}
-    assert all(r.args[1] == gen for r in work["gen"])
+            for kind, n in FULL.items() if kind in args.kinds.split(",")}
+    assert all(r.args[1] == gen for r in work.get("gen", []))
     models = []
     started = time.perf_counter()
-    for name, adapter in [("base", None), *folders]:
-        model = eval_step.put_on(model, eval_step.Job(name, adapter, Path("/dev/null")))
+    adapters = eval_step.Adapters(model)
+    for name, adapter in [("base", None), *folders][: args.models]:
+        model = adapters.put_on(eval_step.Job(name, adapter, Path("/dev/null")))
         lm = EngineHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch, gen_rows=args.gen_rows,
                         loglik_tokens=args.loglik_tokens)
         parts = {}
@@ -166,6 +152,8 @@ def main():
     p.add_argument("--loglik-tokens", type=int, default=None, help="the packed scorer's tokens a forward (--three)")
     p.add_argument("--loglik-budgets", default="8192", help="--compare: the packed scorer's tokens a forward, each")
     p.add_argument("--three", action="store_true", help="base + two adapters on the full task counts")
+    p.add_argument("--kinds", default=",".join(FULL), help="--three: the tasks run (gen: IFEval-like answers)")
+    p.add_argument("--models", type=int, default=3, help="--three: base, then sft, then dpo: how many of them")
     p.add_argument("--gen-rows", type=int, default=256, help="EVAL_GEN_ROWS: IFEval rows decoded at once")
     p.add_argument("--max-gen-toks", type=int, default=1280)
     p.add_argument("--cap-gib", type=float, default=None, help="a memory cap (15: a T4)")
@@ -204,7 +192,7 @@ def main():
         del lm_hf, lm_packed
     if args.three:
         result["three"] = three(model, tokenizer, config, args)
-        result["three"] |= {"gen_rows": args.gen_rows, "max_gen_toks": args.max_gen_toks, "batch": args.batch,
+        result["three"] |= {"kinds": args.kinds, "gen_rows": args.gen_rows, "max_gen_toks": args.max_gen_toks, "batch": args.batch,
                             "documents": FULL}
     result["versions"] = installed_versions(("torch", "transformers", "peft", "bitsandbytes", "lm_eval"))
     out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "results")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 from timing import gpu_slug
 from timing import sync_time as timed
 
@@ -156,7 +157,7 @@ def main():
               "build_and_save_s": round(build_s, 1), "load_4bit_s": round(load_s, 1),
               "weights_gib": round(weights_gib, 2), "rows": rows,
               "versions": installed_versions(("torch", "transformers", "peft", "bitsandbytes", "lm_eval")),
-              "cuda": torch.version.cuda}
+              "cuda": torch.version.cuda, **provenance()}
     out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "results")
     name = f"eval-{gpu_slug(gpu)}-{Path(args.config).stem}.json"
     (out_dir / name).write_text(json.dumps(result, indent=1) + "\n")

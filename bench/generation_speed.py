@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from timing import gpu_slug, sync_time
+from provenance import provenance
 
 from common.generation import fastgen
 from common.generation.fastgen import uncompile_pointwise
@@ -417,7 +418,7 @@ def main():
                      "response_stats": describe(targets), "prompt_stats": describe([len(p) for p in prompts]),
                      "fixed_length": fixed_targets[0],
                      "ending": "the model samples <|eot_id|> (EndAt logits processor) at each row's drawn length"},
-        "results": [],
+        **provenance(), "results": [],
     }
 
     def save(row=None):

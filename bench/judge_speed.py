@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from generation_speed import build_model
 from judge import Judge, judged_records
+from provenance import provenance
 from timing import gpu_slug, sync_time
 
 from common.generation.chat import end_of_turn, prepare_tokenizer
@@ -78,7 +79,8 @@ def main():
               "records_unparsed": unparsed, "wall_s": round(wall, 2),
               "records_per_s": round(args.n / wall, 2), "generated_tok_s": round(tokens / wall, 1),
               "note": "random weights: unconstrained, every answer runs to the cap and is retried once (worst "
-                      "case); constrained, a random model's answers take the reason's whole share of the cap"}
+                      "case); constrained, a random model's answers take the reason's whole share of the cap",
+              **provenance()}
     slug = gpu_slug(name)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"judge-{slug}.json").write_text(json.dumps(result, indent=1) + "\n")

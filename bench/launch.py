@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import provenance
 import training_speed as bench  # bench/training_speed.py: model building and synthetic data
 
 REPO = bench.REPO
@@ -116,7 +117,8 @@ def main():
         bench.build_model("smollm2-135m", model_dir, a.tokenizer)
     deps = work / "deps-installed"  # the GPU machine has its packages: make's install target is marked done
     deps.touch()
-    report = {"gpu": gpu, "versions": bench.installed_versions(bench.BENCH_PACKAGES), "tier": a.tier, "runs": []}
+    report = {"gpu": gpu, "versions": bench.installed_versions(bench.BENCH_PACKAGES), "tier": a.tier,
+              **provenance(), "runs": []}
     out_file = out / f"launch-{gpu_slug(gpu)}.json"
     for name, variables in RUNS.items():
         if a.only and name not in a.only.split(","):

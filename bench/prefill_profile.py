@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from common.generation import fastgen
 from generation_speed import PAD, build_model
+from provenance import provenance
 from step_profile import fill_slots, kind
 from timing import gpu_slug
 from torch.profiler import ProfilerActivity, profile
@@ -216,7 +217,7 @@ def main():
     model = build_model(args.config)
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-              "body_parameters": body}
+              "body_parameters": body, **provenance()}
     report["gemms"] = gemms(model, [int(r) for r in args.gemm_rows.split(",") if r], body)
     generator = fastgen.SlotGenerator(model, PAD, slots=args.slots, memory_limit=int(args.memory_gib * 2**30))
     generator.ensure_cache(args.cap + 512)

@@ -22,6 +22,7 @@ import torch
 from common.generation import fastgen
 from common.generation.sampling import Sampling
 from generation_speed import EndAt, workload, workload_args
+from provenance import provenance
 from transformers import LlamaConfig, LlamaForCausalLM
 
 EOS, PAD, FILL, VOCAB = 9, 8, 10, 16  # a 16-token vocabulary: the logits the no-op step hands to sampling
@@ -79,7 +80,7 @@ def main(argv=None):
               "prefills": stats["prefills"], "prefill_tokens": stats["prefill_tokens"],
               "preempted": stats["preempted"], "ended_when_preempted": stats["ended_when_preempted"],
               "most_rows": stats["most_rows"],
-              "replay_s": round(time.perf_counter() - began, 1)}
+              "replay_s": round(time.perf_counter() - began, 1), **provenance()}
     if args.device_run:
         with open(args.device_run) as f:
             run = next(r for r in json.load(f)["results"] if "mean_keys_per_slot_bucket" in r)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+from provenance import provenance
 
 
 def tree_rss(root):
@@ -75,7 +76,7 @@ def cpu():
 def summary(log, out):
     steps = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
     result = {"cpu": cpu(), "steps": steps, "total_wall_s": round(sum(s["wall_s"] for s in steps), 1),
-              "largest_peak_rss_gib": max(s["peak_rss_gib"] for s in steps)}
+              "largest_peak_rss_gib": max(s["peak_rss_gib"] for s in steps), **provenance()}
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

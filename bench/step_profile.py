@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from generation_speed import PAD, build_model
+from provenance import provenance
 from timing import gpu_slug, sync_time
 from torch.profiler import ProfilerActivity, profile
 
@@ -93,7 +94,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "config": args.config,
                                "slots": generator.cache.slots, "cache_length": L, "mean_keys": args.mean_length,
-                               "compiled": generator.compiled, "kernel": generator.kernel, "results": results},
+                               "compiled": generator.compiled, "kernel": generator.kernel, **provenance(),
+                               "results": results},
                               indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from common import installed_versions
+from provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -701,7 +702,7 @@ def main():
                HF_DATASETS_CACHE=str(work / "hf-datasets"), PYTHONUNBUFFERED="1")
     report = {"gpu": gpu, "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
               "suite": a.suite, "versions": installed_versions(BENCH_PACKAGES),
-              "peak_bf16_dense_flops": PEAK_BF16_DENSE,
+              "peak_bf16_dense_flops": PEAK_BF16_DENSE, **provenance(),
               "notes": [
                   "Randomly initialised models with the real architectures (bench/configs); SmolLM2's tokenizer "
                   "(vocab 49152) with the models' full vocabularies; synthetic text of set token lengths.",

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,7 @@ def main():
 
     config = AutoConfig.from_pretrained(a.config)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "config": Path(a.config).name,
-              **check(config)}
+              **provenance(), **check(config)}
     import transformers
 
     from common.training import varlen

@@ -22,7 +22,7 @@ from common.io.splits import DEFAULT_TEST_FRACTION, split_records
 from common.options import fraction, step_parser
 from common.reporting.cards import dataset_card
 from common.reporting.eval_tables import read_json
-from common.reporting.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of
+from common.reporting.tag_stats import TAG_FIELDS, TAG_TITLES, distribution_table, tagged, tags_of, turns_text
 
 TAG_COLUMNS = ("category", "input_quality", "quality_reason", "difficulty", "safety")
 PAIR_FIELDS = ("id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin")
@@ -114,6 +114,7 @@ def build(args):
         "test_fraction": args.test_fraction,
         "tag_tables": tag_tables,
         "multi_turn": sum(len(messages_of(r)) > 2 for r in kept),
+        "turns": turns_text(kept),
     }
     return {"sft": sft, "preference": preference}, info
 

@@ -342,19 +342,60 @@ def load_base(args, dtype):
     return load_causal_lm(args.model, dtype=dtype, load_in_4bit=args.load_in_4bit).eval()
 
 
-def put_on(model, job):
-    """The model a job evaluates: the base as loaded, or the base with job's adapter active (unmerged, as it was
-    trained). Adapters are added to the one PeftModel by name and switched: only the active one is applied."""
-    if job.adapter is None:
-        return model
-    from peft import PeftModel
+class Adapters:
+    """The model each job evaluates, from one load: the base as loaded, then each job's adapter put on it. Adapters
+    are added to one PeftModel by name and switched (only the active one applies). Where the base weights are plain
+    floats (not 4-bit or 8-bit) the active adapter is merged into them, so an adapter's model runs at the base model's
+    speed (unmerged, LoRA's extra matmuls cost a 3B on an H100 37% more time: bench/README.md "Eval"); merging
+    rounds in the weights' dtype, as a merged model someone deploys does. The weights a merge changes are copied to
+    the CPU first and put back before the next adapter, so every adapter is merged into the weights as loaded:
+    switched on one load or loaded alone, an adapter gives the same answers."""
 
-    if not isinstance(model, PeftModel):
-        peft = hub_load(job.adapter, lambda: PeftModel.from_pretrained(model, job.adapter, adapter_name=job.name))
-        return peft.eval()
-    hub_load(job.adapter, lambda: model.load_adapter(job.adapter, adapter_name=job.name))
-    model.set_adapter(job.name)
-    return model.eval()
+    def __init__(self, model):
+        self.model = model
+        self.originals = {}  # base-layer weight -> its values as loaded (a CPU copy), once a merge changed it
+
+    def put_on(self, job):
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.unmerge()
+        if job.adapter is None:
+            if isinstance(self.model, PeftModel):
+                raise RuntimeError("eval: the base model is evaluated before any adapter is put on it")
+            return self.model
+        if not isinstance(self.model, PeftModel):
+            base = self.model
+            self.model = hub_load(job.adapter, lambda: PeftModel.from_pretrained(base, job.adapter,
+                                                                                adapter_name=job.name))
+        else:
+            hub_load(job.adapter, lambda: self.model.load_adapter(job.adapter, adapter_name=job.name))
+            self.model.set_adapter(job.name)
+        self.merge()
+        return self.model.eval()
+
+    def base_weights(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m.get_base_layer().weight for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def merge(self):
+        weights = self.base_weights()
+        if not weights or not all(w.is_floating_point() for w in weights):
+            return  # quantized: merging would re-quantize, so the adapter stays a separate matmul
+        if not self.originals:
+            self.originals = {w: w.detach().to("cpu", copy=True) for w in weights}
+        self.model.merge_adapter()
+
+    def unmerge(self):
+        if not self.originals:
+            return
+        import torch
+
+        self.model.unmerge_adapter()  # PEFT's bookkeeping; its subtraction rounds, so the values are put back
+        with torch.no_grad():
+            for weight, original in self.originals.items():
+                weight.copy_(original)
 
 
 def loglikelihood_checksums(samples, configs):
@@ -462,14 +503,14 @@ def evaluate(args, jobs):
     from common.generation.eval_engine import EngineHFLM
 
     started = time.time()
-    model = load_base(args, dtype)
+    adapters = Adapters(load_base(args, dtype))
     load_s = round(time.time() - started, 1)
     for job, tokenizer, settings, key, prefix in todo:
         db = Path(f"{prefix}{CACHE_SUFFIX}")
         before = cached_keys(db)
         announce(counts, expected, len(before), db)
         began = time.time()
-        model = put_on(model, job)
+        model = adapters.put_on(job)
         lm = EngineHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, gen_rows=args.gen_rows,
                         loglik_tokens=args.loglik_tokens)
         results = lm_eval.simple_evaluate(

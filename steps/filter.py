@@ -11,7 +11,7 @@ sentence embeddings at or above --near-duplicate-threshold), keeping the first o
 
 Multi-turn records (generate --turns N, a `conversation`) are filtered turn by turn: the text rules and the tag
 thresholds apply to every user/assistant turn, and a later turn names itself, e.g. "repetition (turn 2)" or
-"input_quality=poor (turn 2)". SFT trains on the last assistant turn, so every turn must pass.
+"input_quality=poor (turn 2)". SFT trains every assistant turn, so every turn must pass.
 
 Tag thresholds (Magpie: magpie-align/magpie data_sft/data_filter.ipynb, its default filter, keeps input quality good
 or excellent, instruct reward > -10, instructions not ending in ':' and the first of each group of near-duplicates;

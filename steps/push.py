@@ -78,7 +78,7 @@ def publish(folder, repo_id, repo_type, patterns, private=False, card=None, adap
         raise DataError(f"{folder}: none of its files is one to upload ({', '.join(patterns)}); is it the right "
                         "directory?")
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     with tempfile.TemporaryDirectory(prefix="push-") as staging:
         staging = Path(staging)
@@ -98,6 +98,9 @@ def publish(folder, repo_id, repo_type, patterns, private=False, card=None, adap
             api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
             api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type=repo_type,
                               commit_message=f"Upload {Path(folder).name} (Synthetic Instruction Tuner)")
+        except OfflineModeIsEnabled:
+            raise SetupError(f"HF_HUB_OFFLINE is set: pushing to {repo_id} needs the Hub; unset it for this command "
+                             "(env -u HF_HUB_OFFLINE make push ...)") from None
         except HfHubHTTPError as e:  # its message holds the URL and the server's reason, never the token
             raise SetupError(f"the Hub refused the upload to {repo_id} ({str(e).splitlines()[0]}); check that "
                              "HF_TOKEN is a write token for that namespace") from None

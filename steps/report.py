@@ -34,7 +34,7 @@ from common.reporting.eval_tables import (EVAL_HEADER, MARK, STAGES, eval_rows, 
 from common.reporting.paired import RULE, leaves_of
 from common.reporting.render import Heading, Para, Table, new_figure, plot, to_html, to_markdown
 from common.reporting.tag_stats import (COPIED_REASON, TAG_FIELDS, TAG_TITLES, distribution_table, reason_status,
-                                        tagged, tags_of)
+                                        tagged, tags_of, turns_text)
 from common.rubric import words
 
 TOP = 10  # rows in the opening-word and verb tables
@@ -142,6 +142,7 @@ def funnel_section(outputs):
     return [
         Heading("Data funnel"),
         Table(["stage", "samples", "of generated"], rows),
+        Para(f"Kept, by user/assistant turns (SFT trains every assistant turn): {turns_text(outputs['filtered'])}."),
         *generation_yield(outputs["generated"], summary),
         Para(f"{total - summary['kept']} samples were dropped by the filters. {responses} responses to "
              f"{len(scored)} instructions were sampled and scored; {len(scored) - len(pairs)} instructions gave no "
@@ -679,6 +680,7 @@ def settings_section(outputs, tier, model_name):
         ("reward model", (outputs["scored"] or [{}])[0].get("reward_model")),
         ("generation seed", generation.get("seed")),
         ("generator recipe", generation.get("recipe")),
+        ("turns per conversation (at most)", generation.get("turns")),
         ("instruction sampling", sampling_text(generation.get("instruction_sampling"))),
         ("response sampling", sampling_text(generation.get("response_sampling"))),
         ("SFT", f"lr {sft.get('learning_rate')}, {steps(sft)}, {batch(sft)}, seed {sft.get('seed')}"),

@@ -85,23 +85,70 @@ def test_gated_error_names_the_license_page_and_token():
     assert "https://huggingface.co/meta-llama/Llama-3.2-3B" in message and "HF_TOKEN" in message
 
 
-def test_multi_turn_records_are_well_formed_conversations(tmp_path, smol):
-    """The real model through the script: whatever it writes, records are alternating, whole conversations (how many
-    turns they reach depends on what it writes: test_multi_turn_conversations_have_the_turns_asked counts them)."""
+class WholeTurns:
+    """A logits processor for the real model in the real engine: every turn is the model's own first `length` tokens,
+    then its end of turn; no special token among them, and a user turn opens with "What" (so the generate step never
+    rejects it as empty, template tokens or an answer). Every turn then comes out whole, so conversations reach
+    --turns whatever the model writes. A row's turn is what follows the last "<|im_start|>ROLE\\n" (pads ignored: the
+    plain path pads on the left, the fast path's history on the right, and its idle slots hold only pads)."""
+
+    def __init__(self, tokenizer, length):
+        ids = tokenizer.convert_tokens_to_ids
+        self.start, self.end, self.newline, self.user = ids("<|im_start|>"), ids("<|im_end|>"), ids("Ċ"), ids("user")
+        self.pad, self.length = tokenizer.pad_token_id, length
+        self.what = tokenizer("What", add_special_tokens=False)["input_ids"][0]
+        self.special = [i for i, t in tokenizer.added_tokens_decoder.items() if t.special]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores.clone()
+        for r, row in enumerate(input_ids.tolist()):
+            row = [t for t in row if t != self.pad]
+            if self.start not in row:  # an idle slot of the fast path: nothing to steer
+                continue
+            head = len(row) - 1 - row[::-1].index(self.start)
+            turn = row[row.index(self.newline, head) + 1 :]
+            force = (self.what if not turn and row[head + 1] == self.user else
+                     self.end if len(turn) >= self.length else None)
+            if force is None:
+                scores[r, self.special] = -torch.inf
+            else:
+                scores[r] = torch.where(torch.arange(scores.shape[1], device=scores.device) == force, 0.0, -torch.inf)
+        return scores
+
+
+def test_multi_turn_records_are_well_formed_conversations(tmp_path, smol, monkeypatch):
+    """The real model in the step (in-process), each of its turns ended after a few tokens of its own (WholeTurns):
+    every conversation reaches the 3 turns asked, alternating user and assistant, each record's first turn its
+    instruction and response, later turns whole (test_multi_turn_conversations_have_the_turns_asked: the same on a
+    stand-in engine; test_follow_up_turns_...: where a conversation ends early)."""
+    import generate
+
+    def load_engine(*args, **kwargs):
+        engine = load(*args, **kwargs)
+        sample, whole_turns = engine.sample, WholeTurns(engine.tokenizer, length=6)
+        engine.sample = lambda prompts, sampling, seed: sample(prompts, sampling, seed, processors=[whole_turns])
+        return engine
+
+    load = generate.load_engine
+    monkeypatch.setattr(generate, "load_engine", load_engine)
     out = tmp_path / "multi.jsonl"
-    run_step("generate", *ARGS, "--turns", "3", "--max-instruction-tokens", "32", "--max-response-tokens", "32",
-             "--out", out)
+    generate.main([*map(str, ARGS), "--turns", "3", "--max-instruction-tokens", "32", "--max-response-tokens", "32",
+                   "--dtype", "float32", "--batch-size", "6", "--out", str(out)])
     records = read_lines(out)
     assert len(records) == 6
     for r in records:
         conversation = r["conversation"]
-        assert conversation[0] == {"role": "user", "content": r["instruction"]}
-        if not r["instruction_finished"] or r["rejected"]:  # kept for the filter to judge, never answered
-            assert conversation == conversation[:1] and r["response"] == ""
-            continue
-        assert [m["role"] for m in conversation] == ["user", "assistant"] * (len(conversation) // 2)
-        assert 2 <= len(conversation) <= 6 and conversation[1]["content"] == r["response"]
-        assert all(m["content"].strip() for m in conversation[2:])  # later turns are kept only when whole
+        assert r["instruction_finished"] and r["response_finished"] and not r["rejected"], r
+        assert [m["role"] for m in conversation] == ["user", "assistant"] * 3, r["id"]
+        assert conversation[:2] == [{"role": "user", "content": r["instruction"]},
+                                    {"role": "assistant", "content": r["response"]}]
+        assert all(m["content"].strip() for m in conversation)
+        assert all(m["content"].startswith("What") for m in conversation[::2])
+        assert not any(t in m["content"] for m in conversation for t in TEMPLATE_TOKENS)
+    # the turns are the model's own: later turns differ from the first (the conversation so far is in the prompt)
+    assert len({m["content"] for r in records for m in r["conversation"]}) > 6
 
 
 class ScriptedEngine:

@@ -1,6 +1,4 @@
 import json
-import threading
-import time
 
 import pytest
 
@@ -66,24 +64,48 @@ def test_merge_names_the_missing_shard_when_no_process_makes_progress(tmp_path):
     assert not out.exists() and first.exists()
 
 
-def test_merge_waits_as_long_as_the_other_shards_grow(tmp_path):
-    """No fixed end: a slow process that keeps writing is waited for beyond the stall timeout."""
+class SlowProcess:
+    """The other process and the clock, in step with the merge's polls (no thread, no real waiting): each poll's
+    sleep advances a fake clock by its length, and every `every` polls the other process writes its next record to
+    its shard's .partial; after `records` it finishes the shard. What the merge sees depends only on its polls."""
+
+    def __init__(self, shard, records, every):
+        self.writer, self.left, self.every = ResumableWriter(shard), list(records), every
+        self.now, self.polls = 0.0, 0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+        self.polls += 1
+        if self.polls % self.every == 0:
+            if self.left:
+                self.writer.write([self.left.pop(0)])
+            else:
+                self.writer.finish()
+
+
+@pytest.mark.parametrize("every,stalls", [(3, False), (6, True)])
+def test_merge_waits_as_long_as_the_other_shards_grow(tmp_path, monkeypatch, every, stalls):
+    """No fixed end: a slow process that keeps writing (a record every 0.75 s against a 1 s stall timeout) is waited
+    for far beyond the stall timeout (30 s on the merge's clock); one whose records come further apart than the
+    timeout (1.5 s) is given up on, naming its shard."""
+    from types import SimpleNamespace
+
+    from common.io import shards
+
     out = tmp_path / "gen.jsonl"
     first, second = shard_paths(out, 2)
     write_jsonl(first, [{"i": 0}])
-
-    def slow_process():
-        writer = ResumableWriter(second)
-        for i in range(1, 40):  # 2 s of writing, the stall timeout is 1 s
-            writer.write([{"i": 2 * i - 1}])
-            time.sleep(0.05)
-        writer.finish()
-
-    thread = threading.Thread(target=slow_process)
-    thread.start()
-    try:
-        records = merge_shards(out, 2, order=lambda r: r["i"], timeout=1.0, poll=0.05)
-    finally:
-        thread.join()
+    other = SlowProcess(second, [{"i": 2 * i - 1} for i in range(1, 40)], every)
+    monkeypatch.setattr(shards, "time", SimpleNamespace(monotonic=other.monotonic, sleep=other.sleep))
+    if stalls:
+        with pytest.raises(SetupError, match=r"waited 1 s without progress for .*gen\.jsonl\.shard1of2"):
+            merge_shards(out, 2, order=lambda r: r["i"], timeout=1.0, poll=0.25)
+        assert not out.exists() and first.exists() and other.now < 2  # after its first stall, not at the end
+        return
+    records = merge_shards(out, 2, order=lambda r: r["i"], timeout=1.0, poll=0.25)
     assert [r["i"] for r in records] == [0] + [2 * i - 1 for i in range(1, 40)] == [r["i"] for r in read_jsonl(out)]
     assert not first.exists() and not second.exists()
+    assert other.now >= 29, other.now  # 40 writes x 0.75 s: waited ~30 times the stall timeout

@@ -49,15 +49,85 @@ def test_the_plan_of_each_gpu_tier_lists_every_step_and_adds_up(tmp_path, tier):
     assert "bench/results/" in generate
     assert "memory bandwidth" in generate  # every tier's decoding figure was measured on another GPU
     assert f"env/{tier}/tier.mk" in "\n".join(result["steps"][STEPS.index("eval")]["basis"])
+    check_arithmetic(tier, result)
+    # control: a rate that is not the measured figure times its scalings is caught
+    generate = next(s for s in result["steps"] if s["step"] == "generate")
+    generate["rate"] *= 1.1
+    with pytest.raises(AssertionError):
+        check_arithmetic(tier, result)
+
+
+def number(text):
+    return float(text.replace(",", ""))
+
+
+TIER_GPU = {"t4": "T4", "a100": "A100", "h100": "H100"}
+
+
+def check_arithmetic(tier, result):
+    """Each step's figures follow from what it says it rests on, and from the tier's own variables: the rate is the
+    measured figure (its file present in the repository) times every scaling stated (each bandwidth or FLOP/s factor
+    the quotient it quotes, the tier's GPU over the measured one), the work is the units at that rate (plus the
+    scoring stated, for preference), eval's the request counts at the tier's EVAL_COST, and the sample count and rows
+    are the tier's NUM_SAMPLES and GEN_ROWS."""
+    mk = dict(re.findall(r"^(\w+) \?= (.*)$", (REPO / "env" / tier / "tier.mk").read_text(), flags=re.M))
+    steps = {s["step"]: s for s in result["steps"]}
+    assert result["num_samples"] == int(mk["NUM_SAMPLES"])
+    assert steps["generate"]["work"].startswith(f"{int(mk['NUM_SAMPLES']):,} samples x ")
+    assert f" tokens, {mk['GEN_ROWS']} rows;" in steps["generate"]["work"]
+    for s in result["steps"]:
+        for cited in re.findall(r"bench/results/[\w.-]+\.json", "\n".join(s["basis"])):
+            assert (REPO / cited).is_file(), f"{s['step']}: {cited} is not in the repository"
+        if "rate" not in s:
+            continue
+        figure = re.match(r"^([\d,.]+) (\S+/s) on an? ([\w-]+)", s["basis"][0])
+        assert figure, s["basis"][0]
+        rate = number(figure.group(1))
+        for line in s["basis"][1:]:
+            factor = re.match(r"^x ([\d.]+) for ", line)
+            if not factor:
+                continue
+            rate *= float(factor.group(1))
+            quotient = re.search(r"([\w-]+) / (\w+): ([\d.]+) / ([\d.]+) (?:TB/s|TFLOP/s)", line)
+            if quotient:  # a hardware scaling: the tier's GPU over the measured one, the factor their quotient
+                assert quotient.group(1).startswith(TIER_GPU[tier]) and quotient.group(2) == figure.group(3), line
+                assert float(factor.group(1)) == pytest.approx(number(quotient.group(3)) / number(quotient.group(4)),
+                                                               rel=0.01), line
+        assert s["rate"] == pytest.approx(rate, rel=0.01), (s["step"], s["basis"])
+        assert s["rate_unit"] == f"{s['unit']}/s"
+        then = sum(number(n) / number(r) for n, r in re.findall(r"then ([\d,]+) \w+ scored at ([\d,.]+) \w+/s",
+                                                                 s["work"]))
+        assert (s["step"] == "preference") == (then > 0), s["work"]
+        assert s["work_s"] == pytest.approx(s["units"] / s["rate"] + then, rel=0.01, abs=0.1), s
+    eval_cost = re.search(r"EVAL_COST=([\d.e-]+),([\d.e-]+) from env/(\w+)/tier.mk \((EVAL_COST_\w+)",
+                          "\n".join(steps["eval"]["basis"]))
+    assert eval_cost and eval_cost.group(3) == tier and mk[eval_cost.group(4)] == f"{eval_cost[1]},{eval_cost[2]}"
+    requests = steps["eval"]["requests"]
+    per_model = (requests["loglikelihood_tokens"] * float(eval_cost[1])
+                 + requests["max_gen_tokens"] * float(eval_cost[2]))
+    assert steps["eval"]["work_s"] == pytest.approx(3 * per_model, rel=0.01)  # base, SFT and DPO
 
 
 def test_t4_llama_fits_one_session_and_says_how_it_was_scaled(tmp_path):
     text, result = make_plan(tmp_path, GPU="t4", MODEL="llama")
     assert result["total_s"] <= SESSION_S, text
-    assert "T4 / H200: 0.32 / 4.8 TB/s" in text  # decoding, scaled by bandwidth
-    assert "T4 / H200: 65 / 989 TFLOP/s" in text  # training, scaled by FLOP/s
-    assert "Unsloth" in text  # the anchor for T4 training
-    assert "generate-realistic-h200-t4-4bit.json" in text  # the t4 generator's measurement, named
+    assert result["generator"] == "meta-llama/Llama-3.1-8B-Instruct" and result["model_size"] == "3b"
+    basis = {s["step"]: s["basis"] for s in result["steps"]}
+
+    def scaled(step, quotient):  # the step's own basis states the scaling, and its rate is scaled by it
+        lines = [b for b in basis[step] if quotient in b]
+        assert len(lines) == 1, (step, quotient, basis[step])
+        return lines[0]
+
+    for step in ("generate", "judge", "preference"):  # decoding, scaled by bandwidth
+        assert scaled(step, "T4 / H200: 0.32 / 4.8 TB/s").startswith("x 0.0667 for memory bandwidth"), step
+    for step in ("sft", "dpo"):  # training, scaled by FLOP/s
+        assert scaled(step, "T4 / H200: 65 / 989 TFLOP/s").startswith("x 0.0657 for fp16/bf16 tensor FLOP/s"), step
+    assert any(b.startswith("anchor: Unsloth's T4 figure") for b in basis["sft"])  # the anchor for T4 training
+    # the t4 generator's measurement (8B in 4-bit, as the tier runs it), named where the decoding rate comes from
+    assert "bench/results/generate-realistic-h200-t4-4bit.json" in basis["generate"][0]
+    assert "bench/results/generate-realistic-h200-t4-4bit.json" in basis["preference"][0]
+    check_arithmetic("t4", result)  # ... and those scalings are the ones applied
 
 
 def test_generation_work_scales_with_num_samples(tmp_path):

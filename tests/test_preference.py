@@ -167,12 +167,30 @@ def test_preference_step_with_a_classifier_reward_model(tmp_path, tiny_deberta):
     assert read_lines(strict) == [] and "0 pairs of 3" in result.stderr
 
 
-def test_datasets_reads_the_pairs_as_is(chain_run):
+def assert_datasets_reads_as_is(path):
+    """`datasets` (as the DPO step and a user of the published data load it) gives back every record of `path`
+    unchanged: the same records in the same order, every field and value (no None filled in for a key another record
+    has, no number cast, no nested field flattened), and each is a conversational preference pair as TRL takes it (a
+    prompt ending on a user turn, one assistant turn chosen and one rejected)."""
     from datasets import load_dataset
+    from trl.data_utils import is_conversational
 
-    data = load_dataset("json", data_files=str(chain_run / "preference.jsonl"), split="train")
-    assert len(data) > 0 and set(["prompt", "chosen", "rejected"]) <= set(data.column_names)
-    assert data[0]["chosen"][0]["role"] == "assistant"
+    records = read_lines(path)
+    data = load_dataset("json", data_files=str(path), split="train")
+    assert records and data.column_names == list(records[0])
+    assert data.to_list() == records
+    assert json.dumps(data.to_list()) == json.dumps(records)  # and of the same types (1 is not 1.0), keys in order
+    for r in records:
+        assert is_conversational(r), r["id"]
+        for side, roles in (("prompt", None), ("chosen", ["assistant"]), ("rejected", ["assistant"])):
+            turns = r[side]
+            assert isinstance(turns, list) and turns and all(isinstance(m, dict) and set(m) == {"role", "content"}
+                                                             and isinstance(m["content"], str) for m in turns), side
+            assert [m["role"] for m in turns] == roles if roles else turns[-1]["role"] == "user", (r["id"], side)
+
+
+def test_datasets_reads_the_pairs_as_is(chain_run):
+    assert_datasets_reads_as_is(chain_run / "preference.jsonl")
 
 
 def test_preference_resumes_after_a_kill(tmp_path, smol):

@@ -1,5 +1,8 @@
 """Property tests: the JSONL plumbing and the text rules on arbitrary unicode, empty strings and huge records."""
 
+import string
+
+import pytest
 from filter import normalise, repeated_ngram_ratio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,8 +48,50 @@ def test_huge_record_round_trips(tmp_path):
     assert read_jsonl(tmp_path / "big.jsonl") == [row]
 
 
+# Words: letters and digits of any script (no punctuation, no whitespace), so that each stays one word.
+word = st.text(alphabet=st.characters(whitelist_categories=["Lu", "Ll", "Lo", "Nd"]), min_size=1, max_size=8)
+space = st.text(alphabet=" \t\n\r\u00a0\u2003", min_size=1, max_size=3)  # any run of whitespace, unicode's too
+punctuation = st.text(alphabet=string.punctuation, min_size=1, max_size=3)
+
+
+def upper(w):
+    """The word in upper case where lower-casing gives it back (not "ß", whose upper case is "SS")."""
+    return w.upper() if w.upper().lower() == w.lower() else w
+
+
 @settings(max_examples=200, deadline=None)
 @given(text)
 def test_text_rules_are_total_and_bounded(s):
     assert 0.0 <= repeated_ngram_ratio(s) <= 1.0
-    assert normalise(normalise(s)) == normalise(s)
+    clean = normalise(s)
+    assert normalise(clean) == clean
+    # what the exact-duplicate rule compares: lower case, no ASCII punctuation, words split by single spaces
+    assert clean == clean.strip() and "  " not in clean and not set(clean) & set(string.punctuation)
+    assert all(not c.isspace() or c == " " for c in clean)
+    assert clean.replace(" ", "") == "".join(c for c in s.lower() if c not in string.punctuation and not c.isspace())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(word, min_size=1, max_size=12), st.data())
+def test_normalise_ignores_case_punctuation_and_spacing_but_not_words(words, data):
+    """Two instructions that differ only in case, ASCII punctuation beside the words and the whitespace between
+    them are duplicates; a different word is not."""
+    spaced = data.draw(st.just("") | space) + "".join(w + data.draw(space) for w in words)
+    marked = " ".join(data.draw(punctuation) + upper(w) + data.draw(punctuation) for w in words)
+    assert normalise(spaced) == normalise(marked) == " ".join(w.lower() for w in words)
+    other = data.draw(st.integers(0, len(words) - 1))
+    assert normalise(" ".join(words[:other] + [words[other] + "x"] + words[other + 1 :])) != normalise(" ".join(words))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(word, min_size=4, max_size=12, unique_by=str.lower), st.integers(2, 6), st.data())
+def test_repeated_ngram_ratio_counts_repeated_four_grams(words, times, data):
+    """No 4-gram repeats in distinct words: 0, whatever the spacing; a block of p distinct words said `times` times
+    over has p distinct 4-grams of p*times - 3: the ratio is 1 - p / (p*times - 3), near 1 for a long loop."""
+    assert repeated_ngram_ratio("".join(w + data.draw(space) for w in words)) == 0.0
+    assert repeated_ngram_ratio(" ".join(words[:3])) == 0.0  # fewer than 4 words: no 4-gram
+    p = len(words)
+    loop = " ".join(words * times)
+    assert repeated_ngram_ratio(loop) == pytest.approx(1 - p / (p * times - 3))
+    shouted = " ".join([*map(upper, words), *words * (times - 1)])  # the first time in capitals: the same 4-grams
+    assert repeated_ngram_ratio(shouted) == repeated_ngram_ratio(loop)

@@ -288,13 +288,62 @@ def test_recipe_is_found_by_name_then_by_template(tiny, capsys):
         recipes.resolve(recipes.find("x", qwen, "llama-3.1"), qwen)
 
 
-def test_smollm2_recipe_stops_loops(smol):
-    from common.models import load_tokenizer
+class WriteACycle:
+    """A logits processor that makes every row write `cycle` over and over, as a looping model does."""
 
-    tokenizer = load_tokenizer("embedded:smollm2")
-    recipe = recipes.resolve(recipes.find("embedded:smollm2", tokenizer), tokenizer)
-    assert recipe.name == "smollm2" and recipe.response.loop_window >= 64 and recipe.instruction.loop_window > 0
+    def __init__(self, cycle):
+        self.cycle = cycle
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        cycle = torch.tensor(self.cycle, device=input_ids.device)
+        following = cycle[torch.isin(input_ids, cycle).sum(1) % len(cycle)]
+        return torch.full_like(scores, -torch.inf).scatter_(1, following[:, None], 0.0)
+
+
+def test_smollm2_recipe_stops_loops(smol, tmp_path):
+    """The cpu tier's generator recipe, resolved as the generate step resolves it, stops a looping row: its windows
+    fit under the tier's token caps, and a response stuck in a cycle, sampled with the recipe's own response settings
+    (temperature, top-p, penalty) through the engine, ends as a loop once the window fills, not at the cap."""
+    import re
+
+    from conftest import REPO
+
+    from common.generation.engines import TransformersEngine
+    from common.generation.chat import prompt_text
+
+    # SmolLM2 shrunk to one narrow layer, its tokenizer and generation config as they are: the row's tokens are forced
+    # (WriteACycle), so the weights don't matter and the engine decodes in a blink
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(smol)
+    config.update(dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8))
+    tiny = tmp_path / "smollm2-one-layer"
+    AutoModelForCausalLM.from_config(config).save_pretrained(tiny)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (smol / name).exists():
+            shutil.copy(smol / name, tiny / name)
+    engine = TransformersEngine(str(tiny), dtype="float32", batch_size=2)
+    tokenizer = engine.tokenizer
+    recipe = recipes.resolve(recipes.find("embedded:smollm2", tokenizer), tokenizer, engine.stop_token_ids)
+    assert recipe.name == "smollm2"
     assert 1.0 < recipe.response.repetition_penalty <= 1.2 and recipe.response.temperature > 0
+    caps = dict(re.findall(r"^MAX_(\w+)_TOKENS \?= (\d+)$", (REPO / "env/cpu/tier.mk").read_text(), flags=re.M))
+    # a window as long as the cap could never end a row before the cap
+    assert 0 < recipe.instruction.loop_window < int(caps["INSTRUCTION"])
+    assert 0 < recipe.response.loop_window < int(caps["RESPONSE"])
+    window = recipe.response.loop_window
+    sampling = recipe.response.replace(max_new_tokens=int(caps["RESPONSE"]))
+    cycle = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" apple", " pear", " plum")]
+    (row,) = engine.sample([prompt_text(tokenizer, "Name three fruits.")], sampling, seed=0,
+                           processors=[WriteACycle(cycle)])
+    assert row["stop_reason"] == "loop" and not row["finished"], row
+    assert window <= row["tokens"] < 2 * window, row  # stopped once the window was full of the loop
+    assert row["text"] == tokenizer.decode((cycle * window)[: row["tokens"]]).strip()
 
 
 @pytest.mark.parametrize("raw,text,rule,cut", [

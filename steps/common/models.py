@@ -179,7 +179,8 @@ def load_causal_lm(name, dtype="auto", load_in_4bit=False, device_map=None, adap
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-        device_map = device_map or {"": 0}
+        # bitsandbytes runs NF4 on the CPU too (0.45+): there, the CPU rather than a CUDA device that isn't there
+        device_map = device_map or ({"": 0} if torch.cuda.is_available() else "cpu")
     model = hub_load(name, lambda: AutoModelForCausalLM.from_pretrained(name, device_map=device_map, **kwargs))
     if adapter:
         from peft import PeftModel

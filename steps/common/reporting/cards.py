@@ -108,7 +108,8 @@ def dataset_card(info):
 
     `info` (the dataset step builds it): name, generator, recipe, generation (settings dict), judge (settings or
     None), preference (settings or None), summary (filter_summary.json), files ({subset: {split: (path, rows)}}),
-    test_fraction, tag_tables ([(title, header, rows)]), multi_turn (records with several turns), judge_note."""
+    test_fraction, tag_tables ([(title, header, rows)]), multi_turn (records with several turns), turns (how many
+    records have each number of turns, as text), judge_note."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     generator = info["generator"]
@@ -150,8 +151,8 @@ def dataset_card(info):
         "a rerun puts every id on the same side. The training steps of this tool hold the same test split out "
         "of training." + (" A split with no rows has no file." if any(not n for s in files.values()
                                                                       for _, n in s.values()) else ""))]
-    if info.get("multi_turn"):
-        body.append(f"{info['multi_turn']} conversations have several user/assistant turns; `messages` holds them all.")
+    if info.get("turns"):
+        body.append(f"Turns: {info['turns']}" + ("; `messages` holds every turn." if info.get("multi_turn") else "."))
     body += ["## Generator and license", table(["", ""], [
         ("generator", f"`{generator}`" + (f" (the Hub's `{hub_id(generator)}`)" if hub_id(generator) != generator
                                           else "")),

@@ -1,11 +1,11 @@
 """Counting the judge's tags (category, input quality, difficulty, safety, and whether the quality reason is the
 judge's own) of records, for the run report and the dataset card. Records without tags (runs from before the judge)
-count as untagged, so both still render."""
+count as untagged, so both still render. Also how many turns the records' conversations have."""
 
 from collections import Counter
 
 from common.reporting.eval_tables import share
-from common.rubric import COPIED, DIFFICULTY, QUALITY, SCALES, UNPARSED, copied_reason
+from common.rubric import COPIED, DIFFICULTY, QUALITY, SCALES, UNPARSED, copied_reason, user_turns
 
 TAG_FIELDS = tuple(SCALES)  # category, input_quality, difficulty, safety
 TAG_TITLES = {"category": "Task category", "input_quality": "Input quality", "difficulty": "Difficulty",
@@ -92,3 +92,15 @@ def distribution_table(field, populations):
             row.append(share(counters[names[1]][value], counters[names[0]][value]))
         rows.append(row)
     return header, rows
+
+
+def turn_counts(records):
+    """{turns: records}: how many records have each number of user turns (generate --turns N), fewest first."""
+    return dict(sorted(Counter(len(user_turns(r)) for r in records).items()))
+
+
+def turns_text(records):
+    """How many turns the records' conversations have, e.g. "conversations of 1 turn: 9 records, of 2 turns: 3"."""
+    parts = [f"{turns} turn{'s' if turns != 1 else ''}: {n} record{'s' if n != 1 else ''}"
+             for turns, n in turn_counts(records).items()]
+    return "conversations of " + ", of ".join(parts) if parts else "no records"
