@@ -235,7 +235,7 @@ test: | $(DEPS) $(DEFAULT_MODEL_DIR) test-browser  ## the test suite (pytest, on
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) tests $(PYTEST_ARGS)
 # The report-png test's browser, Debian's chromium: installed where make runs as root with apt-get (CI); elsewhere
 # that test skips, as declared.
-test-browser:
+test-browser:  ## Debian's chromium for the report-png test, where make runs as root with apt-get
 	@if ! command -v chromedriver >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "make test: installing Debian's chromium and chromium-driver for the report-png test"; \
 	  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
