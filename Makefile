@@ -251,7 +251,7 @@ quote = '$(subst ','\'',$(1))'
 help:  ## this list
 	@echo "Targets (each writes under RUN; a finished output is skipped, an interrupted step resumes, and a changed"\
 	  "setting redoes what it shapes):"
-	@sed -n 's/^\([a-z-]*\):.*  ## \(.*\)/\1\t\2/p' Makefile | awk -F'\t' '{printf "  %-11s %s\n", $$1, $$2}'
+	@sed -n 's/^\([a-z-]*\):.*  ## \(.*\)/\1\t\2/p' Makefile | awk -F'\t' '{printf "  %-13s %s\n", $$1, $$2}'
 	@echo "Variables (value now; tier defaults: env/$(GPU)/tier.mk; each step's flags: $(PY) steps/<step>.py -h," \
 	  "passed with <STEP>_ARGS, e.g. GENERATE_ARGS=\"--system-prompts tasks.yaml\"):"
 	@{ $(foreach v,$(HELP_VARIABLES),printf '%s\t%s\n' $(v) $(call quote,$($(v)));) } | awk -F'\t' \

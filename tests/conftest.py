@@ -154,10 +154,22 @@ class BackgroundChain:
             self.proc = subprocess.Popen(["sh", "-c", f"{command}; echo $? > {status}.tmp; mv {status}.tmp {status}"],
                                          stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "HF_TOKEN": SENTINEL_TOKEN})
+            (self.root / "pid").write_text(str(self.proc.pid))
+
+    def running(self):
+        """Whether the chain's shell is alive (it writes the status last)."""
+        try:
+            os.kill(int((self.root / "pid").read_text()), 0)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def wait(self):
         started = time.monotonic()
         while not self.status.exists():
+            if not self.running() and not self.status.exists():
+                pytest.fail(f"the test chain ended without an exit status (killed?); see {self.log}:\n"
+                            f"{self.log.read_text()[-3000:]}")
             if time.monotonic() - started > HUNG_STEP_SECONDS:
                 pytest.fail(f"the test chain wrote no exit status in {HUNG_STEP_SECONDS} s; see {self.log}")
             time.sleep(0.5)
@@ -166,9 +178,18 @@ class BackgroundChain:
                         f"{self.log.read_text()[-6000:]}")
         return self.run_dir
 
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:  # the session ended early (-x, Ctrl-C)
+    def stop(self, interrupted):
+        """At the end of the process that started it: stopped if the session was cut short (-x, Ctrl-C); else left
+        to finish, since another xdist worker may still be waiting for it (xdist ends a worker once it has no more
+        tests to give it)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if interrupted:
             os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=None if not interrupted else 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
@@ -190,7 +211,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_unconfigure(config):
     if getattr(config, "background_chain", None):
-        config.background_chain.stop()
+        config.background_chain.stop(interrupted=getattr(config, "sit_interrupted", True))
 
 
 @pytest.fixture(scope="session")
@@ -278,6 +299,9 @@ def unexpected_skips(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    # cut short (-x, --maxfail, Ctrl-C): the background chain is stopped rather than waited for
+    session.config.sit_interrupted = bool(session.shouldstop or session.shouldfail
+                                          or exitstatus == pytest.ExitCode.INTERRUPTED)
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller sees every report
         return
     if unexpected_skips(session.config) and exitstatus == pytest.ExitCode.OK:

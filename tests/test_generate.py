@@ -268,15 +268,12 @@ def test_instruction_cleaning(text, reason, smol):
     assert reject_reason(text, template_markers(load_tokenizer("embedded:smollm2"))) == reason
 
 
-def test_two_processes_write_the_same_records_as_one(tmp_path, smol):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in both runs
-    one = tmp_path / "one.jsonl"
-    subprocess.run([sys.executable, str(REPO / "steps" / "generate.py"), *ARGS, "--out", str(one)],
-                   cwd=REPO, env=env, check=True, capture_output=True)
+def test_two_processes_write_the_same_records_as_one(whole, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic as the one-process run (`whole`)
     two = tmp_path / "two.jsonl"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(REPO / "steps" / "generate.py"), *ARGS, "--out", str(two)],
                             cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_lines(two) == read_lines(one)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # shards merged and removed
+    assert read_lines(two) == read_lines(whole)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.jsonl"]  # shards merged and removed

@@ -96,14 +96,14 @@ def spy_on_forwards(monkeypatch, dbdict=None):
     """Record each forward's rows (pieces per row, tokens per row) and how many answers the cache held before it."""
     from common.generation import loglik
 
-    forwards, run = [], loglik.launch
+    forwards, run = [], loglik.run_forward
 
     def spied(model, rows, device):
         forwards.append(dict(pieces=[len(r) for r in rows], lengths=[loglik.row_length(r) for r in rows],
                              cached=len(dbdict) if dbdict is not None else None))
         return run(model, rows, device)
 
-    monkeypatch.setattr(loglik, "launch", spied)
+    monkeypatch.setattr(loglik, "run_forward", spied)
     return forwards
 
 
@@ -256,9 +256,8 @@ def test_engine_hflm_answers_into_the_cache_and_leaves_truncated_requests_to_hfl
     assert lm.packed_off is None and lm.packed_answered == len(args) - 1
     assert (f"eval: log-likelihood requests over {max_length + 1} tokens (context + continuation) go through "
             "lm-eval's own HFLM, which truncates them") in capsys.readouterr().err
-    # answers reach the cache as each forward returns (read back while the next one runs), not when the call ends
-    held = [f["cached"] for f in forwards]
-    assert len(forwards) >= 3 and held == sorted(held) and 0 < held[-1] < len(args) - 1
+    # answers reach the cache as each forward returns, not only when the call ends
+    assert len(forwards) >= 3 and [f["cached"] for f in forwards] == sorted({f["cached"] for f in forwards})
     for arg, answer in zip(args, got):
         assert cached.dbdict[hash_args("loglikelihood", arg)] == answer
     ran = len(forwards)

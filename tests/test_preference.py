@@ -193,28 +193,40 @@ def test_datasets_reads_the_pairs_as_is(chain_run):
     assert_datasets_reads_as_is(chain_run / "preference.jsonl")
 
 
-def test_preference_resumes_after_a_kill(tmp_path, smol):
-    src = tmp_path / "filtered.jsonl"
+def preference_args(src, out_dir, name):
+    return ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "embedded:minilm", "--num-responses",
+            "2", "--max-response-tokens", "16", "--batch-size", "2", "--dtype", "auto",
+            "--scored", out_dir / f"{name}-scored.jsonl", "--out", out_dir / f"{name}.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def whole_preference(tmp_path_factory, smol):
+    """Six instructions scored in one uninterrupted run of one process: what the kill and two-process tests match."""
+    folder = tmp_path_factory.mktemp("preference")
+    src = folder / "filtered.jsonl"
     src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": f"Tell me one fact about the number {k}."}) + "\n"
                            for k in range(6)))
+    run_step("preference", *preference_args(src, folder, "whole"))
+    return src, folder
+
+
+def test_preference_resumes_after_a_kill(tmp_path, whole_preference):
+    src, whole = whole_preference
 
     def args(name):
-        return ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "embedded:minilm", "--num-responses",
-                "2", "--max-response-tokens", "16", "--batch-size", "2", "--dtype", "auto",
-                "--scored", tmp_path / f"{name}-scored.jsonl", "--out", tmp_path / f"{name}.jsonl"]
+        return preference_args(src, tmp_path, name)
 
-    run_step("preference", *args("whole"))
     written = kill_midway("preference", args("killed"), tmp_path / "killed-scored.jsonl.partial", lines=2)
     assert 2 <= written < 6 and not (tmp_path / "killed.jsonl").exists()
     again = kill_midway("preference", args("killed"), tmp_path / "killed-scored.jsonl.partial", lines=4)
     assert 4 <= again < 6 and not (tmp_path / "killed.jsonl").exists()  # killed again while resuming
     result = run_step("preference", *args("killed"))
     assert "already written" in result.stderr
-    assert read_lines(tmp_path / "killed-scored.jsonl") == read_lines(tmp_path / "whole-scored.jsonl")
-    assert read_lines(tmp_path / "killed.jsonl") == read_lines(tmp_path / "whole.jsonl")
+    assert read_lines(tmp_path / "killed-scored.jsonl") == read_lines(whole / "whole-scored.jsonl")
+    assert read_lines(tmp_path / "killed.jsonl") == read_lines(whole / "whole.jsonl")
 
 
-def test_two_processes_score_the_same_pairs_as_one(tmp_path, smol):
+def test_two_processes_score_the_same_pairs_as_one(tmp_path, whole_preference):
     """NPROC=2 (torchrun): each process samples and scores every other batch into a shard; process 0 merges them in
     input order. Same seeds per batch, so the same scored records and pairs as one process."""
     import os
@@ -223,24 +235,15 @@ def test_two_processes_score_the_same_pairs_as_one(tmp_path, smol):
 
     from conftest import REPO
 
-    src = tmp_path / "filtered.jsonl"
-    src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": f"Name a colour, number {k}."}) + "\n"
-                           for k in range(5)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in both runs
-
-    def run(name, launcher):
-        args = ["--in", src, "--policy", "embedded:smollm2", "--reward-model", "embedded:minilm", "--num-responses",
-                "2", "--max-response-tokens", "12", "--batch-size", "2", "--dtype", "auto",
-                "--scored", tmp_path / f"{name}-scored.jsonl", "--out", tmp_path / f"{name}.jsonl"]
-        result = subprocess.run([*launcher, str(REPO / "steps" / "preference.py"), *map(str, args)], cwd=REPO,
-                                env=env, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    run("one", [sys.executable])
-    run("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
-    assert [r["id"] for r in read_lines(tmp_path / "two-scored.jsonl")] == [f"i{k}" for k in range(5)]
-    assert read_lines(tmp_path / "two-scored.jsonl") == read_lines(tmp_path / "one-scored.jsonl")
-    assert read_lines(tmp_path / "two.jsonl") == read_lines(tmp_path / "one.jsonl")
+    src, whole = whole_preference
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic as the one-process run
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "steps" / "preference.py"), *map(str, preference_args(src, tmp_path, "two"))],
+                            cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["id"] for r in read_lines(tmp_path / "two-scored.jsonl")] == [f"i{k}" for k in range(6)]
+    assert read_lines(tmp_path / "two-scored.jsonl") == read_lines(whole / "whole-scored.jsonl")
+    assert read_lines(tmp_path / "two.jsonl") == read_lines(whole / "whole.jsonl")
     assert not list(tmp_path.glob("*shard*"))  # merged and removed
 
 

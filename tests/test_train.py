@@ -305,34 +305,33 @@ def test_fp16_training_keeps_trainable_weights_in_fp32():
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())  # bf16 training: nothing changes
 
 
-def test_a_4bit_base_gets_its_policy_back_from_the_reference_copy():
-    """The 4-bit reference policy: TRL copies the SFT adapter to "ref", then rounds the trainable copy to bf16 for a
-    quantized base; policy_from_reference copies the reference back, so policy == reference exactly at step 0."""
-    from dpo import policy_from_reference
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_a_4bit_base_gets_its_policy_back_from_the_reference_copy(chain_run, tmp_path, monkeypatch):
+    """A 4-bit base (bitsandbytes NF4, which runs on the CPU): TRL copies the SFT adapter to "ref", then rounds the
+    trainable copy to bf16 (its rule for a quantized base, DPOTrainer.__init__); build_trainer copies the reference
+    back (policy_from_reference), so policy == reference exactly at step 0. Control: without that copy they differ."""
+    import dpo
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)  # a trained adapter: B is not zero
-    model.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    params = dict(model.named_parameters())
-    pairs = [(n, n.replace(".default.", ".ref.")) for n in params if ".default." in n]
-    with torch.no_grad():
-        for policy, ref in pairs:
-            params[ref].copy_(params[policy])
-            params[ref].requires_grad_(False)
-            params[policy].data = params[policy].data.to(torch.bfloat16)  # what TRL does for a quantized base
-    assert any(not torch.equal(params[p].float(), params[r]) for p, r in pairs)  # control: rounding moved it
-    policy_from_reference(model)
-    params = dict(model.named_parameters())
-    assert all(torch.equal(params[p], params[r]) and params[p].dtype == torch.float32 for p, r in pairs)
-    assert all(params[p].requires_grad for p, _ in pairs)
+    from common.io.jsonl import read_jsonl
+
+    args = dpo.parse_args([
+        "--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "embedded:smollm2", "--sft_adapter",
+        str(chain_run / "sft"), "--train_file", str(chain_run / "preference.jsonl"), "--output_dir",
+        str(tmp_path / "dpo"), "--dtype", "float32", "--load_in_4bit", "true"])
+    pairs = read_jsonl(chain_run / "preference.jsonl", required=dpo.PAIR_FIELDS)
+
+    def adapters():
+        model = dpo.build_trainer(*args, pairs).model
+        assert getattr(model.get_base_model(), "is_loaded_in_4bit", False)
+        return [{n.replace(f".{a}.", "."): p.detach() for n, p in model.named_parameters() if f".{a}." in n}
+                for a in ("default", "ref")]
+
+    policy, ref = adapters()
+    assert policy.keys() == ref.keys() and policy
+    assert all(torch.equal(policy[k], ref[k]) and policy[k].dtype == ref[k].dtype for k in ref)
+    monkeypatch.setattr(dpo, "policy_from_reference", lambda model: None)  # control: TRL's rounding left in place
+    policy, ref = adapters()
+    assert {p.dtype for p in policy.values()} == {torch.bfloat16}
+    assert any(not torch.equal(policy[k].float(), ref[k].float()) for k in ref)
 
 
 PAUSE = REPO / "tests" / "fixtures" / "pause_after_checkpoint"

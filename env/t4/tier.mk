@@ -40,6 +40,8 @@ EVAL_4BIT ?= --load-in-4bit
 # Seconds per log-likelihood token and per generated token, per MODEL_SIZE: estimates for a T4, not measured on one.
 # Scoring: the packed scorer on an H100 in 4-bit (bench/results/eval-paths-h100-llama-3.2-3b-4bit.json: 44k tokens/s,
 # x1.36 for two of the three models carrying an adapter) scaled by fp16 FLOP/s (65 / 989); 7B x2.3. Generating: the
-# 8B generator's t4 rate in make plan (183 tokens/s at 64 rows) x2.4 for a 3B's smaller 4-bit weights (x1.1 for 7B).
+# 8B generator's t4 rate in make plan (183 tokens/s at 64 rows) x2.4 for a 3B's smaller 4-bit weights (x1.1 for 7B);
+# the eval's own path agrees: IFEval through the engine at these settings ran 4,588 tokens/s on an H100, ~440 on a T4
+# by bandwidth (bench/results/eval-paths-h100-llama-3.2-3b-4bit-ifeval-t4.json).
 EVAL_COST_3b ?= 4.7e-4,2.3e-3
 EVAL_COST_7b ?= 1.1e-3,5.0e-3

@@ -204,7 +204,9 @@ def load_for_training(model_args):
         dtype=resolve_dtype(model_args.dtype),
         attn_implementation=model_args.attn_implementation,
         quantization_config=quantization,
-        device_map={"": PartialState().local_process_index} if quantization else None,  # a copy per GPU
+        # a copy per GPU; bitsandbytes runs NF4 on the CPU too, where there is none
+        device_map=({"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+                    if quantization else None),
         trust_remote_code=trust_remote_code(),
         use_safetensors=True,
     ))

@@ -243,35 +243,18 @@ def token_scores(logits, targets):
     return logprobs, greedy
 
 
-def launch(model, rows, device):
-    """Queue one forward over these rows; (what it scores, per-continuation log-prob sums and argmax misses, still on
-    the device). The inputs go over from pinned memory without waiting, so while the GPU runs this forward the CPU
-    lays out the next one (score reads the sums back only then)."""
+def run_forward(model, rows, device):
+    """[(request index, (logprob, is_greedy))] for every request in these rows, from one forward."""
     ids, pos, doc, branch, scored = layout(rows)
-    at = [p for _, where, _ in scored for p in where]
-    targets = [t for _, _, cont in scored for t in cont]
-    owner = [c for c, (_, _, cont) in enumerate(scored) for _ in cont]
-    ids, pos, doc, branch, at, targets, owner = (to_device(x, device) for x in (ids, pos, doc, branch, at, targets,
-                                                                                  owner))
+    ids, pos, doc, branch = (torch.tensor(x, device=device) for x in (ids, pos, doc, branch))
+    at = torch.tensor([p for _, where, _ in scored for p in where], device=device)
+    targets = torch.tensor([t for _, _, cont in scored for t in cont], device=device)
+    owner = torch.tensor([c for c, (_, _, cont) in enumerate(scored) for _ in cont], device=device)
     logits = kept_logits(model, ids, pos, model_mask(model, tree_mask(doc, branch)), at)
     logprobs, greedy = token_scores(logits, targets)
-    sums = torch.zeros(len(scored), device=device).index_add_(0, owner, logprobs)
-    misses = torch.zeros(len(scored), device=device).index_add_(0, owner, (~greedy).float())
-    return scored, sums, misses
-
-
-def to_device(values, device):
-    tensor = torch.tensor(values)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def answers_of(launched):
-    """[(request index, (logprob, is_greedy))] of a launched forward (waits for it)."""
-    scored, sums, misses = launched
-    return [(i, (s, miss == 0)) for (owners, _, _), s, miss in zip(scored, sums.tolist(), misses.tolist())
-            for i in owners]
+    sums = torch.zeros(len(scored), device=device).index_add_(0, owner, logprobs).tolist()
+    misses = torch.zeros(len(scored), device=device).index_add_(0, owner, (~greedy).float()).tolist()
+    return [(i, (s, miss == 0)) for (owners, _, _), s, miss in zip(scored, sums, misses) for i in owners]
 
 
 def score(model, requests, *, row_tokens=ROW_TOKENS, batch_tokens=BATCH_TOKENS, progress=None):
@@ -280,20 +263,10 @@ def score(model, requests, *, row_tokens=ROW_TOKENS, batch_tokens=BATCH_TOKENS, 
     request as its forward returns."""
     answers = [None] * len(requests)
     device = model.get_input_embeddings().weight.device
-
-    def collect(launched):
-        for i, answer in answers_of(launched):
-            answers[i] = answer
-            if progress is not None:
-                progress(i, answer)
-
     with torch.inference_mode():
-        pending = None
         for rows in batches(pack(pieces(requests, row_tokens), row_tokens), batch_tokens):
-            launched = launch(model, rows, device)
-            if pending is not None:
-                collect(pending)  # the forward before this one, while this one runs
-            pending = launched
-        if pending is not None:
-            collect(pending)
+            for i, answer in run_forward(model, rows, device):
+                answers[i] = answer
+                if progress is not None:
+                    progress(i, answer)
     return answers
