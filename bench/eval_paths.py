@@ -17,9 +17,10 @@ often near-ties, so bf16 summation order can flip a few).
 
 --three: the whole eval of three models the way steps/eval.py runs it, at the real tasks' document counts (MMLU
 14,042, HellaSwag 10,042, TruthfulQA-MC2 817, IFEval 541): one load, then the base, then two LoRA adapters (r 8,
-alpha 16, every projection: env/lora.yaml's shape, random weights) put on with eval.Adapters and switched (merged into the bf16 weights). A random
-model never stops, so every IFEval answer runs to --max-gen-toks (the worst case); the JSON also gives the engine's
-tokens/s, from which an answer-length mix prices realistically.
+alpha 16, every projection: env/lora.yaml's shape, random weights) put on with eval.Adapters and switched (merged
+into the bf16 weights). A random model never stops, so every IFEval answer runs to --max-gen-toks (the worst case);
+the JSON also gives the engine's tokens/s, from which an answer-length mix prices realistically. --kinds and --models
+run part of it (e.g. --kinds gen --models 1: the base model's IFEval answers alone).
 
 Writes eval-paths-<gpu>-<config>[-tag].json to $OUT or bench/results/ with the commit and command line.
 """
@@ -53,6 +54,22 @@ def build(config_path, folder, dtype):
     del model
     torch.cuda.empty_cache()
     return config
+
+
+def random_model(config_path, load_in_4bit, cap_gib=None):
+    """(model, config, load seconds): a random model of the config, saved and loaded back through the eval step's
+    loader (bf16, or NF4 with fp16 compute), under a memory cap (GiB) if given."""
+    from common.models import load_causal_lm
+
+    dtype = torch.float16 if load_in_4bit else torch.bfloat16
+    folder = Path(tempfile.mkdtemp()) / "model"
+    config = build(config_path, folder, dtype)
+    if cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
+    model, load_s = timed(lambda: load_causal_lm(str(folder), dtype=str(dtype).split(".")[1],
+                                                 load_in_4bit=load_in_4bit))
+    return model.eval(), config, load_s
 
 
 def doc_of(request):
@@ -164,18 +181,9 @@ def main():
 
     from common import installed_versions
     from common.generation.eval_engine import EngineHFLM
-    from common.models import load_causal_lm
 
     gpu = torch.cuda.get_device_name()
-    dtype = torch.float16 if args.load_in_4bit else torch.bfloat16
-    folder = Path(tempfile.mkdtemp()) / "model"
-    config = build(args.config, folder, dtype)
-    if args.cap_gib:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
-    model, load_s = timed(lambda: load_causal_lm(str(folder), dtype=str(dtype).split(".")[1],
-                                                 load_in_4bit=args.load_in_4bit))
-    model.eval()
+    model, config, load_s = random_model(args.config, args.load_in_4bit, args.cap_gib)
     tokenizer = word_tokenizer(config.vocab_size)
     result = {"gpu": gpu, "config": Path(args.config).name, "dtype": "nf4, fp16 compute" if args.load_in_4bit
               else "bfloat16", "cap_gib": args.cap_gib, "load_s": round(load_s, 1), **provenance()}
@@ -192,7 +200,8 @@ def main():
         del lm_hf, lm_packed
     if args.three:
         result["three"] = three(model, tokenizer, config, args)
-        result["three"] |= {"kinds": args.kinds, "gen_rows": args.gen_rows, "max_gen_toks": args.max_gen_toks, "batch": args.batch,
+        result["three"] |= {"kinds": args.kinds,
+                            "gen_rows": args.gen_rows, "max_gen_toks": args.max_gen_toks, "batch": args.batch,
                             "documents": FULL}
     result["versions"] = installed_versions(("torch", "transformers", "peft", "bitsandbytes", "lm_eval"))
     out_dir = Path(os.environ.get("OUT") or REPO / "bench" / "results")

@@ -26,12 +26,11 @@ import argparse
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from eval_paths import build
+from eval_paths import random_model
 from eval_speed import around, ceilings
 from provenance import provenance
 from timing import gpu_slug
@@ -131,13 +130,9 @@ def main():
     args = p.parse_args()
 
     from common import installed_versions
-    from common.models import load_causal_lm
 
     gpu = torch.cuda.get_device_name()
-    dtype = torch.float16 if args.load_in_4bit else torch.bfloat16
-    folder = Path(tempfile.mkdtemp()) / "model"
-    config = build(args.config, folder, dtype)
-    model = load_causal_lm(str(folder), dtype=str(dtype).split(".")[1], load_in_4bit=args.load_in_4bit).eval()
+    model, config, _ = random_model(args.config, args.load_in_4bit)
     device = model.get_input_embeddings().weight.device
     params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     if args.load_in_4bit:  # packed 4-bit weights count half an element each
@@ -185,7 +180,7 @@ def main():
         if originals:
             _, unmerge_s = timed(peft.unmerge_adapter)
             result["unmerge_s"] = round(unmerge_s, 2)
-            # a merge then an unmerge in the weights' dtype rounds: the share of weights it leaves changed, and by how much
+            # a merge then an unmerge in the weights' dtype rounds: the share of weights it leaves changed, and how far
             after = dict(peft.named_parameters())
             changed = sum(int((after[n] != w).sum()) for n, w in originals.items())
             result["unmerge_changed_share"] = round(changed / sum(w.numel() for w in originals.values()), 5)

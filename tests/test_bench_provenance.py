@@ -1,4 +1,5 @@
-"""Every bench result can be traced to its code: the JSONs record commit, dirty and command, and the scripts write them."""
+"""Every bench result can be traced to its code: the JSONs record commit, dirty and command, and the scripts write
+them."""
 
 import json
 import re
