@@ -230,10 +230,9 @@ push-data: $(RUN)/dataset  ## uploads RUN/dataset to HUB_DATASET
 # pytest-xdist workers, one thread each (tests/conftest.py); the test chain runs beside them from the start.
 ## TEST_WORKERS: pytest-xdist processes (auto: one a core; PYTEST_ARGS: more pytest flags)
 TEST_WORKERS ?= auto
-# loadgroup: a file marked xdist_group runs on one worker (its fixtures built once). -rs lists each skip with its
-# reason; a skip tests/conftest.py does not declare (EXPECTED_SKIPS) fails the session.
+# -rs lists each skip with its reason; a skip tests/conftest.py does not declare (EXPECTED_SKIPS) fails the session.
 test: | $(DEPS) $(DEFAULT_MODEL_DIR) test-browser  ## the test suite (pytest, on the embedded default)
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) tests $(PYTEST_ARGS)
 # The report-png test's browser, Debian's chromium: installed where make runs as root with apt-get (CI); elsewhere
 # that test skips, as declared.
 test-browser:  ## Debian's chromium for the report-png test, where make runs as root with apt-get

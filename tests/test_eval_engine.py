@@ -5,9 +5,6 @@ import pytest
 import torch
 from conftest import REPO
 
-# One worker runs this file: its module-scoped fixtures (models, reference runs) are built once, not per worker.
-pytestmark = pytest.mark.xdist_group("test_eval_engine")
-
 TASKS_DIR = REPO / "data" / "tasks"
 PROMPTS = 5  # ifeval_local's first prompts
 MAX_GEN_TOKS = 32

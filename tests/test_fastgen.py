@@ -24,9 +24,6 @@ from common.generation.engines import LoopCriterion, TransformersEngine, stop_id
 from common.generation.sampling import Sampling, looping
 from common.models import load_causal_lm, load_tokenizer
 
-# One worker runs this file: its module-scoped fixtures (models, reference runs) are built once, not per worker.
-pytestmark = pytest.mark.xdist_group("test_fastgen")
-
 MAX_NEW = 32
 # Greedy SmolLM2 answers (checked in `reference` below): the first three end on <|im_end|> well before MAX_NEW
 # tokens, the last two run to the cap. Prompts of different lengths, so prefill pads.

@@ -8,9 +8,6 @@ from generate import reject_reason, template_markers
 
 from common.generation.chat import pre_query_template
 
-# One worker runs this file: its module-scoped fixtures (models, reference runs) are built once, not per worker.
-pytestmark = pytest.mark.xdist_group("test_generate")
-
 ARGS = ["--model", "embedded:smollm2", "--num-samples", "6", "--batch-size", "2", "--max-instruction-tokens", "48",
         "--max-response-tokens", "24", "--dtype", "auto", "--seed", "3"]
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")

@@ -8,9 +8,6 @@ import pytest
 import torch
 from conftest import REPO
 
-# One worker runs this file: its module-scoped fixtures (models, reference runs) are built once, not per worker.
-pytestmark = pytest.mark.xdist_group("test_loglik")
-
 TASKS_DIR = REPO / "data" / "tasks"
 DOCS = [0, 25, 26]  # mc_local: a question (one-word answers), two completions (sentences)
 TOLERANCE = 1e-4  # fp32: the scorer and HFLM differ only in summation order

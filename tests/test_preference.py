@@ -210,8 +210,6 @@ def whole_preference(tmp_path_factory, smol):
     return src, folder
 
 
-# One worker runs the tests that read whole_preference, so it is computed once, not on each worker.
-@pytest.mark.xdist_group("whole_preference")
 def test_preference_resumes_after_a_kill(tmp_path, whole_preference):
     src, whole = whole_preference
 
@@ -228,7 +226,6 @@ def test_preference_resumes_after_a_kill(tmp_path, whole_preference):
     assert read_lines(tmp_path / "killed.jsonl") == read_lines(whole / "whole.jsonl")
 
 
-@pytest.mark.xdist_group("whole_preference")
 def test_two_processes_score_the_same_pairs_as_one(tmp_path, whole_preference):
     """NPROC=2 (torchrun): each process samples and scores every other batch into a shard; process 0 merges them in
     input order. Same seeds per batch, so the same scored records and pairs as one process."""
