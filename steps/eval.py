@@ -349,11 +349,14 @@ class Adapters:
     speed (unmerged, LoRA's extra matmuls cost a 3B on an H100 37% more time: bench/README.md "Eval"); merging
     rounds in the weights' dtype, as a merged model someone deploys does. The weights a merge changes are copied to
     the CPU first and put back before the next adapter, so every adapter is merged into the weights as loaded:
-    switched on one load or loaded alone, an adapter gives the same answers."""
+    switched on one load or loaded alone, an adapter gives the same answers. With one adapter to evaluate
+(`switches` False) nothing is copied."""
 
-    def __init__(self, model):
+    def __init__(self, model, switches=True):
         self.model = model
+        self.switches = switches  # whether another adapter may follow: only then are the merged weights' values kept
         self.originals = {}  # base-layer weight -> its values as loaded (a CPU copy), once a merge changed it
+        self.merged = False
 
     def put_on(self, job):
         from peft import PeftModel
@@ -383,16 +386,18 @@ class Adapters:
         weights = self.base_weights()
         if not weights or not all(w.is_floating_point() for w in weights):
             return  # quantized: merging would re-quantize, so the adapter stays a separate matmul
-        if not self.originals:
+        if self.switches and not self.originals:
             self.originals = {w: w.detach().to("cpu", copy=True) for w in weights}
         self.model.merge_adapter()
+        self.merged = True
 
     def unmerge(self):
-        if not self.originals:
+        if not self.merged:
             return
         import torch
 
         self.model.unmerge_adapter()  # PEFT's bookkeeping; its subtraction rounds, so the values are put back
+        self.merged = False
         with torch.no_grad():
             for weight, original in self.originals.items():
                 weight.copy_(original)
@@ -503,7 +508,7 @@ def evaluate(args, jobs):
     from common.generation.eval_engine import EngineHFLM
 
     started = time.time()
-    adapters = Adapters(load_base(args, dtype))
+    adapters = Adapters(load_base(args, dtype), switches=sum(job.adapter is not None for job, *_ in todo) > 1)
     load_s = round(time.time() - started, 1)
     for job, tokenizer, settings, key, prefix in todo:
         db = Path(f"{prefix}{CACHE_SUFFIX}")

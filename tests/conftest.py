@@ -187,7 +187,7 @@ class BackgroundChain:
         if interrupted:
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(timeout=None if not interrupted else 60)
+            self.proc.wait(timeout=HUNG_STEP_SECONDS if not interrupted else 60)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
