@@ -8,7 +8,8 @@ and computes the reference log-probs through that copy, so the reference model i
 (at step 0 policy and reference agree and every reward margin is 0). Checkpoints and the finished adapter are
 handled as in the SFT step, and so is the held-out split (TEST_FRACTION, by id): its loss and reward accuracy
 (`eval_rewards/accuracies`, the share of held-out pairs whose chosen answer gets the larger implicit reward) are
-logged every eval_steps and after the last step. `train_sampling_strategy: group_by_length` (the h100 tier) puts
+logged every eval_steps and after the last step. A pair whose prompt and longer answer exceed max_length is dropped
+and counted (`dropped_too_long`), never cut. `train_sampling_strategy: group_by_length` (the h100 tier) puts
 pairs of similar length in the same micro-batch: TRL pads chosen and rejected rows to the longest of the batch, and
 its padding-free DPO is disabled (TRL 1.16).
 
@@ -26,7 +27,8 @@ from common.models import load_for_training, load_tokenizer
 from common.options import check_value, fraction
 from common.training import varlen
 from common.training.config import training_flags
-from common.training.trainers import checkpoint_dir, compile_layer_by_layer, held_out, sharded, train_and_save
+from common.training.trainers import (checkpoint_dir, compile_layer_by_layer, drop_too_long, held_out, sharded,
+                                      train_and_save)
 
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 
@@ -110,7 +112,23 @@ def build_trainer(data_args, training_args, model_args, pairs):
         processing_class=tokenizer,
     )
     policy_from_reference(trainer.model)
-    trainer.run_facts = {**facts, "train_records": len(train), "eval_records": len(test),
+    # TRL has tokenised the pairs (and dropped those whose prompt alone fills max_length); drop the ones whose prompt
+    # and longer answer exceed it, which its collator would cut (the count covers both).
+    trainer.train_dataset, _ = drop_too_long(trainer.train_dataset, pair_lengths(trainer.train_dataset),
+                                             training_args.max_length, "training pairs")
+    if not len(trainer.train_dataset):
+        raise DataError(f"{data_args.train_file}: every training pair is longer than max_length "
+                        f"{training_args.max_length} tokens; raise --max_length")
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset, _ = drop_too_long(trainer.eval_dataset, pair_lengths(trainer.eval_dataset),
+                                                training_args.max_length, "held-out pairs")
+        if not len(trainer.eval_dataset):
+            print("every held-out pair is longer than max_length: no evaluation during training", flush=True)
+            trainer.eval_dataset, training_args.eval_strategy = None, "no"
+    trained, evaluated = len(trainer.train_dataset), len(trainer.eval_dataset or [])
+    trainer.run_facts = {**facts, "train_records": trained, "eval_records": evaluated,
+                         "max_length": training_args.max_length,
+                         "dropped_too_long": {"train": len(train) - trained, "eval": len(test) - evaluated},
                          "test_fraction": data_args.test_fraction, "sft_adapter": str(data_args.sft_adapter)}
     return trainer
 

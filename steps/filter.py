@@ -68,6 +68,8 @@ from common.options import non_negative_int, number, positive_int, share, step_p
 from common.rubric import CATEGORIES, DIFFICULTY, QUALITY, SCALES, UNPARSED, rank, user_turns
 
 FIELDS = {"id": str, "instruction": str}  # "response" is null in instruction-only output
+# A record without them is refused, not kept: a text is finished only where generate said so.
+FINISH_FIELDS = {"instruction_finished": bool, "response_finished": (bool, type(None))}
 REFUSAL = re.compile(
     r"\b(i('m| am) sorry,? but|i (cannot|can't|can not|won't|am unable to|'m unable to) "
     r"(help|assist|provide|answer|comply|fulfil)|as an ai( language model)?,? i)", re.I
@@ -198,7 +200,7 @@ def rules(args, count_tokens):
 
     return [
         ("truncated", "record", lambda r: not args.keep_truncated
-         and not (r.get("instruction_finished", True) and r.get("response_finished") is not False)),
+         and not (r["instruction_finished"] and r["response_finished"] is not False)),  # None: instruction-only
         ("empty", "turn", lambda i, o: not i.strip() or o == ""),
         ("bad_instruction", "record", lambda r: bool(r.get("rejected"))),  # generate's reason: template tokens, ...
         ("instruction_length", "turn", lambda i, o: length_outside(i, args.min_instruction_tokens,
@@ -425,7 +427,14 @@ def main(argv=None):
     args = parse_args(argv)
     if (args.min_reward is None) != (args.reward_model is None):
         raise OptionError("--reward-model and --min-reward go together: pass both, or neither")
-    records = read_jsonl(args.inp, required=FIELDS)
+    try:
+        records = read_jsonl(args.inp, required=FIELDS if args.keep_truncated else {**FIELDS, **FINISH_FIELDS})
+    except DataError as e:
+        if "_finished'" not in str(e):
+            raise
+        raise DataError(f"{e}: the truncated rule needs generate's finish flags (response_finished: null for an "
+                        "instruction-only record) to tell a finished text from one cut at the cap; --keep-truncated "
+                        "turns the rule off") from None
     if not records:
         raise DataError(f"{args.inp}: no records to filter")
     untagged = [r["id"] for r in records if not r.get("tags")]

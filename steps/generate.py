@@ -59,8 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--turns", type=positive_int, default=1, help="user/assistant turns per conversation")
     p.add_argument("--instruction-only", action="store_true", help="write instructions without responses")
     g = p.add_argument_group("recipe", "each of these defaults to the generator recipe's value (env/generators/)")
-    g.add_argument("--recipe", default=None, help="recipe name (e.g. llama-3.1, qwen2.5, generic); default: matched "
-                   "from the model's name, then its chat template")
+    g.add_argument("--recipe", default=None, help="recipe name (e.g. llama-3.1, qwen2.5, generic) or a YAML file in "
+                   "env/generators' format; default: matched from the model's name, then its chat template")
     g.add_argument("--system", default=None, help="a system prompt placed before every user turn")
     g.add_argument("--system-prompts", default=None, metavar="FILE",
                    help="task steering: a JSON/YAML list of system prompts, or a mapping prompt -> weight; one is "

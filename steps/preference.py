@@ -66,8 +66,6 @@ def parse_args(argv=None):
                    help="drop pairs whose chosen-rejected margin is below")
     p.add_argument("--ties", choices=["drop", "keep"], default="drop",
                    help="pairs whose chosen and rejected score the same (margin 0): drop them, or keep them")
-    p.add_argument("--allow-truncated-chosen", action="store_true",
-                   help="let a response cut off at the token limit be chosen (default: only finished ones)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--engine", default="transformers", choices=ENGINES)
     p.add_argument("--dtype", default="auto", help="auto (see common/precision.py), bfloat16, float16 or float32")
@@ -75,19 +73,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pair(record, responses, scores, finished=None):
-    """Best vs worst response of one instruction, in TRL's conversational preference format.
+def pair(record, responses, scores, finished):
+    """Best vs worst finished response of one instruction, in TRL's conversational preference format.
 
-    The chosen response must have ended on its own: a response cut off at the token limit would teach the model
-    not to stop. Returns None when no response finished. Among tied scores the earliest response is taken: the
-    first finished one of the highest score, the first one of the lowest.
+    Only responses that ended on their own take part. A chosen response cut at the token cap would teach the model
+    not to stop; a rejected one would be trained with the end-of-turn token the chat template appends, i.e. as if it
+    had finished, so the pair would teach "finished beats cut off" rather than which answer is better (TRL's
+    `mask_truncated_completions` leaves cut completions out of the loss for the same reason). Returns None when
+    fewer than two finished. Among tied scores the earliest response is taken: the first of the highest score, the
+    first of the lowest.
     """
-    finished = finished or [True] * len(scores)
     candidates = [i for i in range(len(scores)) if finished[i]]
-    if not candidates:
+    if len(candidates) < 2:
         return None
     best = max(candidates, key=scores.__getitem__)
-    worst = min(range(len(scores)), key=scores.__getitem__)
+    worst = min(candidates, key=scores.__getitem__)
     return {
         "id": record["id"],
         "prompt": [{"role": "user", "content": record["instruction"]}],
@@ -99,10 +99,15 @@ def pair(record, responses, scores, finished=None):
     }
 
 
+def worst_was_cut(record, candidate):
+    """Whether the pair's rejected answer replaced a lower-scored response that was cut at the cap."""
+    return candidate is not None and min(record["scores"]) < candidate["score_rejected"]
+
+
 # Why an instruction gives no pair, checked in this order (no_pair_cause): the summary's keys are these texts.
 NO_PAIR_CAUSES = {
     "responses": "fewer than 2 responses",
-    "unfinished": "no finished response (every one cut at the token cap)",
+    "unfinished": "fewer than 2 finished responses (one cut at the token cap is neither chosen nor rejected)",
     "tie": "tie: the best finished response scores no higher than the worst",
     "margin": "margin under --min-margin",
 }
@@ -189,22 +194,25 @@ def main(argv=None):
 
 
 def write_pairs(args, scored):
-    kept, causes = [], dict.fromkeys(NO_PAIR_CAUSES, 0)
+    kept, causes, passed_over = [], dict.fromkeys(NO_PAIR_CAUSES, 0), 0
     for r in scored:
-        candidate = pair(r, r["responses"], r["scores"], None if args.allow_truncated_chosen else r["finished"])
+        candidate = pair(r, r["responses"], r["scores"], r["finished"])
         cause = no_pair_cause(r, candidate, args.min_margin, args.ties)
         if cause is None:
             kept.append(candidate)
+            passed_over += worst_was_cut(r, candidate)
         else:
             causes[cause] += 1
     # the summary first: a finished preference.jsonl always has its summary beside it
     write_json(summary_path(args.out), {
         "instructions": len(scored), "pairs": len(kept),
         "no_pair": {NO_PAIR_CAUSES[k]: n for k, n in causes.items()},
-        "min_margin": args.min_margin, "ties": args.ties, "allow_truncated_chosen": args.allow_truncated_chosen})
+        "rejected_instead_of_a_cut_response": passed_over,
+        "min_margin": args.min_margin, "ties": args.ties})
     write_jsonl(args.out, kept)
-    print(f"wrote {args.out}: {len(kept)} pairs of {len(scored)} instructions; no pair: " + (", ".join(
-        f"{n} {NO_PAIR_CAUSES[k]}" for k, n in causes.items() if n) or "none"), file=sys.stderr)
+    print(f"wrote {args.out}: {len(kept)} pairs of {len(scored)} instructions ({passed_over} rejecting the lowest "
+          "finished response where a lower one was cut at the cap); no pair: " + (", ".join(
+              f"{n} {NO_PAIR_CAUSES[k]}" for k, n in causes.items() if n) or "none"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def load_run(run):
         "filtered": read_jsonl(run / "filtered.jsonl"),
         "scored": read_jsonl(run / "scored.jsonl"),
         "pairs": read_jsonl(run / "preference.jsonl"),
-        # Instructions without a pair by cause (the preference step's count); absent in older runs.
+        # Instructions without a pair by cause (the preference step's count); None before that step has run.
         "preference_summary": read_optional_json(run / "preference_summary.json", None),
         "curves": {stage: read_curves(run / stage) for stage in ("sft", "dpo")},
         # Every logged entry, eval_* ones included (curves.csv has the training steps only); absent in older runs.
@@ -126,8 +126,11 @@ def shared_bins(values, n=20):
 def funnel_section(outputs):
     summary, scored, pairs = outputs["summary"], outputs["scored"], outputs["pairs"]
     total = summary["input"]
+    sft, dpo = outputs["configs"]["sft"], outputs["configs"]["dpo"]
     stages = [("generated", total), ("kept by the filters", summary["kept"]),
-              ("scored for preference", len(scored)), ("preference pairs", len(pairs))]
+              ("trained on by SFT", sft.get("train_records")), ("scored for preference", len(scored)),
+              ("preference pairs", len(pairs)), ("trained on by DPO", dpo.get("train_records"))]
+    stages = [(name, n) for name, n in stages if n is not None]
     rows = [(name, n, share(n, total)) for name, n in stages]
     dropping, idle = fold_rules(summary["dropped"])
     responses = sum(len(r["scores"]) for r in scored)
@@ -147,16 +150,28 @@ def funnel_section(outputs):
         Para(f"{total - summary['kept']} samples were dropped by the filters. {responses} responses to "
              f"{len(scored)} instructions were sampled and scored; {len(scored) - len(pairs)} instructions gave no "
              "pair."),
+        Para(too_long_text(sft, "SFT", "conversations") + " " + too_long_text(dpo, "DPO", "pairs")),
         Heading("Instructions without a pair, by cause", 3),
         *([Table(["cause", "instructions", "of scored"],
                  [(c, n, share(n, len(scored))) for c, n in causes.items() if n]), Para(source)]
-          if any(causes.values()) else [Para("Every scored instruction gave a pair.")]),
+          if any(causes.values()) else [Para(("Every scored instruction gave a pair. "
+                                              if outputs["preference_summary"] else "") + source)]),
         Heading("Dropped by each filter rule", 3),
         Table(["rule", "dropped", "of generated"],
               [(rule, n, share(n, total)) for rule, n in dropping] + ([(idle, 0, share(0, total))] if idle else [])),
         plot("funnel", fig, "Samples at each stage of the chain, and what each filter rule dropped"
                             + (" (the rules that dropped nothing on one line)." if idle else ".")),
     ]
+
+
+def too_long_text(config, stage, rows):
+    """What a trainer dropped as longer than its max_length (training_config.json), in a sentence."""
+    dropped = config.get("dropped_too_long")
+    if dropped is None:
+        return f"{stage}: rows over max_length not counted (a run before the count)."
+    return (f"{stage} dropped {dropped['train']} training and {dropped['eval']} held-out {rows} longer than its "
+            f"max_length ({config['max_length']} tokens), which the trainer would have cut and trained as if "
+            "finished.")
 
 
 def fold_rules(dropped):
@@ -166,35 +181,17 @@ def fold_rules(dropped):
     return [(rule, n) for rule, n in dropped.items() if n], ("no drops: " + ", ".join(idle) if idle else None)
 
 
-# The preference step's causes (steps/preference.py NO_PAIR_CAUSES), as its summary names them.
-FEW_RESPONSES, NO_FINISHED, TIED, UNDER_MARGIN = (
-    "fewer than 2 responses", "no finished response (every one cut at the token cap)",
-    "tie: the best finished response scores no higher than the worst", "margin under --min-margin")
-
-
 def no_pair_causes(outputs):
     """({cause: instructions} of the scored instructions that gave no pair, where the counts come from): the
-    preference step's summary, or for a run made before it wrote one, the same causes found in scored.jsonl (a
-    response cut at the cap may have been allowed as chosen there: --allow-truncated-chosen is not recorded)."""
+    preference step's summary (preference_summary.json, written before its pairs)."""
     summary = outputs["preference_summary"]
-    if summary is not None:
-        return summary["no_pair"], ("Causes as the preference step counted them (preference_summary.json: min margin "
-                                    f"{summary['min_margin']}, ties {summary['ties']}).")
-    paired = {p["id"] for p in outputs["pairs"]}
-    causes = Counter()
-    for r in outputs["scored"]:
-        if r["id"] in paired:
-            continue
-        scores, finished = r["scores"], r.get("finished") or [True] * len(r["scores"])
-        ends = [s for s, f in zip(scores, finished) if f]
-        if len(scores) < 2:
-            causes[FEW_RESPONSES] += 1
-        elif not ends:
-            causes[NO_FINISHED] += 1
-        else:
-            causes[TIED if max(ends) <= min(scores) else UNDER_MARGIN] += 1
-    return dict(causes), ("Causes found in scored.jsonl (this run's preference step wrote no "
-                          "preference_summary.json).")
+    if summary is None:
+        return {}, "The preference step has not run (no preference_summary.json)."
+    cut = summary.get("rejected_instead_of_a_cut_response", 0)
+    return summary["no_pair"], ("Causes as the preference step counted them (preference_summary.json: min margin "
+                                f"{summary['min_margin']}, ties {summary['ties']}). A response cut at the token cap "
+                                f"is neither chosen nor rejected: in {cut} pair{'s' if cut != 1 else ''} the lowest "
+                                "finished response was rejected where a cut one scored lower.")
 
 
 def generation_yield(generated, summary):

@@ -8,7 +8,9 @@ Every SFTConfig and ModelConfig option is a flag (TRL's parser), and a tier's se
 Each record is one conversation (its `conversation`, from generate --turns N, else its instruction and response),
 tokenised here turn by turn so that the loss covers every assistant turn (its tokens and its end of turn) and nothing
 of the system or user turns, whatever the chat template (to_training_example). A conversation must end on an
-assistant turn: one that ends on a user turn is refused, naming its line.
+assistant turn: one that ends on a user turn is refused, naming its line. A conversation longer than max_length is
+dropped before training and counted (`dropped_too_long` in training_config.json), never cut: a cut answer would be
+trained as if finished.
 About TEST_FRACTION of them (decided by id: common/io/splits.py) are held out of training; the loss on them is logged
 every eval_steps and after the last step (`eval_loss` in log_history.json and the curves). The LoRA recipe and
 learning rates come from env/lora.yaml, the rest from the tier's YAML. `attn_implementation: varlen` (the h100 tier)
@@ -29,7 +31,8 @@ from common.options import check_value, fraction
 from common.reporting.tag_stats import turn_counts
 from common.training import varlen
 from common.training.config import training_flags
-from common.training.trainers import checkpoint_dir, compile_layer_by_layer, held_out, train_and_save
+from common.training.trainers import (checkpoint_dir, compile_layer_by_layer, drop_too_long, held_out,
+                                      train_and_save)
 
 
 @dataclass
@@ -134,6 +137,20 @@ def build_trainer(data_args, training_args, model_args):
     check_conversations(data_args.train_file, records)
     train, test = held_out(records, data_args.test_fraction, training_args)
     tokenizer = prepare_tokenizer(load_tokenizer(model_args.model_name_or_path))
+    rows, kept, dropped = {}, {}, {}
+    for split, part in (("train", train), ("eval", test)):
+        rows[split] = to_dataset(part, tokenizer, training_args.dataset_num_proc) if part else None
+        lengths = [len(ids) for ids in rows[split]["input_ids"]] if part else []
+        rows[split], keep = drop_too_long(rows[split], lengths, training_args.max_length, f"{split} conversations")
+        kept[split], dropped[split] = [part[i] for i in keep], len(part) - len(keep)
+    if not kept["train"]:
+        raise DataError(f"{data_args.train_file}: every training record is longer than max_length "
+                        f"{training_args.max_length} tokens; raise --max_length")
+    if not kept["eval"]:
+        rows["eval"] = None
+        if test and training_args.eval_strategy != "no":
+            print("every held-out record is longer than max_length: no evaluation during training", flush=True)
+            training_args.eval_strategy = "no"
     asked = varlen.requested(model_args)
     model = load_for_training(model_args)
     facts = {"attn_implementation": varlen.apply(model, asked),
@@ -141,13 +158,14 @@ def build_trainer(data_args, training_args, model_args):
     trainer = SFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=to_dataset(train, tokenizer, training_args.dataset_num_proc),
-        eval_dataset=to_dataset(test, tokenizer, training_args.dataset_num_proc) if test else None,
+        train_dataset=rows["train"],
+        eval_dataset=rows["eval"],
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.run_facts = {**facts, "train_records": len(train), "eval_records": len(test),
-                         "train_turns": {str(n): count for n, count in turn_counts(train).items()},
+    trainer.run_facts = {**facts, "train_records": len(kept["train"]), "eval_records": len(kept["eval"]),
+                         "max_length": training_args.max_length, "dropped_too_long": dropped,
+                         "train_turns": {str(n): count for n, count in turn_counts(kept["train"]).items()},
                          "test_fraction": data_args.test_fraction, "lora_r": model_args.lora_r,
                          "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout,
                          "lora_target_modules": model_args.lora_target_modules}

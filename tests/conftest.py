@@ -38,6 +38,21 @@ def run_step(script, *args, check=True, env=None):
     return result
 
 
+def run_here(script, *args):
+    """steps/<script>.py's main() in this process, its stdout and stderr captured: for a reference run, which needs no
+    process of its own (a step's process spends ~8 s importing torch, transformers and the rest on these CPUs). A run
+    that a test kills, or whose exit status or environment it checks, goes through run_step."""
+    import contextlib
+    import importlib
+    import io
+    from types import SimpleNamespace
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        importlib.import_module(script).main([str(a) for a in args])
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue(), returncode=0)
+
+
 def stand_in_hub_env(record_dir):
     """Environment for a step run in a subprocess against the stand-in Hub (tests/fixtures/stand_in_hub): what the
     step asks of the Hub is recorded under `record_dir` (hub_calls) instead of sent."""
@@ -107,13 +122,16 @@ def smol():
     return EMBEDDED_DEFAULT
 
 
-# A whole run of the chain through make, at toy sizes; later tests read its outputs.
+# A whole run of the chain through make, at toy sizes; later tests read its outputs. Conversations of two turns: the
+# fixture recipe ends a turn at its first sentence, so that at these caps most conversations reach the second.
 CHAIN_VARS = dict(
     GPU="cpu", MODEL="smol", SEED="0", NUM_SAMPLES="12", GEN_BATCH="6", MAX_INSTRUCTION_TOKENS="40",
-    MAX_RESPONSE_TOKENS="40", NUM_RESPONSES="2", PREF_BATCH="6", PREF_MAX_TOKENS="24", LIMIT="4",
+    MAX_RESPONSE_TOKENS="40", TURNS="2", GENERATE_ARGS="--recipe tests/fixtures/smollm2-sentences.yaml",
+    NUM_RESPONSES="2", PREF_BATCH="6", PREF_MAX_TOKENS="40", LIMIT="4",
     MAX_GEN_TOKS="24", EVAL_BATCH="4",
     FILTER_ARGS="--keep-truncated --min-instruction-tokens 1 --min-response-tokens 1 --language any",
-    PREFERENCE_ARGS="--allow-truncated-chosen", SFT_ARGS="--max_steps 2 --save_steps 1", DPO_ARGS="--max_steps 2 --save_steps 1",
+    PREFERENCE_ARGS="--recipe tests/fixtures/smollm2-sentences.yaml --temperature 1.0",  # two finished answers that differ
+    SFT_ARGS="--max_steps 2 --save_steps 1", DPO_ARGS="--max_steps 2 --save_steps 1",
 )
 
 

@@ -129,7 +129,7 @@ def test_a_changed_setting_redoes_its_output_and_what_follows_and_only_that(chai
     assert would_run(chain_run, LIMIT="2") == sorted(EVALS + ["report", "plan"])
     assert would_run(chain_run, NUM_SAMPLES="13") == sorted(AFTER_GENERATE + ["plan"])
     assert would_run(chain_run, GENERATE_ARGS="--response-temperature 0") == AFTER_GENERATE
-    assert would_run(chain_run, PREFERENCE_ARGS="--allow-truncated-chosen --temperature 0.5") == \
+    assert would_run(chain_run, PREFERENCE_ARGS="--temperature 0.5") == \
         sorted(["preference", "dpo", "eval", "report", "dataset"])
     assert would_run(chain_run, SFT_ARGS="--max_steps 3 --save_steps 1") == sorted(["sft", "dpo", "eval", "report"])
     # make -n and -q wrote no stamp: the next unchanged make has nothing to do
@@ -235,3 +235,35 @@ def test_every_step_rule_has_a_stamp_holding_what_its_recipe_passes():
         assert ("$(CHECK_CUDA)" in recipe) == (name in listed["cuda"]), f"{targets}: CUDA_STEPS"
         missing = passed(recipe) - exempt - ({"EVAL_COST"} if name == "eval" else set()) - listed[name]
         assert not missing, f"{targets}: its recipe passes {sorted(missing)}, not in SETTINGS.{name} (env/settings.mk)"
+
+
+def test_two_turn_conversations_go_through_the_chain(chain_run):
+    """The test chain runs with TURNS=2 (its recipe ends a turn at a sentence): generate writes each conversation,
+    the filter keeps it whole, SFT trains every record with its turns counted, and the dataset's `messages` and the
+    report say the same."""
+    import json
+    from collections import Counter
+
+    from conftest import read_lines
+
+    generated = read_lines(chain_run / "generated.jsonl")
+    assert all(r["settings"]["turns"] == 2 for r in generated)
+    two = [r for r in generated if len(r["conversation"]) == 4]
+    assert len(two) >= 6, [len(r["conversation"]) for r in generated]  # 12 of 12 on bf16 and fp32 CPUs
+    assert all([m["role"] for m in r["conversation"]] == ["user", "assistant"] * 2 for r in two)
+    assert all(r["conversation"][:2] == [{"role": "user", "content": r["instruction"]},
+                                         {"role": "assistant", "content": r["response"]}] for r in generated)
+
+    kept = {r["id"]: r for r in read_lines(chain_run / "filtered.jsonl")}
+    turns = json.loads((chain_run / "sft" / "training_config.json").read_text())
+    counted = Counter(str(len(r["conversation"]) // 2) for r in kept.values())  # user turns: records
+    assert sum(turns["train_turns"].values()) == turns["train_records"] and turns["train_turns"].get("2", 0) > 0
+    assert all(turns["train_turns"][n] <= counted[n] for n in turns["train_turns"])
+
+    published = [*read_lines(chain_run / "dataset" / "sft" / "train.jsonl"),
+                 *read_lines(chain_run / "dataset" / "sft" / "test.jsonl")]
+    assert len(published) == len(kept)
+    assert all(p["messages"] == kept[p["id"]]["conversation"] for p in published)
+    phrase = "of 2 turns: " + str(counted["2"]) + " record"
+    assert phrase in (chain_run / "report.md").read_text()
+    assert phrase in (chain_run / "dataset" / "README.md").read_text()

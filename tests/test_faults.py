@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CHAIN_VARS, REPO, SENTINEL_TOKEN, make, make_command, run_step
+from conftest import CHAIN_VARS, REPO, SENTINEL_TOKEN, make, make_command, run_here, run_step
 
 # The filter step held once its first JSONL output is written whole, until the test kills it: unheld, it writes its
 # small outputs one after the other faster than a test can look at the disk.
@@ -43,7 +43,7 @@ def test_filter_killed_between_its_writes_then_rerun_gives_the_uninterrupted_out
     src.write_text("".join(json.dumps(r) + "\n" for r, _ in CASES))
     args = ["--in", src, "--out", out / "filtered.jsonl", "--dropped", out / "dropped.jsonl", "--summary",
             out / "filter_summary.json", "--tokenizer", "embedded:smollm2", "--embedder", "embedded:minilm"]
-    run_step("filter", *args)
+    run_here("filter", *args)
     outputs = ("filtered.jsonl", "dropped.jsonl", "filter_summary.json")
     uninterrupted = {f: (out / f).read_bytes() for f in outputs}
     for f in outputs:
@@ -61,7 +61,7 @@ def test_filter_killed_between_its_writes_then_rerun_gives_the_uninterrupted_out
         proc.kill()
     assert proc.wait() == -signal.SIGKILL
     assert (out / "dropped.jsonl").exists() and not (out / "filtered.jsonl").exists()  # killed between the writes
-    run_step("filter", *args)
+    run_here("filter", *args)
     assert {f: (out / f).read_bytes() for f in outputs} == uninterrupted
 
 
@@ -86,7 +86,7 @@ def test_eval_killed_mid_work_reuses_its_cached_answers_and_matches_the_uninterr
                 "float32", "--max-gen-toks", "16", "--limit", CHAIN_VARS["LIMIT"],
                 "--out", tmp_path / name / "base.json", "--cache-dir", tmp_path / name / "cache"]
 
-    run_step("eval", *args("whole"))
+    run_here("eval", *args("whole"))
     whole = json.loads((tmp_path / "whole" / "base.json").read_text())
     total = whole["requests"]["total"]
     assert whole["requests"] == {**whole["requests"], "from_cache": 0, "answered": total}
@@ -105,7 +105,7 @@ def test_eval_killed_mid_work_reuses_its_cached_answers_and_matches_the_uninterr
     assert 0 < done < total  # the kill landed mid-work
     assert not (tmp_path / "killed" / "base.json").exists()
 
-    run_step("eval", *args("killed"))
+    run_here("eval", *args("killed"))
     rerun = json.loads((tmp_path / "killed" / "base.json").read_text())
     assert (rerun["requests"]["from_cache"], rerun["requests"]["answered"]) == (done, total - done)  # the rest only
     assert cached_answers(tmp_path / "killed" / "cache") == total
@@ -134,7 +134,8 @@ def trainer_stub(tmp_path, train):
                            per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=1024,
                            gradient_checkpointing=False)
     return SimpleNamespace(args=args, model=torch.nn.Linear(1000, 1000), train=train, train_dataset=None, eval_dataset=None,
-                           is_world_process_zero=lambda: True, accelerator=SimpleNamespace(wait_for_everyone=lambda: None))
+                           is_world_process_zero=lambda: True, accelerator=SimpleNamespace(wait_for_everyone=lambda: None),
+                           lr_scheduler=None, create_scheduler=lambda num_training_steps, optimizer=None: None)
 
 
 def test_out_of_memory_while_training_names_the_tier_knobs(tmp_path):

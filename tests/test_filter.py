@@ -96,6 +96,25 @@ def test_malformed_input_names_the_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_a_record_without_finish_flags_is_refused_not_kept(tmp_path):
+    """Only generate's flags say whether a text ended on its own: a record without response_finished is refused,
+    naming its line, unless the truncated rule is off; an instruction-only record (null) passes."""
+    from common import DataError
+
+    src, out = tmp_path / "gen.jsonl", tmp_path / "kept.jsonl"
+    lacking = {k: v for k, v in rec(1).items() if k != "response_finished"}
+    src.write_text(json.dumps(rec(0)) + "\n" + json.dumps(rec(2, response=None, response_finished=None)) + "\n"
+                   + json.dumps(lacking) + "\n")
+    flags = ["--in", str(src), "--out", str(out), "--dropped", str(tmp_path / "d.jsonl"),
+             "--summary", str(tmp_path / "s.json"), "--embedder", "none"]
+    with pytest.raises(DataError, match=r"gen\.jsonl:3: missing field 'response_finished': the truncated rule"):
+        filter_step.main(flags)
+    assert not out.exists()
+    src.write_text(json.dumps(rec(0)) + "\n" + json.dumps({**rec(1), "response_finished": "yes"}) + "\n")
+    with pytest.raises(DataError, match=r"gen\.jsonl:2: field 'response_finished' should be bool or NoneType"):
+        filter_step.main(flags)
+
+
 @pytest.mark.parametrize("text", ["", "   "])
 def test_empty_input_says_so(tmp_path, text):
     src = tmp_path / "gen.jsonl"

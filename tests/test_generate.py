@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, kill_midway, read_lines, run_step
+from conftest import REPO, kill_midway, read_lines, run_here, run_step
 from generate import reject_reason, template_markers
 
 from common.generation.chat import pre_query_template
@@ -17,7 +17,7 @@ TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 def whole(tmp_path_factory, smol):
     """One uninterrupted run with ARGS, which the tests below read and compare against."""
     out = tmp_path_factory.mktemp("whole") / "gen.jsonl"
-    run_step("generate", *ARGS, "--out", out)
+    run_here("generate", *ARGS, "--out", out)
     return out
 
 
@@ -47,11 +47,11 @@ def test_killed_run_resumes_to_the_same_records(whole, tmp_path):
     again = kill_midway("generate", [*ARGS, "--out", out], tmp_path / "killed.jsonl.partial", lines=4)
     assert 4 <= again < 6 and not out.exists()
 
-    result = run_step("generate", *ARGS, "--out", out)
+    result = run_here("generate", *ARGS, "--out", out)
     assert "already written" in result.stderr
     assert read_lines(out) == read_lines(whole)  # same ids and texts, nothing duplicated or lost
 
-    again = run_step("generate", *ARGS, "--out", out)  # a finished output is not generated again
+    again = run_here("generate", *ARGS, "--out", out)  # a finished output is not generated again
     assert "generate:" not in again.stderr and read_lines(out) == read_lines(whole)
 
 
@@ -242,11 +242,11 @@ def test_follow_up_turns_continue_a_conversation_only_while_both_sides_come_out_
 
 def test_instruction_only_mode_feeds_the_filter(tmp_path, smol):
     out = tmp_path / "instructions.jsonl"
-    run_step("generate", *ARGS, "--instruction-only", "--out", out)
+    run_here("generate", *ARGS, "--instruction-only", "--out", out)
     records = read_lines(out)
     assert len(records) == 6 and all(r["response"] is None for r in records)
     kept = tmp_path / "kept.jsonl"
-    run_step("filter", "--in", out, "--out", kept, "--dropped", tmp_path / "d.jsonl", "--summary", tmp_path / "s.json")
+    run_here("filter", "--in", out, "--out", kept, "--dropped", tmp_path / "d.jsonl", "--summary", tmp_path / "s.json")
     kept_ids = {r["id"] for r in read_lines(kept)}
     assert kept_ids and all(r["instruction_finished"] and not r["rejected"] for r in records if r["id"] in kept_ids)
     # Nothing is dropped for lacking a response.

@@ -79,7 +79,8 @@ def test_only_rank_zero_takes_the_lock(tmp_path, monkeypatch):
 def test_a_second_run_on_the_same_output_stops_at_once_and_the_rerun_after_a_kill_works(tmp_path, smol):
     src, out = tmp_path / "gen.jsonl", tmp_path / "run"
     src.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"Name {i + 2} colours of the rainbow.",
-                                       "response": "Red, orange, yellow, green and blue are five of them."}) + "\n"
+                                       "response": "Red, orange, yellow, green and blue are five of them.",
+                                       "instruction_finished": True, "response_finished": True}) + "\n"
                            for i in range(4)))
     args = ["--in", src, "--out", out / "filtered.jsonl", "--dropped", out / "dropped.jsonl", "--summary",
             out / "summary.json", "--embedder", "none", "--language", "any"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_midway, read_lines, run_step
+from conftest import kill_midway, read_lines, run_here, run_step
 from preference import main as preference_main
 from preference import pair
 
@@ -29,17 +29,25 @@ def tiny_deberta(tmp_path_factory, smol):
     return path
 
 
+ALL = [True] * 4
+
+
 def test_pair_takes_highest_as_chosen_and_lowest_as_rejected():
     record = {"id": "x", "instruction": "Say hi."}
-    p = pair(record, ["a", "b", "c", "d"], [0.1, 2.5, -1.0, 0.3])
+    p = pair(record, ["a", "b", "c", "d"], [0.1, 2.5, -1.0, 0.3], ALL)
     assert p["chosen"] == [{"role": "assistant", "content": "b"}]
     assert p["rejected"] == [{"role": "assistant", "content": "c"}]
     assert p["prompt"] == [{"role": "user", "content": "Say hi."}]
     assert p["margin"] == pytest.approx(3.5)
-    # A response cut off at the token limit is never chosen, however high its score.
+    # A response cut off at the token limit is never chosen, however high its score ...
     p = pair(record, ["a", "b", "c", "d"], [0.1, 2.5, -1.0, 0.3], finished=[True, False, True, True])
     assert p["chosen"][0]["content"] == "d" and p["rejected"][0]["content"] == "c"
+    # ... nor rejected, however low: the lowest finished one is (the template would end the cut one as finished)
+    p = pair(record, ["a", "b", "c", "d"], [0.1, 2.5, -1.0, 0.3], finished=[True, True, False, True])
+    assert p["chosen"][0]["content"] == "b" and p["rejected"][0]["content"] == "a"
+    assert p["margin"] == pytest.approx(2.4)
     assert pair(record, ["a", "b"], [1.0, 2.0], finished=[False, False]) is None
+    assert pair(record, ["a", "b", "c"], [1.0, 2.0, 0.0], finished=[False, True, False]) is None  # one finished
 
 
 def test_pair_breaks_ties_by_the_earliest_eligible_response():
@@ -53,9 +61,8 @@ def test_pair_breaks_ties_by_the_earliest_eligible_response():
     p = pair(record, ["first", "second", "low1", "low2"], [0.5, 0.5, 0.1, 0.1], finished=[True, True, True, True])
     assert p["chosen"][0]["content"] == "first" and p["rejected"][0]["content"] == "low1"
     assert p["margin"] == pytest.approx(0.4)
-    # The lowest may be a cut-off response: it is still the rejected one
-    p = pair(record, ["a", "b", "c"], [0.5, 0.1, 0.1], finished=[True, False, True])
-    assert p["rejected"][0]["content"] == "b"
+    p = pair(record, ["a", "cut", "c"], [0.5, 0.1, 0.1], finished=[True, False, True])
+    assert p["rejected"][0]["content"] == "c"  # the tied cut-off one comes first, and is passed over
 
 
 def test_ties_are_dropped_unless_kept(tmp_path):
@@ -75,9 +82,9 @@ def test_ties_are_dropped_unless_kept(tmp_path):
              "scores": [0.9, 0.1], "settings": settings}]
     scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
     src.write_text("".join(json.dumps({"id": r["id"], "instruction": r["instruction"]}) + "\n" for r in rows))
-    run_step("preference", *common, "--out", tmp_path / "dropped.jsonl")
+    run_here("preference", *common, "--out", tmp_path / "dropped.jsonl")
     assert [p["id"] for p in read_lines(tmp_path / "dropped.jsonl")] == ["gap"]
-    run_step("preference", *common, "--out", tmp_path / "kept.jsonl", "--ties", "keep")
+    run_here("preference", *common, "--out", tmp_path / "kept.jsonl", "--ties", "keep")
     assert [p["id"] for p in read_lines(tmp_path / "kept.jsonl")] == ["tie", "gap"]
     # The same scored file under other sampling settings is refused, naming what differs
     other = run_step("preference", *common, "--out", tmp_path / "other.jsonl", "--temperature", "0.7", check=False)
@@ -94,30 +101,33 @@ def test_instructions_without_a_pair_are_counted_by_cause(tmp_path, capsys):
 
     rows = [scored("cut", [0.9, 0.1], [False, False]),  # every response cut at the token cap
             scored("tie", [0.5, 0.5], [True, True]),
-            scored("best-cut", [0.9, 0.2], [False, True]),  # the one finished response is the worst: margin 0
+            scored("best-cut", [0.9, 0.2], [False, True]),  # one finished response: no pair
             scored("small", [0.5, 0.45], [True, True]),  # margin 0.05 < --min-margin 0.1
             scored("one", [0.9], [True]),
-            scored("gap", [0.9, 0.1], [True, True])]
+            scored("gap", [0.9, 0.1], [True, True]),
+            scored("worst-cut", [0.9, 0.1, 0.4], [True, False, True])]  # 0.9 vs 0.4, not the cut 0.1
     out = tmp_path / "preference.jsonl"
     args = preference.parse_args(["--in", "x", "--policy", "p", "--reward-model", "r", "--scored", "s",
                                   "--out", str(out), "--min-margin", "0.1"])
     preference.write_pairs(args, rows)
-    assert [p["id"] for p in read_lines(out)] == ["gap"]
+    pairs = read_lines(out)
+    assert [p["id"] for p in pairs] == ["gap", "worst-cut"] and pairs[1]["rejected"][0]["content"] == "r2"
     summary = json.loads((tmp_path / "preference_summary.json").read_text())
-    assert summary == {"instructions": 6, "pairs": 1, "min_margin": 0.1, "ties": "drop",
-                       "allow_truncated_chosen": False, "no_pair": {"fewer than 2 responses": 1,
-                                   "no finished response (every one cut at the token cap)": 1,
-                                   "tie: the best finished response scores no higher than the worst": 2,
+    unfinished = "fewer than 2 finished responses (one cut at the token cap is neither chosen nor rejected)"
+    assert summary == {"instructions": 7, "pairs": 2, "min_margin": 0.1, "ties": "drop",
+                       "rejected_instead_of_a_cut_response": 1,
+                       "no_pair": {"fewer than 2 responses": 1, unfinished: 2,
+                                   "tie: the best finished response scores no higher than the worst": 1,
                                    "margin under --min-margin": 1}}
-    assert ("1 pairs of 6 instructions; no pair: 1 fewer than 2 responses, 1 no finished response (every one cut at "
-            "the token cap), 2 tie: the best finished response scores no higher than the worst, 1 margin under "
-            "--min-margin") in capsys.readouterr().err
+    assert (f"2 pairs of 7 instructions (1 rejecting the lowest finished response where a lower one was cut at the "
+            f"cap); no pair: 1 fewer than 2 responses, 2 {unfinished}, 1 tie: the best finished response scores no "
+            "higher than the worst, 1 margin under --min-margin") in capsys.readouterr().err
     # --ties keep pairs the ties; a tie under --min-margin then counts as under the margin
     args.ties, args.min_margin = "keep", 0.0
     preference.write_pairs(args, rows)
-    assert [p["id"] for p in read_lines(out)] == ["tie", "best-cut", "small", "gap"]
+    assert [p["id"] for p in read_lines(out)] == ["tie", "small", "gap", "worst-cut"]
     assert json.loads((tmp_path / "preference_summary.json").read_text())["no_pair"] == {
-        "fewer than 2 responses": 1, "no finished response (every one cut at the token cap)": 1,
+        "fewer than 2 responses": 1, unfinished: 2,
         "tie: the best finished response scores no higher than the worst": 0, "margin under --min-margin": 0}
 
 
@@ -148,22 +158,22 @@ def test_preference_step_with_a_classifier_reward_model(tmp_path, tiny_deberta):
     assert pairs  # at least one instruction got a finished response to choose
     for r in rows:
         finished = [s for s, f in zip(r["scores"], r["finished"]) if f]
-        if r["id"] not in pairs:  # dropped: no finished response, or no margin at the default min-margin 0
-            assert not finished or max(finished) <= min(r["scores"])
+        if r["id"] not in pairs:  # dropped: fewer than two finished responses, or no margin at min-margin 0
+            assert len(finished) < 2 or max(finished) <= min(finished)
             continue
         p = pairs[r["id"]]
-        assert p["score_chosen"] == max(finished) and p["score_rejected"] == min(r["scores"])
+        assert p["score_chosen"] == max(finished) and p["score_rejected"] == min(finished)
         # Which of tied responses is taken is test_pair_breaks_ties_by_the_earliest_eligible_response's business (bf16
         # scores tie on some CPUs): here the chosen is a finished response of the top finished score, the rejected
-        # one of the lowest score.
+        # one of the lowest finished score.
         best = [t for t, s, f in zip(r["responses"], r["scores"], r["finished"]) if f and s == max(finished)]
-        worst = [t for t, s in zip(r["responses"], r["scores"]) if s == min(r["scores"])]
+        worst = [t for t, s, f in zip(r["responses"], r["scores"], r["finished"]) if f and s == min(finished)]
         assert p["chosen"][0]["content"] in best and p["rejected"][0]["content"] in worst
         assert p["margin"] == p["score_chosen"] - p["score_rejected"] > 0
 
     # A margin no pair reaches drops them all; the scored file is reused, nothing is sampled again.
     strict = tmp_path / "strict.jsonl"
-    result = run_step("preference", *args, "--out", strict, "--min-margin", "1e9")
+    result = run_here("preference", *args, "--out", strict, "--min-margin", "1e9")
     assert read_lines(strict) == [] and "0 pairs of 3" in result.stderr
 
 
@@ -206,7 +216,7 @@ def whole_preference(tmp_path_factory, smol):
     src = folder / "filtered.jsonl"
     src.write_text("".join(json.dumps({"id": f"i{k}", "instruction": f"Tell me one fact about the number {k}."}) + "\n"
                            for k in range(6)))
-    run_step("preference", *preference_args(src, folder, "whole"))
+    run_here("preference", *preference_args(src, folder, "whole"))
     return src, folder
 
 

@@ -359,3 +359,21 @@ def test_smollm2_recipe_stops_loops(smol, tmp_path):
 def test_sanitizing_follows_magpie_llama3_rules(raw, text, rule, cut):
     clean = sanitize(raw)
     assert (clean.text, clean.rule, clean.cut) == (text, rule, cut)
+
+
+def test_a_recipe_file_of_ones_own_is_read_checked_and_used(tmp_path, smol):
+    """--recipe FILE.yaml: a recipe in env/generators' format, checked as those are (the test chain uses one)."""
+    from common import OptionError
+    from common.models import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded:smollm2")
+    fixture = Path(__file__).parent / "fixtures" / "smollm2-sentences.yaml"
+    spec = recipes.find("any-model", tokenizer, str(fixture))
+    resolved = recipes.resolve(spec, tokenizer)
+    assert spec["name"] == "smollm2-sentences" and tokenizer.convert_tokens_to_ids(".") in resolved.response.stop_token_ids
+    with pytest.raises(OptionError, match="--recipe .*missing.yaml: no such file"):
+        recipes.find("any-model", tokenizer, str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(fixture.read_text().replace("top_p: 0.95", "top_pp: 0.95"))
+    with pytest.raises(DataError, match=r"bad.yaml: unknown recipe keys \['instruction.top_pp'\]"):
+        recipes.find("any-model", tokenizer, str(bad))

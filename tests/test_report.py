@@ -324,42 +324,32 @@ def test_rules_that_dropped_nothing_share_one_line(tagged_run):
 
 
 def test_instructions_without_a_pair_by_cause(tmp_path):
-    """The pairs' funnel by cause: from the preference step's summary, or found in scored.jsonl for a run without
-    one; both give the same counts."""
+    """The pairs' funnel by cause, as the preference step counted them (its summary), with the pairs whose rejected
+    answer is the lowest finished one because a cut one scored lower."""
     import preference
 
     run = make_run(tmp_path / "run")
     scored = read_lines(run / "scored.jsonl")
     for i, r in enumerate(scored):
-        if i < 4:  # every response cut at the token cap
-            r["finished"] = [False, False]
+        if i < 4:  # a response cut at the token cap: one finished response is no pair
+            r["finished"] = [False, True]
         elif i < 6:  # tied
             r["scores"] = [0.3, 0.3]
         elif i == 6:  # a margin under --min-margin 0.05
             r["scores"] = [0.31, 0.3]
-    (run / "scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored))
-    pairs = read_lines(run / "preference.jsonl")
-    (run / "preference.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[7:]))
-    expected = [["no finished response (every one cut at the token cap)", "4", "27%"],
-                ["tie: the best finished response scores no higher than the worst", "2", "13%"],
-                ["margin under --min-margin", "1", "7%"]]
-
-    def causes(text):
-        part = section(text, "Instructions without a pair, by cause")
-        return [[c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()
-                if line.startswith("| ")][1:], part
-
-    text = render(run)
-    found, part = causes(text)
-    assert found == expected and "Causes found in scored.jsonl" in part
-    assert "15 instructions were sampled and scored; 7 instructions gave no pair." in text
-
     args = preference.parse_args(["--in", "x", "--policy", "p", "--reward-model", "r", "--scored", "s", "--out",
                                   str(run / "preference.jsonl"), "--min-margin", "0.05"])
     preference.write_pairs(args, scored)
-    assert read_lines(run / "preference.jsonl") == pairs[7:]
-    counted, part = causes(render(run))
-    assert counted == expected and "as the preference step counted them" in part
+    assert len(read_lines(run / "preference.jsonl")) == len(scored) - 7
+    part = section(render(run), "Instructions without a pair, by cause")
+    found = [[c.strip() for c in line.strip("|").split("|")] for line in part.splitlines() if line.startswith("| ")]
+    assert found[1:] == [
+        ["fewer than 2 finished responses (one cut at the token cap is neither chosen nor rejected)", "4", "27%"],
+        ["tie: the best finished response scores no higher than the worst", "2", "13%"],
+        ["margin under --min-margin", "1", "7%"]]
+    assert "as the preference step counted them" in part and "in 0 pairs the lowest finished" in part
+    (run / "preference_summary.json").unlink()
+    assert "The preference step has not run" in section(render(run), "Instructions without a pair, by cause")
 
 
 def test_reasons_that_repeat_the_prompt_count_as_unparsed(tmp_path):

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from conftest import REPO
 from sft import build_trainer, parse
@@ -106,7 +107,9 @@ def test_the_cpu_tier_trains_one_sequence_a_micro_batch_and_keeps_its_batch(tmp_
     data = tmp_path / "filtered.jsonl"
     records = [{"id": f"r{i}", "instruction": f"Count to {i}.", "response": " ".join(map(str, range(i + 2)))}
                for i in range(12)]
-    records.append({"id": "long", "instruction": "Write a lot.", "response": " ".join(f"w{i}" for i in range(700))})
+    # The longest record the tier's max_length holds (~505 tokens), and one longer, which is dropped, never cut
+    records.append({"id": "long", "instruction": "Write a lot.", "response": " ".join(["word"] * 470)})
+    records.append({"id": "longer", "instruction": "Write more.", "response": " ".join(f"w{i}" for i in range(700))})
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     trainer = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
                                     str(data), "--output_dir", str(tmp_path / "sft"), "--dtype", "float32",
@@ -118,7 +121,9 @@ def test_the_cpu_tier_trains_one_sequence_a_micro_batch_and_keeps_its_batch(tmp_
     assert all(b["attention_mask"].all() for b in batches)  # one sequence: no padding
     assert 0 < max(len(b["input_ids"]) for b in trainer.get_eval_dataloader()) <= 2
     longest = max(batches, key=lambda b: b["input_ids"].numel())
-    assert longest["input_ids"].shape == (1, args.max_length) == (1, 512)  # the long record, truncated
+    tokens = longest["input_ids"].shape[1]
+    assert 480 < tokens <= args.max_length == 512  # the long record, whole
+    assert sum(trainer.run_facts["dropped_too_long"].values()) == 1  # the longer one
     weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     saved = {}
 
@@ -132,7 +137,7 @@ def test_the_cpu_tier_trains_one_sequence_a_micro_batch_and_keeps_its_batch(tmp_
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         trainer.compute_loss(trainer.model, dict(longest))
     config = trainer.model.config
-    layer_inputs = config.num_hidden_layers * 512 * config.hidden_size * 4  # saved at least: each layer's input
+    layer_inputs = config.num_hidden_layers * tokens * config.hidden_size * 4  # saved at least: each layer's input
     assert layer_inputs < sum(saved.values()) < 1.5 * 2**30, sum(saved.values())  # measured: 1.0 GiB
     _, dpo_args, _ = parse_args(["--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "m",
                                  "--sft_adapter", "x", "--train_file", "x", "--output_dir", "x", "--dtype", "float32"])
@@ -355,7 +360,7 @@ def test_dpo_resumes_after_a_kill_to_the_uninterrupted_adapter_not_a_restart(cha
     """No warmup and a learning rate whose update is far above the tolerance: the resumed adapter equals the
     uninterrupted one, both differ from the SFT adapter they started from by far more (a DPO that did nothing would
     fail), and the second process ran only the step after the checkpoint (a restart would log step 1 again)."""
-    from conftest import run_step
+    from conftest import run_here, run_step
     from safetensors.torch import load_file
 
     def args(name):
@@ -365,7 +370,7 @@ def test_dpo_resumes_after_a_kill_to_the_uninterrupted_adapter_not_a_restart(cha
                 "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--eval_strategy", "no",
                 "--dtype", "float32"]
 
-    run_step("dpo", *args("whole"))
+    run_here("dpo", *args("whole"))
     kill_after_checkpoint("dpo", args("killed"), 1, tmp_path / "held-after-1", monkeypatch)
     assert sorted(p.name for p in (tmp_path / "killed.partial").glob("checkpoint-*")) == ["checkpoint-1"]
     result = run_step("dpo", *args("killed"))
@@ -386,7 +391,7 @@ def test_dpo_resumes_after_a_kill_to_the_uninterrupted_adapter_not_a_restart(cha
 
 
 def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol, monkeypatch):
-    from conftest import run_step
+    from conftest import run_here, run_step
     from safetensors.torch import load_file
 
     data = tmp_path / "filtered.jsonl"
@@ -399,7 +404,7 @@ def test_sft_resumes_from_its_last_checkpoint_after_a_kill(tmp_path, smol, monke
                 "--output_dir", tmp_path / name, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
                 "1", "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1", "--dtype", "float32"]
 
-    run_step("sft", *args("whole"))
+    run_here("sft", *args("whole"))
     # Killed once the first checkpoint is complete, before the second
     kill_after_checkpoint("sft", args("killed"), 2, tmp_path / "held-after-2", monkeypatch)
     assert sorted(p.name for p in (tmp_path / "killed.partial").glob("checkpoint-*")) == ["checkpoint-2"]
@@ -426,7 +431,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, smol):
     import csv
     import os
 
-    from conftest import make, run_step
+    from conftest import make, run_here
 
     run = tmp_path / "run"
     run.mkdir()
@@ -448,7 +453,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tmp_path, smol):
     result = make("sft", run, NPROC="2", SFT_ARGS=f"--per_device_train_batch_size 2 {flags}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accelerate.commands.launch --num_processes 2" in result.stdout
-    run_step("sft", "--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
+    run_here("sft", "--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2", "--train_file",
              run / "filtered.jsonl", "--output_dir", tmp_path / "one", "--per_device_train_batch_size", "4",
              "--seed", "0", *flags.split())
     two, one = (list(csv.DictReader(open(d / "curves.csv"))) for d in (run / "sft", tmp_path / "one"))
@@ -525,8 +530,9 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(chain_run, smol, tmp_pa
         merged_logits, adapted_logits = merged(ids).logits, adapted(ids).logits
         change = (adapted_logits - base(ids).logits).abs().max()
     # fp32 rounding of W + BA, amplified by this model's large activations (up to ~1e-2 in logits of ~20); the
-    # adapter itself moves the logits far more, so a merge that dropped or doubled it would fail
-    assert torch.allclose(merged_logits, adapted_logits, rtol=1e-4, atol=2e-2) and change > 0.2, change
+    # adapter itself moves the logits several times more (0.13 after the test chain's 2 steps), so a merge that
+    # dropped or doubled it would fail
+    assert torch.allclose(merged_logits, adapted_logits, rtol=1e-4, atol=2e-2) and change > 0.06, change
     assert (out / "chat_template.jinja").exists() or "chat_template" in (out / "tokenizer_config.json").read_text()
 
 
@@ -557,3 +563,34 @@ def test_push_needs_a_token_and_never_prints_it(chain_run):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: HF_HUB_OFFLINE is set: pushing to someone/x needs the Hub" in result.stderr
     assert "Traceback" not in result.stderr and sentinel not in result.stdout + result.stderr
+
+
+def test_warmup_as_a_ratio_never_zeroes_a_step_of_a_short_run(tmp_path, smol):
+    """The cpu tier's DPO: 5 steps, warmup 0.1 (rounded up to 1 step). transformers' schedule gives step 0 a learning
+    rate of 0 (the control); with warmup_from_the_first_step every step trains, warmup first, then the cosine."""
+    from common.training.trainers import warmup_from_the_first_step
+
+    data = tmp_path / "filtered.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "instruction": f"Name {i}.", "response": "A."}) + "\n"
+                            for i in range(5)))
+
+    def rates(patched):
+        trainer = build_trainer(*parse(["--config", CPU_SFT, "--model_name_or_path", "embedded:smollm2",
+                                        "--train_file", str(data), "--output_dir", str(tmp_path / "sft"),
+                                        "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
+                                        "--test_fraction", "0"]))
+        if patched:
+            warmup_from_the_first_step(trainer)
+        trainer.create_optimizer_and_scheduler(num_training_steps=5)
+        seen = []
+        for _ in range(5):
+            seen.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+        return seen, trainer.args.learning_rate
+
+    control, peak = rates(patched=False)
+    assert control[0] == 0 and control[1] == pytest.approx(peak)
+    fixed, peak = rates(patched=True)
+    assert fixed[0] == pytest.approx(peak / 2) and fixed[1] == pytest.approx(peak)  # (0 + 1) / (1 + 1), then cosine
+    assert fixed[1:] == pytest.approx(control[1:]) and all(r > 0 for r in fixed)

@@ -83,6 +83,12 @@ def find(model, tokenizer, name=None, directory=GENERATORS):
     """The recipe for `model` (its id or path, then its chat template's markers); `name` forces one. A variant of the
     matching family is picked the same way, else the family's own settings."""
     recipes = load(directory)
+    if name is not None and name.endswith((".yaml", ".yml")):  # a recipe of one's own, in env/generators' format
+        if not Path(name).is_file():
+            raise OptionError(f"--recipe {name}: no such file")
+        spec = yaml.safe_load(Path(name).read_text())
+        _check(spec, name)
+        return _refine(spec, {})
     if name is not None:
         if name == "generic":
             return dict(GENERIC)

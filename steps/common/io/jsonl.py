@@ -48,8 +48,8 @@ def check_record(path, lineno, record, required):
         if field not in record:
             raise DataError(f"{path}:{lineno}: missing field '{field}'")
         if not isinstance(record[field], kind):
-            raise DataError(f"{path}:{lineno}: field '{field}' should be {kind.__name__}, "
-                            f"got {type(record[field]).__name__}")
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise DataError(f"{path}:{lineno}: field '{field}' should be {names}, got {type(record[field]).__name__}")
 
 
 def write_jsonl(path, records):

@@ -80,6 +80,20 @@ def held_out(records, test_fraction, args):
     return train, test
 
 
+def drop_too_long(dataset, lengths, max_length, what):
+    """(the rows of `dataset` whose length is at most max_length, the indices of those rows). Trainers cut a longer
+    row at max_length and train the cut text as if complete: an answer without its end of turn, which teaches the
+    model not to stop (what the filter's truncation rule exists to prevent). So such a row is dropped here, counted
+    and said, never trained cut."""
+    keep = [i for i, n in enumerate(lengths) if max_length is None or n <= max_length]
+    if len(keep) == len(lengths):
+        return dataset, keep
+    print(f"dropped {len(lengths) - len(keep)} of {len(lengths)} {what} longer than max_length {max_length} tokens "
+          "(a trainer would cut them and train the cut answer as finished); --max_length keeps them, memory "
+          "permitting", flush=True)
+    return dataset.select(keep), keep
+
+
 def evaluate_after_last_step(trainer):
     """Evaluate on the held-out split after the last step too, not only every eval_steps: the curves then end
     with the adapter that is saved."""
@@ -186,6 +200,35 @@ def example_counts(trainer):
                  for d in (trainer.train_dataset, trainer.eval_dataset))
 
 
+def warmup_scale(step, *, schedule, warmup):
+    """A warmup that starts above zero: step k of `warmup` gets (k + 1) / (warmup + 1) of the learning rate, then
+    the schedule's own factor. transformers' schedules give step 0 a factor of 0, so the first optimizer step of every
+    run changes nothing, and a ratio rounds up to a whole step (0.1 of a 5-step run: 1 of 5 steps wasted)."""
+    return (step + 1) / (warmup + 1) if step < warmup else schedule(step)
+
+
+def warmup_from_the_first_step(trainer):
+    """Have the trainer's scheduler use warmup_scale: it wraps the factors of the schedule transformers makes
+    (`lr_scheduler_type`), whatever its decay."""
+    from functools import partial
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    make = trainer.create_scheduler
+
+    def create_scheduler(num_training_steps, optimizer=None):
+        if trainer.lr_scheduler is None:
+            made = make(num_training_steps, optimizer)
+            warmup = trainer.args.get_warmup_steps(num_training_steps)
+            if warmup and isinstance(made, LambdaLR):
+                # The first scheduler left each group's initial_lr in place: the new one starts from the same rates.
+                trainer.lr_scheduler = LambdaLR(made.optimizer, [partial(warmup_scale, schedule=f, warmup=warmup)
+                                                                 for f in made.lr_lambdas])
+        return trainer.lr_scheduler
+
+    trainer.create_scheduler = create_scheduler
+
+
 def train_and_save(trainer, output_dir):
     """Train (resuming from the last checkpoint of an interrupted run), then write the adapter to output_dir.
 
@@ -196,6 +239,7 @@ def train_and_save(trainer, output_dir):
     check_disk(trainer, output_dir)
     fp32_trainable_under_fp16(trainer)
     evaluate_after_last_step(trainer)
+    warmup_from_the_first_step(trainer)
     work = Path(trainer.args.output_dir)
     main = trainer.is_world_process_zero()
     if main:
