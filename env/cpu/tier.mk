@@ -25,16 +25,18 @@ JUDGE_RESPONSE_TOKENS ?= 32
 NUM_RESPONSES ?= 4
 PREF_BATCH ?= 8
 PREF_ROWS ?= 32
-PREF_MAX_TOKENS ?= 128
+# Pairs are made of finished answers only (steps/preference.py): at 128 tokens 26 of 42 instructions had fewer than
+# two, and gave no pair; at 256, 12 (30 pairs), for ~+90 s of preference (a 2-core Xeon, fp32, AVX2).
+PREF_MAX_TOKENS ?= 256
 TASKS ?= ifeval_local,mc_local
 # A random sample of 32 items of each task: three evals were 43% of `make all` on the AVX2 CPU with all of them (57, 48).
 LIMIT ?= 32
 EVAL_BATCH ?= 16
 # IFEval answers up to 192 tokens: the longest answer ifeval_local's prompts ask for is three paragraphs (~120 words,
 # ~160 tokens; then "at least 60 words", "at least 4 sentences"), so every asked-for length can finish (96 cut those
-# by construction). The 135M model runs most greedy answers to the cap: ~+80 s of `make all` over 96.
+# by construction). Measured (fp32, AVX2): 103 s for the three models at 192, 97 s at 96 (most answers end sooner).
 MAX_GEN_TOKS ?= 192
 # Seconds per log-likelihood token and per generated token (32 rows), from the eval step of `make all` on a 2-core
-# Xeon in fp32 (oneDNN capped at AVX2) and in bf16: 96.9 and 110.1 s for the three models (bench/results/
-# make-all-cpu-xeon-*.json); every answer counted to its cap.
-EVAL_COST_tiny ?= 1.5e-3,8.5e-3
+# Xeon: scoring in fp32 (oneDNN capped at AVX2) and bf16 (bench/results/make-all-cpu-xeon-*.json); answers at the
+# 192 cap: 33.5-36.1 s a model in fp32 (AVX2), i.e. 5.0e-3 s a token counted to the cap, +12% for bf16.
+EVAL_COST_tiny ?= 1.5e-3,5.6e-3
