@@ -83,7 +83,7 @@ def main(argv=None):
     for tier in TIERS:
         s = tier_settings(tier)
         rng = random.Random(args.seed)
-        generated, kept = [], []
+        generated = []
         for i in range(args.records):
             q, q_done = lognormal_tokens(rng, 40, 0.7, s["instruction_cap"])
             a, a_done = lognormal_tokens(rng, 300, 0.8, s["response_cap"])

@@ -27,8 +27,8 @@ from common.models import load_for_training, load_tokenizer
 from common.options import check_value, fraction
 from common.training import varlen
 from common.training.config import training_flags
-from common.training.trainers import (checkpoint_dir, compile_layer_by_layer, drop_too_long, held_out, sharded,
-                                      train_and_save)
+from common.training.trainers import (checkpoint_dir, compile_layer_by_layer, drop_too_long_splits, held_out,
+                                      sharded, train_and_save)
 
 PAIR_FIELDS = {"prompt": list, "chosen": list, "rejected": list}
 
@@ -114,17 +114,10 @@ def build_trainer(data_args, training_args, model_args, pairs):
     policy_from_reference(trainer.model)
     # TRL has tokenised the pairs (and dropped those whose prompt alone fills max_length); drop the ones whose prompt
     # and longer answer exceed it, which its collator would cut (the count covers both).
-    trainer.train_dataset, _ = drop_too_long(trainer.train_dataset, pair_lengths(trainer.train_dataset),
-                                             training_args.max_length, "training pairs")
-    if not len(trainer.train_dataset):
-        raise DataError(f"{data_args.train_file}: every training pair is longer than max_length "
-                        f"{training_args.max_length} tokens; raise --max_length")
-    if trainer.eval_dataset is not None:
-        trainer.eval_dataset, _ = drop_too_long(trainer.eval_dataset, pair_lengths(trainer.eval_dataset),
-                                                training_args.max_length, "held-out pairs")
-        if not len(trainer.eval_dataset):
-            print("every held-out pair is longer than max_length: no evaluation during training", flush=True)
-            trainer.eval_dataset, training_args.eval_strategy = None, "no"
+    rows = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+    lengths = {split: pair_lengths(r) if r is not None else [] for split, r in rows.items()}
+    rows, _ = drop_too_long_splits(rows, lengths, training_args, data_args.train_file, "pairs")
+    trainer.train_dataset, trainer.eval_dataset = rows["train"], rows["eval"]
     trained, evaluated = len(trainer.train_dataset), len(trainer.eval_dataset or [])
     trainer.run_facts = {**facts, "train_records": trained, "eval_records": evaluated,
                          "max_length": training_args.max_length,

@@ -31,7 +31,7 @@ from common.options import check_value, fraction
 from common.reporting.tag_stats import turn_counts
 from common.training import varlen
 from common.training.config import training_flags
-from common.training.trainers import (checkpoint_dir, compile_layer_by_layer, drop_too_long, held_out,
+from common.training.trainers import (checkpoint_dir, compile_layer_by_layer, drop_too_long_splits, held_out,
                                       train_and_save)
 
 
@@ -137,20 +137,12 @@ def build_trainer(data_args, training_args, model_args):
     check_conversations(data_args.train_file, records)
     train, test = held_out(records, data_args.test_fraction, training_args)
     tokenizer = prepare_tokenizer(load_tokenizer(model_args.model_name_or_path))
-    rows, kept, dropped = {}, {}, {}
-    for split, part in (("train", train), ("eval", test)):
-        rows[split] = to_dataset(part, tokenizer, training_args.dataset_num_proc) if part else None
-        lengths = [len(ids) for ids in rows[split]["input_ids"]] if part else []
-        rows[split], keep = drop_too_long(rows[split], lengths, training_args.max_length, f"{split} conversations")
-        kept[split], dropped[split] = [part[i] for i in keep], len(part) - len(keep)
-    if not kept["train"]:
-        raise DataError(f"{data_args.train_file}: every training record is longer than max_length "
-                        f"{training_args.max_length} tokens; raise --max_length")
-    if not kept["eval"]:
-        rows["eval"] = None
-        if test and training_args.eval_strategy != "no":
-            print("every held-out record is longer than max_length: no evaluation during training", flush=True)
-            training_args.eval_strategy = "no"
+    rows = {split: to_dataset(part, tokenizer, training_args.dataset_num_proc) if part else None
+            for split, part in (("train", train), ("eval", test))}
+    lengths = {split: [len(ids) for ids in r["input_ids"]] if r is not None else [] for split, r in rows.items()}
+    rows, keep = drop_too_long_splits(rows, lengths, training_args, data_args.train_file, "conversations")
+    kept = {"train": [train[i] for i in keep["train"]], "eval": [test[i] for i in keep["eval"]]}
+    dropped = {"train": len(train) - len(kept["train"]), "eval": len(test) - len(kept["eval"])}
     asked = varlen.requested(model_args)
     model = load_for_training(model_args)
     facts = {"attn_implementation": varlen.apply(model, asked),

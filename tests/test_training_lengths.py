@@ -30,11 +30,18 @@ def trained_text(tokenizer, row):
     return tokenizer.decode(row["input_ids"][mask])
 
 
+def keep_every_row(monkeypatch):
+    """The control: every row handed to the trainer, as before the fix."""
+    from common.training import trainers
+
+    monkeypatch.setattr(trainers, "drop_too_long", lambda dataset, lengths, *a: (dataset, list(range(len(lengths)))))
+
+
 def build_sft(tmp_path, monkeypatch, drop):
     import sft
 
-    if not drop:  # the control: every row handed to the trainer, as before the fix
-        monkeypatch.setattr(sft, "drop_too_long", lambda dataset, lengths, *a: (dataset, list(range(len(lengths)))))
+    if not drop:
+        keep_every_row(monkeypatch)
     tmp_path.mkdir(exist_ok=True)
     data = tmp_path / "filtered.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records()))
@@ -77,7 +84,7 @@ def build_dpo(tmp_path, sft_adapter, pairs, monkeypatch=None):
     import dpo
 
     if monkeypatch is not None:  # the control: no pair dropped
-        monkeypatch.setattr(dpo, "drop_too_long", lambda dataset, lengths, *a: (dataset, list(range(len(lengths)))))
+        keep_every_row(monkeypatch)
     args = dpo.parse_args([
         "--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "embedded:smollm2", "--sft_adapter",
         str(sft_adapter), "--train_file", "unused", "--output_dir", str(tmp_path / "dpo"), "--max_length",

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
-from common import SetupError
+from common import DataError, SetupError
 from common.io.files import atomic_path, staging_path
 from common.models import local_base_for_saving, portable_base
 from common.reporting.cards import model_card
@@ -92,6 +92,28 @@ def drop_too_long(dataset, lengths, max_length, what):
           "(a trainer would cut them and train the cut answer as finished); --max_length keeps them, memory "
           "permitting", flush=True)
     return dataset.select(keep), keep
+
+
+def drop_too_long_splits(rows, lengths, args, source, what):
+    """drop_too_long on the training and held-out rows ({"train": dataset, "eval": dataset or None}, lengths alike):
+    ({split: rows kept}, {split: their indices}). No training row left is an error naming `source`; no held-out row
+    left turns evaluation off (eval rows None)."""
+    kept, keep = {}, {}
+    for split in ("train", "eval"):
+        if rows[split] is None:
+            kept[split], keep[split] = None, []
+            continue
+        kept[split], keep[split] = drop_too_long(rows[split], lengths[split], args.max_length,
+                                                 f"{'training' if split == 'train' else 'held-out'} {what}")
+    if not keep["train"]:
+        raise DataError(f"{source}: every training {what[:-1]} is longer than max_length {args.max_length} tokens; "
+                        "raise --max_length")
+    if not keep["eval"]:
+        if rows["eval"] is not None and args.eval_strategy != "no":
+            print(f"every held-out {what[:-1]} is longer than max_length: no evaluation during training", flush=True)
+            args.eval_strategy = "no"
+        kept["eval"] = None
+    return kept, keep
 
 
 def evaluate_after_last_step(trainer):
