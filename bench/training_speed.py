@@ -106,7 +106,10 @@ transformers.Trainer.__init__ = __init__
 _training_step = transformers.Trainer.training_step
 def training_step(self, model, inputs, *a, **k):
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-    S["tok"] += int(mask.sum()) if mask is not None else int(ids.numel())
+    if "pair_tokens" in inputs:  # packed DPO pairs: the tokens of TRL's two rows a pair; "pad" = the row computed
+        S["tok"] += int(inputs["pair_tokens"])
+    else:
+        S["tok"] += int(mask.sum()) if mask is not None else int(ids.numel())
     S["pad"] += int(ids.numel())
     return _training_step(self, model, inputs, *a, **k)
 transformers.Trainer.training_step = training_step
@@ -159,6 +162,9 @@ DATASETS = {
     "sft_var": ("sft", 768, (16, 128), (32, 512)),  # the tiers' real limits: instruction <=128, response <=512
     "dpo_fixed": ("dpo", 256, (128, 128), (950, 950)),
     "dpo_var": ("dpo", 384, (16, 128), (32, 512)),
+    # The longest rows the tiers keep (max_length 1,024: longer ones are dropped, not cut): what memory must fit.
+    "sft_fit": ("sft", 256, (120, 120), (860, 860)),
+    "dpo_fit": ("dpo", 256, (100, 100), (860, 860)),
 }
 
 SPEED_BASELINE = ["--per_device_train_batch_size", "12", "--gradient_accumulation_steps", "1",
@@ -353,6 +359,68 @@ def runs_for(suite):
             cap_gib=15, max_steps=3, warmup=1, adapter_from="dpo-adapter", group="real-t4",
             note="t4/dpo.yaml (4-bit, fp16, 2 x 8 pairs, grad ckpt), 15 GiB cap", estimate_s=90),
     ]
+    # Issue 40: the t4 and a100 tiers on padding-free rows and packed DPO pairs, the h100 tier's packed DPO; each new
+    # recipe against the one it replaces (the same YAML with the old settings as flags), on the chain's lengths, and
+    # the new ones on the longest rows kept (the fit). a100: a 39 GiB cap on an H100 (scaled to an A100 by `make plan`).
+    old_t4_sft = ["--padding_free", "false", "--attn_implementation", "sdpa", "--per_device_train_batch_size", "4",
+                  "--gradient_accumulation_steps", "4"]
+    old_t4_dpo = ["--pack_pairs", "false", "--attn_implementation", "sdpa", "--per_device_train_batch_size", "2",
+                  "--gradient_accumulation_steps", "8"]
+    old_h100_dpo = ["--pack_pairs", "false", "--attn_implementation", "sdpa", "--train_sampling_strategy",
+                    "group_by_length"]
+    fp16 = ["--logging_steps", "1", "--dtype", "float16"] + quiet
+    curve = ["--logging_steps", "1", "--torch_compile", "false"] + quiet
+    tiers = [
+        replace(dpo_adapter, flags=dpo_adapter.flags + quiet, group="tiers"),
+        Run("h100-dpo-var-packed", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var", quiet, max_steps=20,
+            warmup=8, adapter_from="dpo-adapter", group="tiers-h100", note="h100/dpo.yaml: packed pairs, compile",
+            estimate_s=120, timeout_s=300),
+        Run("t4-sft-var-old", "sft", "llama-3.2-3b", "env/t4/sft.yaml", "sft_var", old_t4_sft + fp16, cap_gib=15,
+            max_steps=4, warmup=1, group="tiers-t4", note="the old t4/sft.yaml: 4 padded rows x 4, SDPA",
+            estimate_s=70),
+        Run("t4-sft-var-new", "sft", "llama-3.2-3b", "env/t4/sft.yaml", "sft_var", fp16, cap_gib=15, max_steps=4,
+            warmup=1, group="tiers-t4", note="t4/sft.yaml: 8 padding-free rows x 2, SDPA per sequence",
+            estimate_s=60),
+        Run("t4-dpo-var-old", "dpo", "llama-3.2-3b", "env/t4/dpo.yaml", "dpo_var", old_t4_dpo + fp16, cap_gib=15,
+            max_steps=4, warmup=1, adapter_from="dpo-adapter", group="tiers-t4",
+            note="the old t4/dpo.yaml: 2 pairs (4 padded rows) x 8", estimate_s=80),
+        Run("t4-dpo-var-new", "dpo", "llama-3.2-3b", "env/t4/dpo.yaml", "dpo_var", fp16, cap_gib=15, max_steps=4,
+            warmup=1, adapter_from="dpo-adapter", group="tiers-t4", note="t4/dpo.yaml: 4 packed pairs x 4",
+            estimate_s=70),
+        Run("a100-sft-fit", "sft", "llama-3.2-3b", "env/a100/sft.yaml", "sft_fit", quiet, cap_gib=39, max_steps=4,
+            warmup=2, group="tiers-a100", note="a100/sft.yaml on the longest rows kept, 39 GiB cap", estimate_s=90),
+        Run("a100-sft-var", "sft", "llama-3.2-3b", "env/a100/sft.yaml", "sft_var", quiet, cap_gib=39, max_steps=16,
+            warmup=6, group="tiers-a100", note="a100/sft.yaml on the chain's lengths", estimate_s=100),
+        Run("a100-dpo-fit", "dpo", "llama-3.2-3b", "env/a100/dpo.yaml", "dpo_fit", quiet, cap_gib=39, max_steps=3,
+            warmup=1, adapter_from="dpo-adapter", group="tiers-a100", estimate_s=100),
+        Run("a100-dpo-var", "dpo", "llama-3.2-3b", "env/a100/dpo.yaml", "dpo_var", quiet, cap_gib=39, max_steps=16,
+            warmup=6, adapter_from="dpo-adapter", group="tiers-a100", estimate_s=110),
+        Run("t4-llama-sft-fit", "sft", "llama-3.2-3b", "env/t4/sft.yaml", "sft_fit", fp16, cap_gib=15, max_steps=2,
+            warmup=1, group="tiers-t4-fit", estimate_s=70),
+        Run("t4-llama-dpo-fit", "dpo", "llama-3.2-3b", "env/t4/dpo.yaml", "dpo_fit", fp16, cap_gib=15, max_steps=2,
+            warmup=1, adapter_from="dpo-adapter", group="tiers-t4-fit", estimate_s=80),
+        Run("t4-mistral-sft-fit", "sft", "mistral-7b-v0.1", "env/t4/sft-7b.yaml", "sft_fit", fp16, cap_gib=15,
+            max_steps=2, warmup=1, group="tiers-t4-fit", estimate_s=100),
+        Run("t4-mistral-dpo-fit", "dpo", "mistral-7b-v0.1", "env/t4/dpo-7b.yaml", "dpo_fit", fp16, cap_gib=15,
+            max_steps=2, warmup=1, adapter_from="t4-mistral-sft-fit", group="tiers-t4-fit", estimate_s=110),
+        # Same training: 50 steps of the old and the new recipe, same data and seed, bf16, no compile; the losses
+        # (logging_steps 1) should agree within their noise.
+        Run("curve-sft-padded", "sft", "llama-3.2-3b", "env/a100/sft.yaml", "sft_var", curve + ["--padding_free",
+            "false", "--attn_implementation", "sdpa"], max_steps=50, warmup=5, group="tiers-curve",
+            note="a100/sft.yaml's batches as padded rows, SDPA", estimate_s=60),
+        Run("curve-sft-free", "sft", "llama-3.2-3b", "env/a100/sft.yaml", "sft_var", curve, max_steps=50, warmup=5,
+            group="tiers-curve", note="a100/sft.yaml: padding-free rows, Flash varlen", estimate_s=50),
+        Run("curve-dpo-padded", "dpo", "llama-3.2-3b", "env/a100/dpo.yaml", "dpo_var", curve + ["--pack_pairs",
+            "false", "--attn_implementation", "sdpa"], max_steps=30, warmup=5, adapter_from="dpo-adapter",
+            group="tiers-curve", note="a100/dpo.yaml's batches as TRL's padded rows", estimate_s=130),
+        Run("curve-dpo-packed", "dpo", "llama-3.2-3b", "env/a100/dpo.yaml", "dpo_var", curve, max_steps=30,
+            warmup=5, adapter_from="dpo-adapter", group="tiers-curve", note="a100/dpo.yaml: packed pairs",
+            estimate_s=90),
+        Run("h100-dpo-var-grouped", "dpo", "llama-3.2-3b", "env/h100/dpo.yaml", "dpo_var", old_h100_dpo + quiet,
+            max_steps=20, warmup=8, adapter_from="dpo-adapter", group="tiers-h100",
+            note="the old h100/dpo.yaml: TRL's padded rows grouped by length, compile", estimate_s=120,
+            timeout_s=300),
+    ]
     sft_base, sft_tier, *sft_ablations = speed_sft
     dpo_base_run, dpo_liger, dpo_tier = speed_dpo
     t4_llama, t4_mistral = t4[:2], t4[2:]
@@ -370,6 +438,7 @@ def runs_for(suite):
         "speed6": [dpo_adapter, sft_base, sft_tier, dpo_base2, dpo_tier2, *dpo_var],  # the tiers as committed
         # issue 17, in priority order (the baselines before what they are compared with; today's tier last)
         "real": [real[i] for i in (0, 1, 4, 5, 6, 8, 9, 2, 3, 7)],
+        "tiers": tiers,
     }
     suites["speed"] = [sft_base, sft_tier, dpo_base_run, dpo_tier, *sft_ablations, dpo_liger, *pack, *a100]
     return suites[suite] if suite in suites else suites["core"] + suites["extra"]

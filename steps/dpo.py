@@ -9,9 +9,10 @@ and computes the reference log-probs through that copy, so the reference model i
 handled as in the SFT step, and so is the held-out split (TEST_FRACTION, by id): its loss and reward accuracy
 (`eval_rewards/accuracies`, the share of held-out pairs whose chosen answer gets the larger implicit reward) are
 logged every eval_steps and after the last step. A pair whose prompt and longer answer exceed max_length is dropped
-and counted (`dropped_too_long`), never cut. `train_sampling_strategy: group_by_length` (the h100 tier) puts
-pairs of similar length in the same micro-batch: TRL pads chosen and rejected rows to the longest of the batch, and
-its padding-free DPO is disabled (TRL 1.16).
+and counted (`dropped_too_long`), never cut. `pack_pairs: true` (every tier's YAML) trains a micro-batch's pairs as
+one unpadded row, each prompt computed once for both answers (common/training/pair_packing.py); TRL's own path pads
+chosen and rejected rows to the longest of the micro-batch (its padding-free DPO is disabled in TRL 1.16), where
+`train_sampling_strategy: group_by_length` puts pairs of similar length together.
 
 Library internals (transformers 5.24, TRL 1.16): the trainer's `_get_train_sampler` and `_get_eval_sampler`,
 overridden for the length-grouped sampler (DPOTrainer has no public hook for it).
@@ -25,7 +26,7 @@ from common.io.jsonl import read_jsonl
 from common.io.splits import DEFAULT_TEST_FRACTION
 from common.models import load_for_training, load_tokenizer
 from common.options import check_value, fraction
-from common.training import varlen
+from common.training import pair_packing, varlen
 from common.training.config import training_flags
 from common.training.trainers import (checkpoint_dir, compile_layer_by_layer, drop_too_long_splits, held_out,
                                       sharded, train_and_save)
@@ -55,6 +56,9 @@ class DataArguments:
     sft_adapter: str = field(metadata={"help": "adapter directory written by steps/sft.py"})
     test_fraction: float = field(default=DEFAULT_TEST_FRACTION, metadata={
         "help": "share of pairs (by id) held out of training and evaluated on (0: none)"})
+    pack_pairs: bool = field(default=False, metadata={
+        "help": "one unpadded row a micro-batch, each prompt computed once for both answers "
+                "(common/training/pair_packing.py; needs --attn_implementation varlen)"})
 
     def __post_init__(self):  # TRL's parser takes the field's type as is: the range is checked here
         self.test_fraction = check_value("--test_fraction", self.test_fraction, fraction)
@@ -66,10 +70,11 @@ def pair_lengths(dataset):
             for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
-def dpo_trainer_class():
-    """TRL's DPOTrainer, with `train_sampling_strategy: group_by_length` working on preference pairs: transformers'
-    LengthGroupedSampler looks for an `input_ids` column, which tokenized pairs don't have (and a `length` column
-    would be dropped with the unused columns before the sampler sees it)."""
+def dpo_trainer_class(pack_pairs=False):
+    """TRL's DPOTrainer, with `train_sampling_strategy: group_by_length` working on preference pairs (transformers'
+    LengthGroupedSampler looks for an `input_ids` column, which tokenized pairs don't have, and a `length` column
+    would be dropped with the unused columns before the sampler sees it); with `pack_pairs`, the loss of packed
+    pairs (common/training/pair_packing.py) in place of TRL's."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOTrainer
 
@@ -88,7 +93,11 @@ def dpo_trainer_class():
         def _get_eval_sampler(self, eval_dataset):
             return grouped(self, eval_dataset, self.args.eval_batch_size) or super()._get_eval_sampler(eval_dataset)
 
-    return DPOTrainerGrouped
+    class DPOTrainerPacked(DPOTrainerGrouped):
+        def _compute_loss(self, model, inputs, return_outputs):
+            return pair_packing.dpo_loss(self, model, inputs, return_outputs)
+
+    return DPOTrainerPacked if pack_pairs else DPOTrainerGrouped
 
 
 def build_trainer(data_args, training_args, model_args, pairs):
@@ -104,12 +113,13 @@ def build_trainer(data_args, training_args, model_args, pairs):
     policy = PeftModel.from_pretrained(base, data_args.sft_adapter, is_trainable=True)
     facts["compiled"] = compile_layer_by_layer(training_args, policy)
     columns = list(PAIR_FIELDS)
-    trainer = dpo_trainer_class()(
+    trainer = dpo_trainer_class(data_args.pack_pairs)(
         model=policy,
         args=training_args,
         train_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in train]),
         eval_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in test]) if test else None,
         processing_class=tokenizer,
+        data_collator=pair_packing.PackedPairCollator() if data_args.pack_pairs else None,
     )
     policy_from_reference(trainer.model)
     # TRL has tokenised the pairs (and dropped those whose prompt alone fills max_length); drop the ones whose prompt
@@ -122,7 +132,8 @@ def build_trainer(data_args, training_args, model_args, pairs):
     trainer.run_facts = {**facts, "train_records": trained, "eval_records": evaluated,
                          "max_length": training_args.max_length,
                          "dropped_too_long": {"train": len(train) - trained, "eval": len(test) - evaluated},
-                         "test_fraction": data_args.test_fraction, "sft_adapter": str(data_args.sft_adapter)}
+                         "test_fraction": data_args.test_fraction, "sft_adapter": str(data_args.sft_adapter),
+                         "pack_pairs": data_args.pack_pairs}
     return trainer
 
 
@@ -141,6 +152,11 @@ def main(argv=None):
         raise OptionError("DPO under FSDP with both --torch_compile true and --gradient_checkpointing true "
                           "fails in its second step (torch.utils.checkpoint.CheckpointError); pass one of them as "
                           "false (DPO_ARGS=--torch_compile false keeps the memory saving)")
+    if data_args.pack_pairs:
+        if model_args.attn_implementation != varlen.NAME:
+            raise OptionError(f"--pack_pairs needs --attn_implementation {varlen.NAME} (attention over each pair's "
+                              f"shared prompt; it runs on every device), not {model_args.attn_implementation}")
+        pair_packing.check_supported(training_args)
     pairs = read_jsonl(data_args.train_file, required=PAIR_FIELDS)
     if not pairs:
         raise DataError(f"{data_args.train_file}: no preference pairs (all under the margin?)")

@@ -142,6 +142,10 @@ def build_trainer(data_args, training_args, model_args):
     lengths = {split: [len(ids) for ids in r["input_ids"]] if r is not None else [] for split, r in rows.items()}
     rows, keep = drop_too_long_splits(rows, lengths, training_args, data_args.train_file, "conversations")
     kept = {"train": [train[i] for i in keep["train"]], "eval": [test[i] for i in keep["eval"]]}
+    max_length = training_args.max_length
+    if training_args.padding_free and not training_args.packing:
+        # Unpacked padding-free rows: TRL refuses a max_length it would not apply; the rows over it are dropped above.
+        training_args.max_length = None
     dropped = {"train": len(train) - len(kept["train"]), "eval": len(test) - len(kept["eval"])}
     asked = varlen.requested(model_args)
     model = load_for_training(model_args)
@@ -156,7 +160,7 @@ def build_trainer(data_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
     trainer.run_facts = {**facts, "train_records": len(kept["train"]), "eval_records": len(kept["eval"]),
-                         "max_length": training_args.max_length, "dropped_too_long": dropped,
+                         "max_length": max_length, "dropped_too_long": dropped,
                          "train_turns": {str(n): count for n, count in turn_counts(kept["train"]).items()},
                          "test_fraction": data_args.test_fraction, "lora_r": model_args.lora_r,
                          "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout,

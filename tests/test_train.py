@@ -263,11 +263,13 @@ def test_the_frozen_dpo_reference_is_exactly_the_sft_adapter(chain_run, tmp_path
     assert all(abs(metrics[f"rewards/{k}"]) <= FP32_REWARD_TOLERANCE for k in ("margins", "chosen", "rejected"))
     assert abs(loss - math.log(2)) <= FP32_REWARD_TOLERANCE
 
+    from common.training.pair_packing import TREE_KEYS, answer_log_probs
+
     def completion_logps(adapters_on):  # the sum of the chosen and rejected completions' token log-probs
-        ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:]
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids", *TREE_KEYS)}  # the cpu tier packs its pairs
         with torch.no_grad(), (nullcontext() if adapters_on else model.disable_adapter()):
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        return (torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0] * mask).sum(1)
+            out = model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False)
+        return answer_log_probs(out.log_probs, batch["answer_of"], len(batch["tree_cu_seq_lens"]) - 1)
 
     moved = trainer.args.beta * (completion_logps(True) - completion_logps(False)).abs().max().item()
     assert moved > 10 * FP32_REWARD_TOLERANCE, moved  # a base-model reference would fail the check above

@@ -19,8 +19,14 @@ def records():
 
 
 def every_row(trainer):
-    """Every collated row the trainer would train on, over a whole epoch."""
+    """Every collated row the trainer would train on, over a whole epoch (of packed DPO pairs: each answer)."""
     for batch in trainer.get_train_dataloader():
+        if "answer_of" in batch:  # one row of pairs: each answer's tokens apart
+            for answer in batch["answer_of"].unique().tolist():
+                if answer >= 0:
+                    own = batch["answer_of"] == answer
+                    yield {"input_ids": batch["input_ids"][0][own], "labels": batch["labels"][0][own]}
+            continue
         for k in range(len(batch["input_ids"])):
             yield {key: batch[key][k] for key in ("input_ids", "labels", "completion_mask") if key in batch}
 
@@ -81,14 +87,18 @@ def sft_adapter(tmp_path_factory, smol):
 
 
 def build_dpo(tmp_path, sft_adapter, pairs, monkeypatch=None):
+    """The cpu tier's DPO trainer (packed pairs); the control (monkeypatch given): no pair dropped, TRL's own padded
+    rows, which cut a row at max_length."""
     import dpo
 
-    if monkeypatch is not None:  # the control: no pair dropped
+    trl_rows = []
+    if monkeypatch is not None:
         keep_every_row(monkeypatch)
+        trl_rows = ["--pack_pairs", "false", "--attn_implementation", "sdpa"]
     args = dpo.parse_args([
         "--config", str(REPO / "env/cpu/dpo.yaml"), "--model_name_or_path", "embedded:smollm2", "--sft_adapter",
         str(sft_adapter), "--train_file", "unused", "--output_dir", str(tmp_path / "dpo"), "--max_length",
-        str(MAX_LENGTH), "--test_fraction", "0", "--dtype", "float32"])
+        str(MAX_LENGTH), "--test_fraction", "0", "--dtype", "float32", *trl_rows])
     return dpo.build_trainer(*args, pairs)
 
 
@@ -120,6 +130,7 @@ def test_dpo_drops_long_pairs_and_never_rejects_a_cut_answer(tmp_path, sft_adapt
     assert [(p["id"], p["rejected"][0]["content"]) for p in pairs][-2:] == [("cut", "A peach."), ("long", "Trees.")]
 
     trainer = build_dpo(tmp_path, sft_adapter, pairs)
+    assert trainer.run_facts["pack_pairs"]
     tokenizer = trainer.processing_class
     completions = [trained_text(tokenizer, row) for row in every_row(trainer)]
     assert sorted(completions) == sorted([SHORT + "<|im_end|>\n", "A pear.<|im_end|>\n"] * 4

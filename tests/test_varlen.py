@@ -85,19 +85,42 @@ def test_a_padded_batch_is_unpadded_for_the_kernel(tiny_llama, monkeypatch):
     assert (got[valid] - want[valid]).abs().max() < 1e-5
 
 
-def test_where_the_kernel_cannot_run_sdpa_stays_and_says_why_once(capsys, monkeypatch):
+def test_without_the_flash_kernel_each_sequence_goes_through_sdpa(capsys, monkeypatch):
+    """No CUDA here: "varlen" becomes "varlen_sdpa" (said once), and a packed row's logits and gradients are those of
+    its sequences run one at a time, with real SDPA (no stand-in kernel)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = LlamaForCausalLM(config)
+    reference = LlamaForCausalLM(copy.deepcopy(config))
+    reference.load_state_dict(model.state_dict())
     model.set_attn_implementation("sdpa")
+    reference.set_attn_implementation("sdpa")
     monkeypatch.setattr(varlen.say_once, "__defaults__", (set(),))
-    assert varlen.apply(model, "varlen") == "sdpa"
-    assert varlen.apply(model, "varlen") == "sdpa"
+    assert varlen.apply(model, "varlen") == varlen.SDPA_NAME
+    assert varlen.apply(model, "varlen") == varlen.SDPA_NAME
     err = capsys.readouterr().err
-    assert err.count("training: varlen attention off (") == 1
-    assert "no CUDA GPU" in err or "float32" in err or "has no torch.nn.attention.varlen" in err
-    assert varlen.apply(model, "sdpa") == "sdpa" and capsys.readouterr().err == ""
+    assert err.count("training: Flash varlen kernel off (") == 1
+    assert "no CUDA GPU" in err or "has no torch.nn.attention.varlen" in err
+    assert varlen.apply(reference, "sdpa") == "sdpa" and capsys.readouterr().err == ""
+
+    lengths = [5, 9, 3, 7]
+    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
+    ids = torch.cat(seqs)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed = model(ids, position_ids=positions, use_cache=False).logits[0]
+    alone = torch.cat([reference(s[None], use_cache=False).logits[0] for s in seqs])
+    assert (packed - alone).abs().max() < 1e-5
+    packed.square().mean().backward()
+    alone.square().mean().backward()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+        got, want = model.get_parameter(name).grad, reference.get_parameter(name).grad
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
+    with torch.no_grad():  # control: without boundaries the row is one sequence
+        control = model(ids, use_cache=False).logits[0]
+    assert (control - alone)[lengths[0]:].abs().max() > 1e-2
 
 
 def test_t4_class_gpus_are_refused_before_any_kernel_runs(monkeypatch):

@@ -1,27 +1,35 @@
-"""Padding-free attention for training: PyTorch's Flash varlen kernel behind transformers' attention interface.
+"""Padding-free attention for training: each packed sequence attends to itself alone, behind transformers' attention
+interface, on every device.
 
-A packed micro-batch (TRL's padding-free / BFD packing) is one long row of several sequences whose `position_ids`
-restart at 0. With SDPA, transformers turns that into a block-diagonal mask, which SDPA cannot hand to its flash
-kernel: attention then runs over the whole packed length (8k x 8k for 8 bins of 1024). Here each layer's attention
-is `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10, no extra package) over the sequence boundaries
-instead: `cu_seq_lens_q` from TRL's collator when it sends them, else from the restarting position ids, else from a
-2D padding mask (padded rows are unpadded first) or the plain batch shape.
+A packed micro-batch (TRL's padding-free / BFD packing; DPO's packed pairs, common/training/pair_packing.py) is one
+long row of several sequences whose `position_ids` restart at 0. With plain SDPA, transformers turns that into a
+block-diagonal mask over the whole row (8k x 8k for 8 bins of 1024), which SDPA cannot hand to a fast kernel. Here
+each layer's attention gets the sequences' boundaries instead (`cu_seq_lens_q` from TRL's collator when it sends
+them, else the restarting position ids, else a 2D padding mask (padded rows are unpadded first) or the batch shape)
+and runs one of two kernels, both exact:
+
+- "varlen": `torch.nn.attention.varlen.varlen_attn`, PyTorch's Flash kernel over the boundaries (PyTorch >= 2.10, no
+  extra package; compute capability >= 8.0, bf16/fp16);
+- "varlen_sdpa", everywhere else (a T4, a CPU, float32): the sequences scattered into a (sequences, longest) batch
+  padded on the right and run through SDPA with `is_causal`, which its memory-efficient and flash kernels take
+  without a mask; causal masking alone keeps every real query away from the padding after it. Projections and MLPs
+  still see the packed row (no padding); attention pays for the padding to the longest sequence, not for the row.
 
     asked = requested(model_args)          # before loading: the model loads with SDPA
     model = load_for_training(model_args)
-    apply(model, asked)                    # then switches to "varlen" where the kernel runs here
+    apply(model, asked)                    # then "varlen" where the Flash kernel runs here, else "varlen_sdpa"
 
-"varlen" is the name the tier YAMLs use (`attn_implementation: varlen`). Where the kernel can't run (no CUDA, a GPU
-below compute capability 8.0 such as the T4, float32, a torch without the module, a model with sliding windows or
-attention dropout) `apply` says so once and leaves SDPA: today's path, where transformers builds the block-diagonal
-mask from the position ids (correct, slower).
+A DPO micro-batch packed by pair_packing also passes `tree_index`, `tree_cu_seq_lens`, `tree_max_length` and
+`tree_keep`: the row's tokens gathered into virtual sequences (a pair's shared prompt followed by each of its
+answers), attended as above, and scattered back from the positions listed in `tree_keep`, so each prompt's
+projections and MLPs are computed once for both answers.
 
-On torch 2.11 the kernel has no `is_causal`: causal is `window_size=(-1, 0)`; and keys/values need the query's head
-count, so grouped-query heads are repeated (torch 2.12 takes `enable_gqa`, used where it exists).
+On torch 2.11 the Flash kernel has no `is_causal`: causal is `window_size=(-1, 0)`; and keys/values need the query's
+head count, so grouped-query heads are repeated (torch 2.12 takes `enable_gqa`, used where it exists).
 
 Library internals (transformers 5.17 on the device and 5.24 in the CPU tests): `config._attn_implementation` (the
 attention in use), the mask registry `AttentionMaskInterface` of `transformers.masking_utils` and
-`transformers.integrations.sdpa_attention`'s function for what the kernel does not take.
+`transformers.integrations.sdpa_attention`'s function for what the kernels do not take.
 """
 
 import functools
@@ -33,6 +41,7 @@ from common import say_once
 from common.models import full_attention_only
 
 NAME = "varlen"
+SDPA_NAME = "varlen_sdpa"
 MIN_CAPABILITY = (8, 0)  # PyTorch's flash kernels: Ampere and newer; a T4 is 7.5
 
 
@@ -55,8 +64,8 @@ def takes_gqa():
     return "enable_gqa" in kernel_parameters()
 
 
-def attend(q, k, v, cu, max_len, scale=None, **extra):
-    """The kernel, causal, on (T, H, D) tensors: `window_size=(-1, 0)` where it takes a window (torch 2.11),
+def flash_attend(q, k, v, cu, max_len, scale=None, **extra):
+    """The Flash kernel, causal, on (T, H, D) tensors: `window_size=(-1, 0)` where it takes a window (torch 2.11),
     `is_causal` where that is how it says it; a scale it can't take goes into the queries."""
     params = kernel_parameters()
     kw = dict(extra)
@@ -72,8 +81,27 @@ def attend(q, k, v, cu, max_len, scale=None, **extra):
     return kernel()(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
+def sdpa_attend(q, k, v, cu, max_len, scale=None):
+    """The sequences of (T, H, D) tensors between the `cu` boundaries, each causal, through SDPA: scattered into a
+    batch padded on the right to `max_len`, where `is_causal` alone is exact (a real query sees only the real keys
+    before it), so SDPA's mask-free kernels run. Keys and values have the query's head count."""
+    total, heads, dim = q.shape
+    lengths = cu.diff().long()
+    count = lengths.numel()
+    sequence = torch.repeat_interleave(torch.arange(count, device=q.device), lengths, output_size=total)
+    slot = sequence * max_len + torch.arange(total, device=q.device) - cu[:-1].long()[sequence]
+
+    def padded(x):
+        return x.new_zeros(count * max_len, heads, dim).index_copy(0, slot, x).view(count, max_len, heads,
+                                                                                  dim).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
+                                                           scale=scale)
+    return out.transpose(1, 2).reshape(count * max_len, heads, dim)[slot]
+
+
 def unavailable(dtype, config=None):
-    """Why the varlen kernel can't train this model here, or None when it can."""
+    """Why the Flash varlen kernel can't train this model here, or None when it can."""
     if kernel() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)"
     if not torch.cuda.is_available():
@@ -92,15 +120,15 @@ def unavailable(dtype, config=None):
     try:  # the kernel itself, on a few tokens: a build without it fails here, not inside the first step
         q = torch.randn(6, 2, 64, device="cuda", dtype=dtype, requires_grad=True)
         cu = torch.tensor([0, 2, 6], device="cuda", dtype=torch.int32)
-        attend(q, q, q, cu, 4).sum().backward()
+        flash_attend(q, q, q, cu, 4).sum().backward()
     except Exception as e:  # noqa: BLE001 - any failure means: not here
         return f"the kernel failed on this GPU ({type(e).__name__}: {str(e)[:200]})"
     return None
 
 
 def requested(model_args):
-    """Take "varlen" out of TRL's ModelConfig before loading (transformers knows the name only once registered, and
-    only where the kernel runs): the model loads with SDPA and `apply` switches it. Returns what was asked for."""
+    """Take "varlen" out of TRL's ModelConfig before loading (transformers knows the name only once registered): the
+    model loads with SDPA and `apply` switches it. Returns what was asked for."""
     asked = model_args.attn_implementation
     if asked == NAME:
         model_args.attn_implementation = "sdpa"
@@ -108,18 +136,18 @@ def requested(model_args):
 
 
 def apply(model, asked):
-    """Switch a loaded model to the varlen kernel where `asked` is "varlen" and it runs here; else say once why not
-    (SDPA stays). Returns the attention implementation the model trains with."""
+    """Where `asked` is "varlen", switch a loaded model to the Flash varlen kernel where it runs here, else (saying
+    once why) to "varlen_sdpa", the same boundaries through SDPA. Returns the attention implementation the model
+    trains with."""
     if asked == NAME:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32),
                      model.dtype)
         why = unavailable(dtype, model.config.get_text_config(decoder=True))
         if why:
-            say_once(f"training: varlen attention off ({why}); SDPA instead (packed sequences get a block-diagonal "
-                     "mask: correct, slower)")
-        else:
-            register()
-            model.set_attn_implementation(NAME)
+            say_once(f"training: Flash varlen kernel off ({why}); each packed sequence goes through SDPA instead "
+                     "(exact; attention padded to the micro-batch's longest sequence)")
+        register()
+        model.set_attn_implementation(SDPA_NAME if why else NAME)
     return model.config._attn_implementation
 
 
@@ -127,9 +155,11 @@ def register():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    AttentionInterface.register(NAME, varlen_attention)
+    AttentionInterface.register(NAME, functools.partial(varlen_attention, flash=True))
+    AttentionInterface.register(SDPA_NAME, functools.partial(varlen_attention, flash=False))
     # As for flash attention: no 4D mask is built; a 2D padding mask (or None) comes through as it is.
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    for name in (NAME, SDPA_NAME):
+        AttentionMaskInterface.register(name, flash_attention_mask)
 
 
 def boundaries(batch, length, attention_mask, position_ids, cu_seq_lens, max_length, device):
@@ -154,7 +184,10 @@ def boundaries(batch, length, attention_mask, position_ids, cu_seq_lens, max_len
     return cu, length, None
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+TREE_KEYS = ("tree_index", "tree_cu_seq_lens", "tree_max_length", "tree_keep")
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, flash=True, **kwargs):
     """transformers' attention-function signature: query (B, H, S, D), key/value (B, KV, S, D) -> (B, S, H, D)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -165,24 +198,34 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    cu, max_len, indices = boundaries(batch, length, attention_mask, kwargs.get("position_ids"),
-                                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"), query.device)
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
     gqa = {}
     if kv_heads != heads:
-        if takes_gqa():
+        if flash and takes_gqa():
             gqa = {"enable_gqa": True}
-        else:  # torch 2.11: keys and values need the query's head count (transformers' repeat_kv order)
+        else:  # keys and values with the query's head count (transformers' repeat_kv order)
             groups = heads // kv_heads
             k = k[:, :, :, None].expand(batch, length, kv_heads, groups, dim).reshape(batch, length, heads, dim)
             v = v[:, :, :, None].expand(batch, length, kv_heads, groups, dim).reshape(batch, length, heads, dim)
     k = k.reshape(batch * length, -1, dim)
     v = v.reshape(batch * length, -1, dim)
+    if kwargs.get("tree_index") is not None:  # packed DPO pairs: a prompt shared by two virtual sequences
+        indices, keep = kwargs["tree_index"], kwargs["tree_keep"]
+        cu, max_len = kwargs["tree_cu_seq_lens"].to(torch.int32), int(kwargs["tree_max_length"])
+    else:
+        cu, max_len, indices = boundaries(batch, length, attention_mask, kwargs.get("position_ids"),
+                                          kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"), query.device)
+        keep = None
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]
-    out = attend(q, k, v, cu, max_len, scale=scaling, **gqa)
+    if flash:
+        out = flash_attend(q, k, v, cu, max_len, scale=scaling, **gqa)
+    else:
+        out = sdpa_attend(q, k, v, cu, max_len, scale=scaling)
     if indices is not None:
+        if keep is not None:
+            indices, out = indices[keep], out[keep]
         out = out.new_zeros(batch * length, heads, dim).index_copy(0, indices, out)
     return out.reshape(batch, length, heads, dim), None
