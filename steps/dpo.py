@@ -109,7 +109,10 @@ def build_trainer(data_args, training_args, model_args, pairs):
     tokenizer = load_tokenizer(data_args.sft_adapter)
     asked = varlen.requested(model_args)
     base = load_for_training(model_args)
-    facts = {"attn_implementation": varlen.apply(base, asked)}
+    facts = {"attn_implementation": varlen.apply(base, asked, training_args.max_length)}
+    if data_args.pack_pairs and facts["attn_implementation"] not in (varlen.NAME, varlen.SDPA_NAME):
+        raise OptionError(f"--pack_pairs needs attention per sequence, which is off for this model (see above); "
+                          "pass --pack_pairs false")
     policy = PeftModel.from_pretrained(base, data_args.sft_adapter, is_trainable=True)
     facts["compiled"] = compile_layer_by_layer(training_args, policy)
     columns = list(PAIR_FIELDS)

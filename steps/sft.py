@@ -149,7 +149,7 @@ def build_trainer(data_args, training_args, model_args):
     dropped = {"train": len(train) - len(kept["train"]), "eval": len(test) - len(kept["eval"])}
     asked = varlen.requested(model_args)
     model = load_for_training(model_args)
-    facts = {"attn_implementation": varlen.apply(model, asked),
+    facts = {"attn_implementation": varlen.apply(model, asked, max_length),
              "compiled": compile_layer_by_layer(training_args, model)}
     trainer = SFTTrainer(
         model=model,

@@ -132,3 +132,21 @@ def test_t4_class_gpus_are_refused_before_any_kernel_runs(monkeypatch):
     assert "compute capability 7.5" in varlen.unavailable(torch.float16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert "float32" in varlen.unavailable(torch.float32)
+
+
+def test_a_sliding_window_longer_than_every_row_changes_nothing(capsys, monkeypatch):
+    """Mistral-7B-v0.1's 4,096-token window: with rows dropped above max_length 1,024, attention per whole sequence
+    is the model's own; above the window it is not, and SDPA with transformers' masks stays (said once)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, sliding_window=4096)
+    assert varlen.unsuited(config, 1024) is None
+    assert "window 4096, max_length 8192" in varlen.unsuited(config, 8192)
+    assert varlen.unsuited(config, None)  # no bound on the rows: not exact
+    model = MistralForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(varlen.say_once, "__defaults__", (set(),))
+    assert varlen.apply(model, "varlen", 8192) == "sdpa"
+    assert "varlen attention off (sliding-window attention" in capsys.readouterr().err
+    assert varlen.apply(model, "varlen", 1024) == varlen.SDPA_NAME  # no CUDA here

@@ -100,8 +100,19 @@ def sdpa_attend(q, k, v, cu, max_len, scale=None):
     return out.transpose(1, 2).reshape(count * max_len, heads, dim)[slot]
 
 
-def unavailable(dtype, config=None):
-    """Why the Flash varlen kernel can't train this model here, or None when it can."""
+def unsuited(config, max_length):
+    """Why attention per whole sequence would not be this model's attention (None: it is). A sliding window changes
+    nothing where no sequence is longer than it, and the steps drop every row longer than max_length."""
+    window = getattr(config, "sliding_window", None)
+    if not full_attention_only(config) and (max_length is None or not window or window < max_length):
+        return f"sliding-window attention (window {window}, max_length {max_length})"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout"
+    return None
+
+
+def unavailable(dtype):
+    """Why the Flash varlen kernel can't run here, or None when it can."""
     if kernel() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)"
     if not torch.cuda.is_available():
@@ -112,11 +123,6 @@ def unavailable(dtype, config=None):
                 f"kernel needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
     if dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {str(dtype).removeprefix('torch.')} (the flash kernel takes bfloat16 and float16)"
-    if config is not None:
-        if not full_attention_only(config):
-            return "sliding-window attention"
-        if getattr(config, "attention_dropout", 0.0):
-            return "attention dropout"
     try:  # the kernel itself, on a few tokens: a build without it fails here, not inside the first step
         q = torch.randn(6, 2, 64, device="cuda", dtype=dtype, requires_grad=True)
         cu = torch.tensor([0, 2, 6], device="cuda", dtype=torch.int32)
@@ -135,14 +141,19 @@ def requested(model_args):
     return asked
 
 
-def apply(model, asked):
+def apply(model, asked, max_length=None):
     """Where `asked` is "varlen", switch a loaded model to the Flash varlen kernel where it runs here, else (saying
-    once why) to "varlen_sdpa", the same boundaries through SDPA. Returns the attention implementation the model
-    trains with."""
+    once why) to "varlen_sdpa", the same boundaries through SDPA; where attention per sequence is not this model's
+    (`unsuited`: a sliding window shorter than max_length) SDPA stays, with transformers' own masks. Returns the
+    attention implementation the model trains with."""
     if asked == NAME:
+        misfit = unsuited(model.config.get_text_config(decoder=True), max_length)
+        if misfit:
+            say_once(f"training: varlen attention off ({misfit}); SDPA with transformers' masks")
+            return model.config._attn_implementation
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32),
                      model.dtype)
-        why = unavailable(dtype, model.config.get_text_config(decoder=True))
+        why = unavailable(dtype)
         if why:
             say_once(f"training: Flash varlen kernel off ({why}); each packed sequence goes through SDPA instead "
                      "(exact; attention padded to the micro-batch's longest sequence)")
