@@ -231,8 +231,9 @@ push-data: $(RUN)/dataset  ## uploads RUN/dataset to HUB_DATASET
 ## TEST_WORKERS: pytest-xdist processes (auto: one a core; PYTEST_ARGS: more pytest flags)
 TEST_WORKERS ?= auto
 # -rs lists each skip with its reason; a skip tests/conftest.py does not declare (EXPECTED_SKIPS) fails the session.
+# bench/ on PYTHONPATH too: its scripts import each other by name, and so do the tests of them.
 test: | $(DEPS) $(DEFAULT_MODEL_DIR) test-browser  ## the test suite (pytest, on the embedded default)
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) tests $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR)/bench:$$PYTHONPATH $(PY) -m pytest -q -rs -n $(TEST_WORKERS) tests $(PYTEST_ARGS)
 # The report-png test's browser, Debian's chromium: installed where make runs as root with apt-get (CI); elsewhere
 # that test skips, as declared.
 test-browser:  ## Debian's chromium for the report-png test, where make runs as root with apt-get

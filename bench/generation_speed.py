@@ -42,7 +42,7 @@ from timing import gpu_slug, sync_time
 from provenance import provenance
 
 from common.generation import fastgen
-from common.generation.fastgen import uncompile_pointwise
+from common.generation.patching import uncompile_pointwise
 from common.generation.sampling import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -125,7 +125,7 @@ def main():
     p.add_argument("--loglik-tokens", type=int, default=16384)
     p.add_argument("--load-in-4bit", action="store_true")
     p.add_argument("--lora", action="store_true", help="also with a LoRA adapter, unmerged and merged")
-    p.add_argument("--compile", action="store_true", help="then again with fastgen.compile_pointwise")
+    p.add_argument("--compile", action="store_true", help="then again with patching.compile_pointwise")
     p.add_argument("--tag", default="")
     args = p.parse_args()
 
@@ -148,7 +148,7 @@ def main():
         row, plain[kind] = profile(model, kind, reqs, args, device, peak, params)
         result["tasks"].append(row)
     if args.compile:  # the generation engine's compiled norms, MLPs and rotary embedding, on the scorer's forwards
-        from common.generation.fastgen import compile_pointwise
+        from common.generation.patching import compile_pointwise
 
         result["compiled"] = compile_pointwise(model)
         for kind, reqs in work.items():

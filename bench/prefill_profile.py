@@ -8,7 +8,7 @@ randomly initialised model built from a real config.
    work (fastgen.on_device, from pinned memory) and, as before they were, plain copies from pageable memory, each of
    which waits for the GPU to finish everything queued before it.
 2. The decoding step's CUDA graph per slot bucket (every slot at 280-840 keys) with the query, key and value
-   projections fused into one GEMM (fastgen.fuse_projections, as the engine runs) and apart.
+   projections fused into one GEMM (patching.fuse_projections, as the engine runs) and apart.
 3. The 32 layers' linear layers alone at several row counts (CUDA graphs): q/k/v and gate/up apart or fused.
 4. With --overlap N,...: a prefill and N decoding steps of the largest bucket, one after the other on one stream, and
    the prefill on a second stream while the steps run (both streams at default priority, then the steps on a
@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common.generation import fastgen
+from common.generation import fastgen, patching
 from generation_speed import PAD, build_model
 from provenance import provenance
 from step_profile import fill_slots, kind
@@ -115,7 +115,7 @@ def steps(generator, buckets, mean_keys):
     results = defaultdict(dict)
     for projections in ("fused", "apart"):
         if projections == "apart":
-            fastgen.unfuse_projections(generator.model)
+            patching.unfuse_projections(generator.model)
             generator.drop_graphs()
         for bucket in buckets:
             generator.step(bucket, L)  # capture (and compile on first use)

@@ -19,15 +19,12 @@ import argparse
 import json
 import random
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "steps"))
-
-from provenance import REPO, provenance  # noqa: E402
+from provenance import REPO, provenance
 
 TIERS = ("cpu", "t4", "a100", "h100")
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Tests reach the shared package as everything outside steps/ does: steps/ on PYTHONPATH (`make test` exports it).
-if importlib.util.find_spec("common") is None:
-    raise pytest.UsageError("steps/ is not on PYTHONPATH: run `make test`, or `PYTHONPATH=steps python -m pytest tests`")
+# Tests reach the shared package as everything outside steps/ does: steps/ on PYTHONPATH; and the bench scripts as they
+# reach each other: bench/ on it too (`make test` sets both).
+if importlib.util.find_spec("common") is None or importlib.util.find_spec("provenance") is None:
+    raise pytest.UsageError("steps/ and bench/ should be on PYTHONPATH: run `make test`, or "
+                            "`PYTHONPATH=steps:bench python -m pytest tests`")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach for the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One thread a process: the test chain runs in the background beside the tests (BackgroundChain), one core each, and

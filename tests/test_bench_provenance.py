@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
-import provenance  # (bench/ is not a package: its scripts import each other by name)
+import provenance  # bench/ on PYTHONPATH (tests/conftest.py)
 
 RESULTS = sorted((REPO / "bench" / "results").glob("*.json"))
 

@@ -18,7 +18,7 @@ import torch
 from conftest import NearTie, assert_same_greedy_rows
 from transformers import LogitsProcessorList
 
-from common.generation import engines, fastgen
+from common.generation import engines, fastgen, patching
 from common.generation.chat import end_of_turn, prepare_tokenizer, prompt_text
 from common.generation.engines import LoopCriterion, TransformersEngine, stop_ids
 from common.generation.sampling import Sampling, looping
@@ -796,15 +796,15 @@ def test_compiling_swaps_each_models_rotary_embedding_while_a_generator_lives(fa
                         lambda name, *rest: object() if name == "triton" else find_spec(name, *rest))
     monkeypatch.setattr(torch, "compile", recording_compile)
     try:
-        assert fastgen.compile_pointwise(model)
-        assert not fastgen.compile_pointwise(model)  # already compiled: nothing more
+        assert patching.compile_pointwise(model)
+        assert not patching.compile_pointwise(model)  # already compiled: nothing more
         swapped = home.apply_rotary_pos_emb
         assert swapped is not original and swapped.sit_original is original
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3]]))
         assert called["apply_rotary_pos_emb"] == config.num_hidden_layers
     finally:
-        fastgen.uncompile_pointwise(model)
+        patching.uncompile_pointwise(model)
     assert home.apply_rotary_pos_emb is original
     assert not any(hasattr(m, "sit_compiled") for m in model.modules())
 
@@ -820,8 +820,8 @@ def test_fused_projections_give_the_same_logits_share_one_weight_and_come_apart_
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        assert fastgen.fuse_projections(model) == config.num_hidden_layers
-        assert fastgen.fuse_projections(model) == 0  # already fused
+        assert patching.fuse_projections(model) == config.num_hidden_layers
+        assert patching.fuse_projections(model) == 0  # already fused
         attention = model.model.layers[0].self_attn
         q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
         assert q.weight.untyped_storage().data_ptr() == k.weight.untyped_storage().data_ptr()
@@ -841,7 +841,7 @@ def test_fused_projections_give_the_same_logits_share_one_weight_and_come_apart_
         query, key = q(prompt), k(prompt)
         assert key.data_ptr() != query.data_ptr() + q.out_features * query.element_size()
         torch.testing.assert_close(key, torch.nn.functional.linear(prompt, k.weight, k.bias))
-        fastgen.unfuse_projections(model)
+        patching.unfuse_projections(model)
         assert "forward" not in vars(q) and not hasattr(attention, "sit_fused")
         assert q.weight.untyped_storage().data_ptr() != k.weight.untyped_storage().data_ptr()
         torch.testing.assert_close(model(input_ids=ids).logits, before)

@@ -1,12 +1,8 @@
 """bench/schedule_replay.py: the paged engine's scheduling replayed on the CPU with no-op steps."""
 
 import json
-import sys
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-import generation_speed  # (bench/ is not a package: its scripts import each other by name)
+import generation_speed  # bench/ on PYTHONPATH (tests/conftest.py)
 import schedule_replay
 
 SMALL = ["--requests", "48", "--cap", "256", "--median", "40", "--prompt-min", "4", "--prompt-max", "40",

@@ -8,6 +8,8 @@ The training side never imports this package.
 - sanitize.py       Magpie's instruction sanitizing for Llama-3.x
 - engines.py        the engines behind one call, `engine.sample(prompts, sampling, seed)`
 - fastgen.py        the fast path: continuous batching over a paged KV cache, CUDA graphs, 4-bit models too
+- patching.py       what the fast path changes in a model while it lives (compiled norms/MLPs, fused q/k/v,
+                    its attention), undone once (ModelPatches)
 - decode_kernel.py  the Triton decoding attention over the paged cache
 - eval_engine.py    lm-eval's HFLM with its generative requests answered by the fast path, its log-likelihood ones
                     by loglik.py

@@ -16,9 +16,9 @@ slot, where reading those keys takes ~85 us. Here a program holds one slot's KV 
 
 `available()` says whether it can run here (triton and a CUDA GPU; on a T4, sm75, triton computes `tl.dot` in fp16
 without bf16); fastgen checks its output against a plain forward before it is used, and decodes with SDPA where it
-is not. Measured against flash attention by an earlier form of bench/decode_attention.py
-(bench/results/decode-attention-h200.json: 1.9x at 256 slots, 3.7x at 8, at ~4 TB/s); the script now times the
-longest-first order against slot order (decode-attention-h200-order.json).
+is not. Against flash attention it is 1.9x faster at 256 slots and 3.7x at 8, at ~4 TB/s
+(bench/results/decode-attention-h200.json); bench/decode_attention.py times the longest-first order against slot
+order (decode-attention-h200-order.json).
 """
 
 import functools

@@ -18,12 +18,12 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
   more step, so the GPU does not idle while the host admits, moves and grows rows. What the host sends the GPU
   (block-table entries, prefill inputs, new rows) goes from pinned memory, queued behind the GPU's work (on_device).
 - On a GPU each attention layer's query, key and value projections run as one GEMM in decoding steps
-  (fuse_projections: their weights become slices of one tensor); a prefill runs them apart.
+  (common/generation/patching.py: their weights become slices of one tensor); a prefill runs them apart.
 - Decoding attention on a GPU: a Triton kernel of ours (common/generation/decode_kernel.py) reads each slot's pages
   in place through the block table, only the keys the row holds (fp16 or bf16; it runs on a T4 too). Elsewhere, or
   where it disagrees with a plain forward, SDPA over the pages (a view or a contiguous copy) under a mask over the
   first Lb positions (Lb: the longest live row, rounded up to LENGTH_BUCKET). Flash attention's varlen kernel takes
-  no block table in torch 2.11 and was 1.9-3.7x slower than the Triton kernel
+  no block table in torch 2.11 and is 1.9-3.7x slower than the Triton kernel
   (bench/results/decode-attention-h200.json), so it only serves packed prefills.
 - Prefill: new prompts are packed into one row (no padding) whose keys and values are scattered into their pages;
   free slots wait until ADMIT_FRACTION of them can be filled at once. Identical prompts are prefilled once
@@ -38,15 +38,11 @@ of our own passed to the model's forward (the keyword is `cache` from 5.2x on, `
 attention masks and extra keywords (`block_table`, `decode_kernel`) passed through to the attention function
 unchanged, the attention registries of `transformers.masking_utils` and the SDPA function of
 `transformers.integrations.sdpa_attention`; `config._attn_implementation` (the attention in use, put back by
-close()); `module._compiled_call_impl` (undoing `Module.compile`); the q/k/v projections' `forward`, set on each
-`nn.Linear` while a generator lives (fuse_projections, on the order in which the attention calls them; a model that
-calls them otherwise gets each its own GEMM); each modeling module's `apply_rotary_pos_emb`
-(replaced by its compiled form while a generator lives); `torch.ops.aten._flash_attention_forward` (packed
-prefills). make_generator checks the mechanism on the model itself (one prefill and one decoding step against a
+close()); the model patches of common/generation/patching.py (compiled norms, MLPs and rotary embedding, fused
+q/k/v projections), undone by close(); `torch.ops.aten._flash_attention_forward` (packed prefills). make_generator checks the mechanism on the model itself (one prefill and one decoding step against a
 plain forward) and returns why not where it fails; the engine then uses plain `generate`.
 """
 
-import functools
 import inspect
 import itertools
 import math
@@ -58,6 +54,7 @@ import torch
 
 from common import SetupError
 from common.generation import decode_kernel
+from common.generation.patching import ModelPatches
 from common.generation.sampling import logits_processors, looping
 from common.models import full_attention_only
 
@@ -225,18 +222,25 @@ class SlotGenerator:
         self.cache_kw = cache_argument(model)
         self.cache = None
         self.graphs, self.pool = {}, None
-        self.attention_before = model.config._attn_implementation  # close() puts it back
-        use_slot_attention(model)
         self.kernel = decode_kernels(self.device)[0]  # decoding attention; make_generator checks it, falls back
         if compiled is None:  # SIT_COMPILE_DECODE=0: eager norms and MLPs
             compiled = self.graphs_on and os.environ.get("SIT_COMPILE_DECODE", "1") == "1"
-        self.compiled = compiled and compile_pointwise(model)
-        self.fused = self.device.type == "cuda" and fuse_projections(model) > 0  # a GPU's GEMMs gain from it
+        with ModelPatches(model) as self.patches:  # close() undoes them; a failure here already has
+            self.patches.apply(use_slot_attention, compile=compiled,
+                               fuse=self.device.type == "cuda")  # a GPU's GEMMs gain from fusing
         self.stats = Counter()  # decoding steps per slot bucket, prefills, preemptions: where a run's time went
         self.timing = False  # bench: time each prefill (CUDA events around it) into stats["prefill_s"]
         self.prefill_events = []
         self.admit_fraction = ADMIT_FRACTION
         self.prefill_tokens = PREFILL_TOKENS  # fewer where GPU memory is short (fit_pages)
+
+    @property
+    def compiled(self):
+        return self.patches.compiled
+
+    @property
+    def fused(self):
+        return self.patches.fused
 
     @property
     def reads_lengths(self):
@@ -331,18 +335,13 @@ class SlotGenerator:
         the KV cache and graphs dropped and their memory handed back to the GPU."""
         self.cache = None
         self.drop_graphs()
-        if self.model.config._attn_implementation != self.attention_before:
-            self.model.set_attn_implementation(self.attention_before)
-        uncompile_pointwise(self.model)
-        self.compiled = False
-        unfuse_projections(self.model)
-        self.fused = False
+        self.patches.undo()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def drop_graphs(self):
         """Forget the captured graphs, and their memory pool with them: a later capture into the pool of graphs that
-        are gone fails inside PyTorch's allocator (an internal assert, seen when the cache grew for longer prompts)."""
+        are gone fails inside PyTorch's allocator (an internal assert), e.g. once the cache grows for longer prompts."""
         self.graphs, self.pool = {}, None
 
     # ---- one decoding step ----------------------------------------------------------------------------------------
@@ -724,126 +723,6 @@ class SlotGenerator:
 
 
 SLOT_ATTENTION = "sit_slots"
-POINTWISE_MODULES = ("RMSNorm", "MLP")  # class-name endings: Llama, Qwen2, Mistral, SmolLM2 (Llama) all have them
-ROPE_FUNCTION = "apply_rotary_pos_emb"  # the rotary embedding, a function of each of those models' modeling module
-
-
-def compile_pointwise(model):
-    """Compile the model's norms, MLPs and rotary embedding (rope_home), with dynamic shapes: each compiles once and
-    serves every layer, every slot bucket and every prefill. A decoding step is ~45 small kernels a layer when eager
-    (RMSNorm alone is seven, the rotary embedding ten), which the CUDA graph replays but still runs one by one;
-    compiled, a norm, the SiLU gate or the rotary embedding is one or two fused kernels: the 8B model's step went
-    from 1,072 kernels to 568, 23.7 ms to 22.3 at 512 rows (bench/results/step-profile-h200-fused.json). Attention,
-    with the cache's Python-side bookkeeping, stays eager. True where anything was compiled (nothing without
-    `torch.compile` support, e.g. no triton)."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:  # inductor's GPU backend
-        return False
-    compiled = 0
-    for module in model.modules():
-        if type(module).__name__.endswith(POINTWISE_MODULES) and not hasattr(module, "sit_compiled"):
-            module.compile(dynamic=True)
-            module.sit_compiled = True
-            compiled += 1
-        home = rope_home(module)
-        rope = getattr(home, ROPE_FUNCTION, None)
-        if home is not None and not hasattr(rope, "sit_original"):
-            fast = torch.compile(rope, dynamic=True)
-            fast.sit_original = rope
-            setattr(home, ROPE_FUNCTION, fast)
-            compiled += 1
-    return compiled > 0
-
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # an attention module's input projections, called in this order
-
-
-def fuse_projections(model):
-    """Run each attention layer's query, key and value projections as one GEMM: their weights (and biases) become
-    slices of one tensor (no extra memory) and q_proj computes all three, which k_proj and v_proj then hand back. At
-    512 rows of the 8B model the key and value GEMMs (1,024 outputs each) leave most of an H200 idle: the three
-    take 1.50 ms a step over 32 layers, one takes 1.18; the decoding step at 8-256 rows takes 0.33-0.40 ms less
-    (bench/results/prefill-profile-h200.json); at 512 rows it is a wash. Decoding only (one token a row): a
-    prefill's GEMMs gain nothing from it and its rotary embedding ran slower on the slices (9.4 against 7.1 ms a
-    prefill of 3,536 tokens, bench/results/prefill-explore-h200.json). Only plain `nn.Linear` projections of one
-    dtype (not 4-bit or LoRA layers). How many attention layers were fused."""
-    fused = 0
-    for module in model.modules():
-        layers = [getattr(module, name, None) for name in PROJECTIONS]
-        if (hasattr(module, "sit_fused") or not all(type(layer) is torch.nn.Linear for layer in layers)
-                or any("forward" in vars(layer) for layer in layers)  # hooked already (accelerate): left alone
-                or len({layer.weight.dtype for layer in layers}) > 1
-                or len({layer.bias is None for layer in layers}) > 1):
-            continue
-        sizes = [layer.out_features for layer in layers]
-        weight = torch.cat([layer.weight.data for layer in layers])
-        bias = None if layers[0].bias is None else torch.cat([layer.bias.data for layer in layers])
-        for layer, w, b in zip(layers, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * 3):
-            layer.weight.data = w  # the separate tensors are freed: each layer's weights are now a slice of one
-            if b is not None:
-                layer.bias.data = b
-        held = {}  # what q_proj computed for the others, and from which input
-
-        def project(x, weight=weight, bias=bias, sizes=sizes, held=held, own=layers[0]):
-            if x.dim() != 3 or x.shape[1] != 1:  # not a decoding step: k_proj and v_proj run their own GEMMs
-                return torch.nn.functional.linear(x, own.weight, own.bias)
-            query, held[1], held[2] = torch.nn.functional.linear(x, weight, bias).split(sizes, dim=-1)
-            held["input"] = x
-            return query
-
-        def reuse(x, k, layer, held=held):
-            # a model that calls them in another order or on other inputs gets each layer's own GEMM
-            out = held.get(k) if held.get("input") is x else None
-            if k == 2:  # the last of the three: nothing outlives the layer's call
-                held.clear()
-            return out if out is not None else torch.nn.functional.linear(x, layer.weight, layer.bias)
-
-        layers[0].forward = project
-        layers[1].forward = functools.partial(reuse, k=1, layer=layers[1])
-        layers[2].forward = functools.partial(reuse, k=2, layer=layers[2])
-        module.sit_fused = True
-        fused += 1
-    return fused
-
-
-def unfuse_projections(model):
-    """Undo fuse_projections: separate weights again (a copy each, so that nothing shares memory, e.g. for
-    save_pretrained) and the projections' own forward."""
-    for module in model.modules():
-        if not hasattr(module, "sit_fused"):
-            continue
-        for name in PROJECTIONS:
-            layer = getattr(module, name)
-            del layer.forward
-            layer.weight.data = layer.weight.data.clone()
-            if layer.bias is not None:
-                layer.bias.data = layer.bias.data.clone()
-        del module.sit_fused
-
-
-def rope_home(module):
-    """The modeling module whose `apply_rotary_pos_emb` an attention module calls (by its global name), or None. The
-    swap is module-wide: while one generator lives, every model of that family in the process runs the compiled
-    form (the same arithmetic)."""
-    if not type(module).__name__.endswith("Attention"):
-        return None
-    home = sys.modules.get(type(module).__module__)
-    return home if callable(getattr(home, ROPE_FUNCTION, None)) else None
-
-
-def uncompile_pointwise(model):
-    """Undo compile_pointwise: the modules and the rotary embedding run eagerly again."""
-    for module in model.modules():
-        if hasattr(module, "sit_compiled"):
-            module._compiled_call_impl = None
-            del module.sit_compiled
-        home = rope_home(module)
-        rope = getattr(home, ROPE_FUNCTION, None)
-        if hasattr(rope, "sit_original"):
-            setattr(home, ROPE_FUNCTION, rope.sit_original)
-
-
 def flash_varlen_available():
     """PyTorch's flash kernel: built in, switched on, and a GPU it runs on (Ampere or newer; not a T4)."""
     return (hasattr(torch.ops.aten, "_flash_attention_forward") and torch.backends.cuda.flash_sdp_enabled()
@@ -938,13 +817,12 @@ def checked(generator):
     except Exception as e:
         if not generator.compiled:
             raise
-        uncompile_pointwise(generator.model)
-        generator.compiled = False
+        generator.patches.uncompile()
         generator.drop_graphs()
         try:
             error = generator.check()
         except Exception:
-            generator.compiled = compile_pointwise(generator.model)
+            generator.patches.recompile()
             raise
         print(f"generation: compiled decoding off ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr, flush=True)
         return error
@@ -961,7 +839,6 @@ def make_generator(model, pad_token_id, slots=None):
         return None, "a model split over devices"
     if not full_attention_only(model.config.get_text_config(decoder=True)):
         return None, "sliding-window attention"
-    attention = model.config._attn_implementation
     generator = None
     try:
         generator = SlotGenerator(model, pad_token_id, slots=slots or 128)
@@ -980,13 +857,8 @@ def make_generator(model, pad_token_id, slots=None):
             generator.kernel = last
             error = checked(generator)
     except Exception as e:  # what the mechanism needs is missing or changed in this transformers version
-        if generator is not None:
+        if generator is not None:  # (a generator that failed to build has undone its own patches)
             generator.close()
-        else:
-            uncompile_pointwise(model)
-            unfuse_projections(model)
-            if model.config._attn_implementation != attention:
-                model.set_attn_implementation(attention)
         return None, f"the fast path does not run on this model or transformers version ({type(e).__name__}: {e})"
     if error is not None:
         generator.close()
