@@ -366,13 +366,13 @@ def replay_at(generator, graph, slots, keys):
     pages of its own where the cache is paged (in the run the rows' keys came from HBM, not from one cached page)."""
     paged = hasattr(generator, "grow")  # the unpaged engine: each slot's keys lie in a region of its own
     if paged:
-        keys = min(keys, len(generator.free_pages) // slots * fastgen.PAGE)
-        generator.grow({s: keys for s in range(slots)})
+        keys = min(keys, len(generator.pages.free) // slots * fastgen.PAGE)
+        generator.pages.grow({s: keys for s in range(slots)})
     generator.cache.positions[:slots, 0] = keys - 1
     _, t = sync_time(lambda: [graph.replay() for _ in range(10)])
     generator.cache.positions.zero_()
     if paged:
-        generator.release(list(range(slots)))
+        generator.pages.release(list(range(slots)))
     return t / 10
 
 

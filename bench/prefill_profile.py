@@ -81,7 +81,7 @@ def prefills(generator, sizes, body, reps):
     for size in sizes:
         prompts, tokens = random_prompts(size, rng)
         assignments = list(enumerate(prompts))
-        generator.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
+        generator.pages.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
         for copies in ("queued", "pageable"):
             original = fastgen.on_device
             if copies == "pageable":
@@ -104,7 +104,7 @@ def prefills(generator, sizes, body, reps):
                    "ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items())}}
             results.append(row)
             print(json.dumps(row), flush=True)
-        generator.release(list(range(len(prompts))))
+        generator.pages.release(list(range(len(prompts))))
     return results
 
 
@@ -120,7 +120,7 @@ def steps(generator, buckets, mean_keys):
         for bucket in buckets:
             generator.step(bucket, L)  # capture (and compile on first use)
             results[bucket][f"{projections}_ms"] = round(gpu_ms(lambda b=bucket: generator.step(b, L), 20), 3)
-    generator.release(list(range(S)))
+    generator.pages.release(list(range(S)))
     for bucket, row in results.items():
         print(json.dumps({"slots": bucket, **row}), flush=True)
     return [{"slots": b, **row} for b, row in results.items()]
@@ -133,7 +133,7 @@ def overlap(generator, size, bucket, counts, mean_keys, reps):
     fill_slots(generator, mean_keys)
     prompts, tokens = random_prompts(size, random.Random(1))
     assignments = list(enumerate(prompts))
-    generator.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
+    generator.pages.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
     generator.step(bucket, L)
     side, high = torch.cuda.Stream(), torch.cuda.Stream(priority=-100)  # out of range: the highest there is
     results = []
@@ -167,7 +167,7 @@ def overlap(generator, size, bucket, counts, mean_keys, reps):
                "overlapped_steps_high_priority_ms": round(gpu_ms(lambda: overlapped(steps_stream=high), reps), 2)}
         results.append(row)
         print(json.dumps(row), flush=True)
-    generator.release(list(range(generator.cache.slots)))
+    generator.pages.release(list(range(generator.cache.slots)))
     return results
 
 

@@ -45,7 +45,7 @@ def fill_slots(generator, mean_keys):
     cache = generator.cache
     torch.manual_seed(0)
     lengths = torch.randint(mean_keys // 2, mean_keys * 3 // 2, (cache.slots,))
-    generator.grow({s: int(lengths[s]) + 1 for s in range(cache.slots)})
+    generator.pages.grow({s: int(lengths[s]) + 1 for s in range(cache.slots)})
     cache.positions[:, 0] = lengths.to(generator.device)
 
 

@@ -21,6 +21,7 @@ from transformers import LogitsProcessorList
 from common.generation import engines, fastgen, patching
 from common.generation.chat import end_of_turn, prepare_tokenizer, prompt_text
 from common.generation.engines import LoopCriterion, TransformersEngine, stop_ids
+from common.generation.pages import PageTable
 from common.generation.sampling import Sampling, looping
 from common.models import load_causal_lm, load_tokenizer
 
@@ -198,24 +199,25 @@ def test_tail_compaction_moves_live_rows_to_the_lowest_slots(fast_model, tokeniz
 
 # ---- the paged KV cache --------------------------------------------------------------------------------------------
 
-def page_spy(generator):
+def page_spy(generator, monkeypatch):
     """Record, at every decoding step, how many slots hold pages and how many pages are in use; and every page
-    handed to a slot, with the request the slot held then (pages_of lists are per slot)."""
+    handed to a slot, with the request the slot held then (PageTable.held lists are per slot)."""
     in_use, handed = [], []
-    step, grow = generator.step, generator.grow
+    step, grow = generator.step, PageTable.grow
 
     def spy_step(slots, length):
-        owners = [s for s, pages in enumerate(generator.pages_of) if pages]
-        in_use.append((len(owners), sum(len(generator.pages_of[s]) for s in owners)))
+        owners = [s for s, pages in enumerate(generator.pages.held) if pages]
+        in_use.append((len(owners), sum(len(generator.pages.held[s]) for s in owners)))
         return step(slots, length)
 
-    def spy_grow(wanted):
-        before = {s: list(generator.pages_of[s]) for s in wanted}
-        grow(wanted)
+    def spy_grow(pages, wanted):
+        before = {s: list(pages.held[s]) for s in wanted}
+        grow(pages, wanted)
         for s in wanted:
-            handed.extend((s, p) for p in generator.pages_of[s][len(before[s]):])
+            handed.extend((s, p) for p in pages.held[s][len(before[s]):])
 
-    generator.step, generator.grow = spy_step, spy_grow
+    generator.step = spy_step
+    monkeypatch.setattr(PageTable, "grow", spy_grow)  # the table is made when generate() sizes the cache
     return in_use, handed
 
 
@@ -236,7 +238,7 @@ def test_a_slot_without_a_row_decodes_at_position_0(fast_model, tokenizer, promp
 
     def spy_step(slots, length):
         positions = generator.cache.positions[:slots, 0].tolist()
-        seen.append([positions[s] for s in range(slots) if not generator.pages_of[s]])
+        seen.append([positions[s] for s in range(slots) if not generator.pages.held[s]])
         return step(slots, length)
 
     generator.step = spy_step
@@ -258,7 +260,8 @@ def small_pages(monkeypatch):
 
 
 def test_rows_take_pages_as_they_grow_give_them_back_and_match_generate(fast_model, tokenizer, prompts, reference,
-                                                                         as_generate, stops, small_pages):
+                                                                         as_generate, stops, small_pages,
+                                                                         monkeypatch):
     """Rows of different lengths on 8-token pages: a long row takes a page every 8 tokens (several allocations), a
     short one ends mid-page, and the pages of ended rows go to the rows admitted after them."""
     keys = list(INSTRUCTIONS)
@@ -267,7 +270,7 @@ def test_rows_take_pages_as_they_grow_give_them_back_and_match_generate(fast_mod
     row_pages = -(-fastgen.LENGTH_BUCKET // small_pages)
     # a page short of both slots' whole rows: pages come from the free list, not a slot's own (the fixed layout)
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2, pages=2 * row_pages)
-    in_use, handed = page_spy(generator)
+    in_use, handed = page_spy(generator, monkeypatch)
     rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
     assert not generator.cache.fixed
     as_generate(keys, rows)
@@ -276,7 +279,7 @@ def test_rows_take_pages_as_they_grow_give_them_back_and_match_generate(fast_mod
     grown = [n for n in per_slot.values()]
     assert max(grown) > -(-(len(prompts["story"]) + fastgen.CHECK_EVERY + 1) // small_pages) + 2  # grew often
     assert len(handed) > len(set(p for _, p in handed))  # a page was handed out again after its row ended
-    assert not any(generator.pages_of) and len(generator.free_pages) == generator.cache.pages - 1  # all returned
+    assert not any(generator.pages.held) and len(generator.pages.free) == generator.cache.pages - 1  # all returned
     assert 0 not in {p for _, p in handed}  # the scratch page is nobody's
 
 
@@ -289,7 +292,7 @@ def test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly(fas
     keys = ["story", "photo", "sum", "yes", "hi"]
     row_pages = -(-fastgen.LENGTH_BUCKET // small_pages)  # the pool must hold one whole row of the call's length
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4, pages=row_pages + 1)
-    in_use, _ = page_spy(generator)
+    in_use, _ = page_spy(generator, monkeypatch)
     need = sum(-(-(len(prompts[k]) + MAX_NEW) // small_pages) for k in keys[:4])
     assert need > row_pages  # the first four rows together do not fit
     rows, looped = generator.generate([prompts[k] for k in keys], greedy(stops))
@@ -298,7 +301,7 @@ def test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly(fas
     assert generator.stats["preempted"] >= 1
     assert max(pages for _, pages in in_use) <= row_pages  # never more pages than there are
     assert min(rows_ for rows_, _ in in_use[:3]) < 4  # prompts were pending, slots free, yet they waited
-    assert not any(generator.pages_of) and len(generator.free_pages) == row_pages
+    assert not any(generator.pages.held) and len(generator.pages.free) == row_pages
 
 
 def test_a_prefill_holds_at_most_prefill_tokens_prompt_tokens(fast_model, tokenizer, prompts, as_generate, stops):

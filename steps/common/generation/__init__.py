@@ -8,6 +8,8 @@ The training side never imports this package.
 - sanitize.py       Magpie's instruction sanitizing for Llama-3.x
 - engines.py        the engines behind one call, `engine.sample(prompts, sampling, seed)`
 - fastgen.py        the fast path: continuous batching over a paged KV cache, CUDA graphs, 4-bit models too
+- pages.py          the KV cache's page table: which slot holds which pages, the free list, both layouts
+- transfers.py      host <-> GPU copies that do not wait for the GPU's queued work
 - patching.py       what the fast path changes in a model while it lives (compiled norms/MLPs, fused q/k/v,
                     its attention), undone once (ModelPatches)
 - decode_kernel.py  the Triton decoding attention over the paged cache

@@ -5,14 +5,14 @@ ends: most of the work goes to rows that have already stopped. Here up to `slots
 ends (stop token, length cap, or the loop rule) frees its slot, and the next prompt is prefilled into it.
 
 - KV cache: paged (PagedCache). Per layer one pool of PAGE-token pages, sized from free memory once; a block table
-  names each slot's pages. A row takes pages as it grows (every CHECK_EVERY steps, for the tokens until the next look)
-  and gives them back when it ends, so the rows decoded at once are bounded by the tokens really in flight, not by
-  rows x cap. A prompt is admitted only while the free pages hold it beside a page of growth for each row in
-  flight; where rows outgrow the pages anyway, the rows admitted last give theirs back and are resumed later (their
-  tokens so far prefilled again), so no row is ever cut short. Where the pool holds every slot's whole row (always
-  on a CPU), slot s keeps pages of its own in order, so SDPA reads them in place. Steps run on the first S' slots
-  (the highest in use, rounded up to a power of two; new rows take the lowest free slot), so a draining batch costs
-  less.
+  names each slot's pages (which slot holds which: PageTable, common/generation/pages.py). A row takes pages as it
+  grows (every CHECK_EVERY steps, for the tokens until the next look) and gives them back when it ends, so the rows
+  decoded at once are bounded by the tokens really in flight, not by rows x cap. A prompt is admitted only while the
+  free pages hold it beside a page of growth for each row in flight; where rows outgrow the pages anyway, the rows
+  admitted last give theirs back and are resumed later (their tokens so far prefilled again), so no row is ever cut
+  short. Where the pool holds every slot's whole row (always on a CPU), slot s keeps pages of its own in order, so
+  SDPA reads them in place. Steps run on the first S' slots (the highest in use, rounded up to a power of two; new
+  rows take the lowest free slot), so a draining batch costs less.
 - Decoding steps are captured as CUDA graphs, one per slot bucket, on a GPU; the CPU runs the same code eagerly. The
   host never waits for a step between looks, and at a look it reads a snapshot of the slots while the GPU runs one
   more step, so the GPU does not idle while the host admits, moves and grows rows. What the host sends the GPU
@@ -54,11 +54,12 @@ import torch
 
 from common import SetupError
 from common.generation import decode_kernel
+from common.generation.pages import PAGE, PageTable
 from common.generation.patching import ModelPatches
+from common.generation.transfers import on_device, to_host
 from common.generation.sampling import logits_processors, looping
 from common.models import full_attention_only
 
-PAGE = 64  # tokens a KV page holds: a multiple of the Triton kernel's BLOCK_N, which reads a page at a time
 LENGTH_BUCKET = 256  # SDPA attention reads a multiple of this many positions (a multiple of PAGE)
 CHECK_EVERY = 8  # decoding steps between looks at which rows ended (each look reads a snapshot of the slots)
 PREFILL_TOKENS = 16384  # at most this many prompt tokens in one prefill forward...
@@ -78,27 +79,6 @@ def _round_up(n, multiple):
 
 def _pow2_bucket(n, top):
     return min(top, max(MIN_SLOT_BUCKET, 1 << max(0, n - 1).bit_length()))
-
-
-def on_device(data, device, dtype=torch.long):
-    """`data` (a list or a CPU tensor) on `device`, queued behind the GPU's work: a plain copy from pageable memory
-    waits for everything queued before it (a prefill's seven such copies: 89.0 against 86.1 ms for 3,536 tokens,
-    bench/README.md), one from pinned memory does not. Nothing here writes to `data` afterwards."""
-    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def to_host(tensor):
-    """A copy of `tensor` on its way to the host and an event that says it arrived (None for a CPU tensor): the host
-    reads it once the GPU got there, not after the work queued behind it."""
-    host = tensor.to("cpu", non_blocking=True)  # a GPU tensor's lands in pinned memory, asynchronously
-    if tensor.device.type != "cuda":
-        return host, None
-    arrived = torch.cuda.Event()
-    arrived.record()
-    return host, arrived
 
 
 def nucleus_sample(probs, top_p, candidates=256):
@@ -149,6 +129,7 @@ class PagedCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.pages, self.slots, self.max_pages = pages, slots, max_pages
+        self.page = PAGE  # tokens a page holds (PageTable reads it here)
         self.length = max_pages * PAGE  # the longest row a slot can hold
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.table = torch.zeros(slots, max_pages, dtype=torch.int32, device=device)
@@ -295,40 +276,10 @@ class SlotGenerator:
         pages = self.fit_pages(length)
         self.cache = PagedCache(self.layers, pages, self.slots, length // PAGE, self.kv_heads, self.head_dim,
                                 self.dtype, self.device)
-        self.free_pages = list(range(pages - 1, 0, -1))  # pop() hands out the lowest; page 0 is scratch
-        self.pages_of = [[] for _ in range(self.slots)]
+        self.pages = PageTable(self.cache, self.device)
         self.tokens = torch.full((self.slots, 1), self.pad, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(self.slots, self.vocab, dtype=torch.float32, device=self.device)
         self.index = torch.arange(length, device=self.device)
-
-    def pages_for(self, tokens):
-        """Pages that hold `tokens` tokens of a row (at most a whole row's)."""
-        return min(self.cache.max_pages, -(-tokens // PAGE))
-
-    def grow(self, wanted):
-        """Give each slot of `wanted` {slot: tokens} the pages that hold that many tokens (from the free ones, which
-        must suffice) and write them into the block table."""
-        rows, cols, pages = [], [], []
-        for slot, tokens in wanted.items():
-            owned = self.pages_of[slot]
-            for col in range(len(owned), self.pages_for(tokens)):
-                owned.append(1 + slot * self.cache.max_pages + col if self.cache.fixed else self.free_pages.pop())
-                rows.append(slot), cols.append(col), pages.append(owned[-1])
-        if pages:
-            dev = self.device
-            self.cache.table[on_device(rows, dev), on_device(cols, dev)] = on_device(pages, dev, torch.int32)
-
-    def release(self, slots):
-        """The pages of `slots` back to the free list; their table rows point at the scratch page again and they sit
-        at position 0 (decoding attention reads one key there)."""
-        for slot in slots:
-            if not self.cache.fixed:
-                self.free_pages.extend(reversed(self.pages_of[slot]))
-            self.pages_of[slot] = []
-        if slots:
-            index = on_device(slots, self.device)
-            self.cache.table[index] = 0
-            self.cache.positions[index] = 0
 
     def close(self):
         """The model as it was before this generator: its attention implementation, nothing compiled;
@@ -404,7 +355,7 @@ class SlotGenerator:
         for slot, p in assignments:
             u, n = row_of[tuple(p)], len(p)
             tokens.append(torch.arange(starts[u], starts[u] + n))
-            flat.append(cache.flat_rows(self.pages_of[slot], n))
+            flat.append(cache.flat_rows(self.pages.held[slot], n))
         tokens = torch.cat(tokens)
         dev = self.device
         cache.mode = "prefill"
@@ -443,8 +394,8 @@ class SlotGenerator:
         n = min(len(prompts), self.slots)  # one slot: the long prompt alone
         prompts, follow = prompts[:n], follow[:n]
         self.ensure_cache(LENGTH_BUCKET)
-        self.grow({s: 1 for s in range(n)})  # slot 0's second page comes after slot 1's first
-        self.grow({s: len(p) + 1 for s, p in enumerate(prompts)})
+        self.pages.grow({s: 1 for s in range(n)})  # slot 0's second page comes after slot 1's first
+        self.pages.grow({s: len(p) + 1 for s, p in enumerate(prompts)})
         prefill = self.prefill(list(enumerate(prompts)))
         cache = self.cache
         cache.positions.zero_()
@@ -459,7 +410,7 @@ class SlotGenerator:
                 for got, want in ((prefill[s], ref[-2]), (self.logits[s], ref[-1])):
                     worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp(min=1e-6)))
         cache.positions.zero_()
-        self.release(list(range(n)))
+        self.pages.release(list(range(n)))
         tolerance = 1e-3 if self.dtype == torch.float32 else 1e-1
         return None if worst <= tolerance else f"largest relative logit difference {worst:.3g} > {tolerance}"
 
@@ -486,7 +437,7 @@ class SlotGenerator:
         active = torch.zeros(S, dtype=torch.bool, device=dev)
         looped = torch.zeros(S, dtype=torch.bool, device=dev)
         cache.positions.zero_()
-        self.release([s for s in range(S) if self.pages_of[s]])  # a call that raised may have left some
+        self.pages.release(self.pages.holders())  # a call that raised may have left some
         slot_request = [None] * S
         admitted = [0] * S  # when each slot's row was admitted: the last admitted give their pages back first
         resumed = {}  # request -> (its tokens so far, prompt length, generated, looped): rows that gave pages back
@@ -516,9 +467,8 @@ class SlotGenerator:
                 while pending and free and budget > 0:
                     r = pending[-1]
                     ids = resumed[r][0][:-1] if r in resumed else prompts[r]
-                    pages = self.pages_for(len(ids) + CHECK_EVERY + 1)
-                    if (not cache.fixed and claimed + pages + in_flight > len(self.free_pages)) or (
-                            assignments and len(ids) > budget):
+                    pages = self.pages.pages_for(len(ids) + CHECK_EVERY + 1)
+                    if claimed + pages + in_flight > self.pages.room() or (assignments and len(ids) > budget):
                         break
                     pending.pop()
                     slot = free.pop(0)
@@ -530,7 +480,7 @@ class SlotGenerator:
                     in_flight += 1
                 if not assignments:
                     return
-                self.grow(wanted)  # one block-table write for the prefill's rows
+                self.pages.grow(wanted)  # one block-table write for the prefill's rows
                 start(assignments)
 
         def start(assignments):
@@ -579,9 +529,9 @@ class SlotGenerator:
             if not live:
                 return
             wanted = {s: positions[s] + CHECK_EVERY + 1 for s in live}
-            missing = {s: max(0, self.pages_for(t) - len(self.pages_of[s])) for s, t in wanted.items()}
+            missing = {s: self.pages.missing(s, t) for s, t in wanted.items()}
             need = sum(missing.values())
-            while not cache.fixed and need > len(self.free_pages):
+            while need > self.pages.room():
                 victim = max(wanted, key=lambda s: admitted[s])
                 r, n = slot_request[victim], int(hist_len[victim])  # read after the step in flight (a sync)
                 tokens, plen = history[victim, :n].tolist(), int(prompt_len[victim])
@@ -593,10 +543,10 @@ class SlotGenerator:
                     results[r], loops[r] = tokens[plen:], bool(looped[victim])
                     self.stats["ended_when_preempted"] += 1
                 active[victim], slot_request[victim] = False, None
-                self.release([victim])
+                self.pages.release([victim])
                 del wanted[victim]
                 need -= missing.pop(victim)
-            self.grow(wanted)
+            self.pages.grow(wanted)
 
         def compact():
             """Once nothing is pending, move the live rows into the lowest slots, so that the step runs on fewer
@@ -609,25 +559,13 @@ class SlotGenerator:
             if not movers:
                 return
             src, dst = on_device(movers, dev), on_device(holes, dev)
-            if cache.fixed:  # each slot keeps its own pages: the keys and values move, the table rows stay
-                for pool in (*cache.keys, *cache.values):
-                    by_slot = pool[1:].view(S, cache.max_pages, *pool.shape[1:])
-                    by_slot[dst] = by_slot[src]
-            else:
-                cache.table[dst] = cache.table[src]
             for t in (history, hist_len, prompt_len, generated, active, looped, cache.positions, self.tokens):
                 t[dst] = t[src]
             active[src] = False
-            held = {b: len(self.pages_of[a]) for a, b in zip(movers, holes)}
             for a, b in zip(movers, holes):
                 slot_request[b], slot_request[a] = slot_request[a], None
                 admitted[b], positions[b] = admitted[a], positions[a]
-                self.pages_of[b], self.pages_of[a] = [] if cache.fixed else self.pages_of[a], []
-            if cache.fixed:  # the new slot's own pages, as many as the row held
-                self.release(movers)
-                self.grow({b: n * PAGE for b, n in held.items()})
-            else:
-                cache.table[src], cache.positions[src] = 0, 0
+            self.pages.move(movers, holes)
 
         def harvest(state):
             """Free the slots whose rows had ended at the snapshot (`state`: active, position, tokens held, prompt
@@ -641,7 +579,7 @@ class SlotGenerator:
                 outbox.append((tokens, arrived, [(slot_request[s], start[s], held[s], loop[s]) for s in ended]))
                 for s in ended:
                     slot_request[s] = None
-                self.release(ended)
+                self.pages.release(ended)
             return [s for s in range(S) if slot_request[s] is None]
 
         def collect(wait=False):
