@@ -24,7 +24,7 @@ from common import DataError, OptionError, run_step
 from common.io.files import output_lock
 from common.io.jsonl import read_jsonl
 from common.io.splits import DEFAULT_TEST_FRACTION
-from common.models import load_for_training, load_tokenizer
+from common.models import load_tokenizer
 from common.options import check_value, fraction
 from common.training import pair_packing, varlen
 from common.training.config import training_flags
@@ -107,11 +107,10 @@ def build_trainer(data_args, training_args, model_args, pairs):
     train, test = held_out(pairs, data_args.test_fraction, training_args)
     # The SFT adapter's tokenizer carries the chat template and pad token that SFT trained with.
     tokenizer = load_tokenizer(data_args.sft_adapter)
-    asked = varlen.requested(model_args)
-    base = load_for_training(model_args)
-    facts = {"attn_implementation": varlen.apply(base, asked, training_args.max_length)}
+    base, attention = varlen.load(model_args, training_args.max_length)
+    facts = {"attn_implementation": attention}
     if data_args.pack_pairs and facts["attn_implementation"] not in (varlen.NAME, varlen.SDPA_NAME):
-        raise OptionError(f"--pack_pairs needs attention per sequence, which is off for this model (see above); "
+        raise OptionError("--pack_pairs needs attention per sequence, which is off for this model (see above); "
                           "pass --pack_pairs false")
     policy = PeftModel.from_pretrained(base, data_args.sft_adapter, is_trainable=True)
     facts["compiled"] = compile_layer_by_layer(training_args, policy)

@@ -26,7 +26,7 @@ from common.generation.chat import prepare_tokenizer
 from common.io.files import output_lock
 from common.io.jsonl import read_jsonl
 from common.io.splits import DEFAULT_TEST_FRACTION
-from common.models import load_for_training, load_tokenizer
+from common.models import load_tokenizer
 from common.options import check_value, fraction
 from common.reporting.tag_stats import turn_counts
 from common.training import varlen
@@ -147,9 +147,8 @@ def build_trainer(data_args, training_args, model_args):
         # Unpacked padding-free rows: TRL refuses a max_length it would not apply; the rows over it are dropped above.
         training_args.max_length = None
     dropped = {"train": len(train) - len(kept["train"]), "eval": len(test) - len(kept["eval"])}
-    asked = varlen.requested(model_args)
-    model = load_for_training(model_args)
-    facts = {"attn_implementation": varlen.apply(model, asked, max_length),
+    model, attention = varlen.load(model_args, max_length)
+    facts = {"attn_implementation": attention,
              "compiled": compile_layer_by_layer(training_args, model)}
     trainer = SFTTrainer(
         model=model,

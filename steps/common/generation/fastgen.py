@@ -33,14 +33,15 @@ ends (stop token, length cap, or the loop rule) frees its slot, and the next pro
   in `generate`.
 - Models in 4-bit (bitsandbytes NF4, the t4 tier's generator) run it too: their linear layers replay in the graphs.
 
-Library internals (transformers 5.17 on the device and 5.24 in the CPU tests, torch 2.11 and 2.13): a cache object
-of our own passed to the model's forward (the keyword is `cache` from 5.2x on, `past_key_values` before), 4-D
-attention masks and extra keywords (`block_table`, `decode_kernel`) passed through to the attention function
-unchanged, the attention registries of `transformers.masking_utils` and the SDPA function of
-`transformers.integrations.sdpa_attention`; `config._attn_implementation` (the attention in use, put back by
-close()); the model patches of common/generation/patching.py (compiled norms, MLPs and rotary embedding, fused
-q/k/v projections), undone by close(); `torch.ops.aten._flash_attention_forward` (packed prefills). make_generator checks the mechanism on the model itself (one prefill and one decoding step against a
-plain forward) and returns why not where it fails; the engine then uses plain `generate`.
+Library internals (transformers 5.17 on the device and 5.24 in the CPU tests, torch 2.11 and 2.13): a cache object of
+our own passed to the model's forward (the keyword is `cache` from 5.2x on, `past_key_values` before), 4-D attention
+masks and extra keywords (`block_table`, `decode_kernel`) passed through to the attention function unchanged, the
+attention registries of `transformers.masking_utils` and the SDPA function of
+`transformers.integrations.sdpa_attention`; the model patches of common/generation/patching.py (its attention switch,
+compiled norms, MLPs and rotary embedding, fused q/k/v projections), undone by close();
+`torch.ops.aten._flash_attention_forward` (packed prefills). make_generator checks the mechanism on the model itself
+(one prefill and one decoding step against a plain forward) and returns why not where it fails; the engine then uses
+plain `generate`.
 """
 
 import inspect

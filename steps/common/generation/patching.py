@@ -9,7 +9,8 @@
     ...
     patches.undo()                          # the model as it was (SlotGenerator.close)
 
-Library internals: `config._attn_implementation`, `module._compiled_call_impl` (undoing `Module.compile`), the q/k/v
+Library internals (transformers 5.17 on the device and 5.24 in the CPU tests, torch 2.11 and 2.13):
+`config._attn_implementation`, `module._compiled_call_impl` (undoing `Module.compile`), the q/k/v
 projections' `forward` set on each `nn.Linear`, each modeling module's `apply_rotary_pos_emb` (module-wide: while
 one engine lives, every model of that family in the process runs the compiled form, the same arithmetic).
 """

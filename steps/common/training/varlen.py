@@ -15,9 +15,8 @@ and runs one of two kernels, both exact:
   without a mask; causal masking alone keeps every real query away from the padding after it. Projections and MLPs
   still see the packed row (no padding); attention pays for the padding to the longest sequence, not for the row.
 
-    asked = requested(model_args)          # before loading: the model loads with SDPA
-    model = load_for_training(model_args)
-    apply(model, asked)                    # then "varlen" where the Flash kernel runs here, else "varlen_sdpa"
+    model, attention = load(model_args, max_length)   # loads with SDPA, then "varlen" where the Flash kernel runs
+                                                      # here, else "varlen_sdpa"
 
 A DPO micro-batch packed by pair_packing also passes `tree_index`, `tree_cu_seq_lens`, `tree_max_length` and
 `tree_keep`: the row's tokens gathered into virtual sequences (a pair's shared prompt followed by each of its
@@ -38,7 +37,7 @@ import inspect
 import torch
 
 from common import say_once
-from common.models import full_attention_only
+from common.models import full_attention_only, load_for_training
 
 NAME = "varlen"
 SDPA_NAME = "varlen_sdpa"
@@ -132,13 +131,17 @@ def unavailable(dtype):
     return None
 
 
-def requested(model_args):
-    """Take "varlen" out of TRL's ModelConfig before loading (transformers knows the name only once registered): the
-    model loads with SDPA and `apply` switches it. Returns what was asked for."""
+def load(model_args, max_length):
+    """(the model for training, the attention it trains with). transformers knows "varlen" only once registered, so
+    the model loads with SDPA and `apply` switches it; TRL's ModelConfig is left as it was given."""
     asked = model_args.attn_implementation
     if asked == NAME:
         model_args.attn_implementation = "sdpa"
-    return asked
+    try:
+        model = load_for_training(model_args)
+    finally:
+        model_args.attn_implementation = asked
+    return model, apply(model, asked, max_length)
 
 
 def apply(model, asked, max_length=None):
