@@ -121,7 +121,7 @@ def build_trainer(data_args, training_args, model_args, pairs):
         train_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in train]),
         eval_dataset=Dataset.from_list([{k: p[k] for k in columns} for p in test]) if test else None,
         processing_class=tokenizer,
-        data_collator=pair_packing.PackedPairCollator() if data_args.pack_pairs else None,
+        data_collator=pair_packing.pack_pairs if data_args.pack_pairs else None,  # (None: TRL's own)
     )
     policy_from_reference(trainer.model)
     # TRL has tokenised the pairs (and dropped those whose prompt alone fills max_length); drop the ones whose prompt

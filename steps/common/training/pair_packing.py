@@ -31,7 +31,8 @@ from common.training.varlen import TREE_KEYS
 
 
 def pack_pairs(examples):
-    """One packed row of TRL-tokenised pairs ({prompt_ids, chosen_ids, rejected_ids} each): a dict of tensors.
+    """One packed row of TRL-tokenised pairs ({prompt_ids, chosen_ids, rejected_ids} each): a dict of tensors. The
+    DPO trainer's data collator with --pack_pairs (precomputed reference log-probs are not carried).
 
     input_ids, position_ids, labels (1, T): the row, its positions, and each answer token's own id (-100 elsewhere);
     answer_of (T,): which of the 2B answers a token belongs to (chosen i: i, rejected i: B + i, TRL's order; -1 none);
@@ -72,14 +73,6 @@ def pack_pairs(examples):
         "tree_keep": torch.tensor(keep).nonzero().squeeze(-1),  # as indices: no data-dependent shape under compile
         "pair_tokens": pair_tokens,
     }
-
-
-class PackedPairCollator:
-    """The DPO trainer's data collator for packed pairs (TRL's column names; precomputed reference log-probs are not
-    carried)."""
-
-    def __call__(self, examples):
-        return pack_pairs(examples)
 
 
 def answer_log_probs(log_probs, answer_of, answers):
