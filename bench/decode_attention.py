@@ -3,7 +3,7 @@
 with the slots started longest first (as fastgen runs it) and in slot order, against a float32 reference.
 
 For each model shape (query heads, KV heads, head size of Llama-3.1-8B, Qwen2.5-3B and SmolLM2-135M), slot count and
-mix of key counts, random queries and a random bf16 cache in pages of fastgen.PAGE tokens (each slot's pages
+mix of key counts, random queries and a random bf16 cache in pages of PAGE tokens (each slot's pages
 scattered over the pool through its block table): the largest difference from the reference, and each order's time
 (triton.testing.do_bench_cudagraph) with the bytes of keys and values it must read over that time. Mixes: "even",
 every slot's key count drawn uniformly from --min-keys..--max-keys; "skewed", the same with one slot in 32 holding
@@ -25,7 +25,8 @@ import torch
 from provenance import provenance
 from timing import gpu_slug
 
-from common.generation import decode_kernel, fastgen
+from common.generation import decode_kernel
+from common.generation.pages import PAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def paged_cache(lengths, kv_heads, dim, generator, dtype=torch.bfloat16):
     """On the generator's device: (keys, values) as (slots, KV, most keys, D), the same in pools of pages (pages,
     PAGE, KV, D) and the block table (slots, max_pages) int32 that scatters each slot's pages over the pool (page 0:
     scratch)."""
-    page, slots, most, device = fastgen.PAGE, len(lengths), int(lengths.max()), generator.device
+    page, slots, most, device = PAGE, len(lengths), int(lengths.max()), generator.device
     max_pages = -(-most // page)
     shape = (slots, max_pages * page, kv_heads, dim)
     keys = torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -118,7 +119,7 @@ def main():
                 print(json.dumps(row), flush=True)
     out = Path(args.out) / f"decode-attention-{slug}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "page": fastgen.PAGE,
+    out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "page": PAGE,
                                "keys_per_slot": f"uniform {args.min_keys}-{args.max_keys}; skewed: one slot in "
                                f"{LONG_EVERY} at {args.long_keys}", **provenance(), "results": rows}, indent=1) + "\n")
     print(f"\n{name}; wrote {out}")

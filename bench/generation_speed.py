@@ -236,7 +236,10 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
                                      compiled=compiled)
     if admit is not None:
         generator.admit_fraction = admit
-    generator.timing = timing
+    if hasattr(generator.stats, "settle"):  # this engine: prefill timing is switched on its stats object
+        generator.stats.timing = timing
+    else:  # the unpaged engine
+        generator.timing = timing
     if kernel:
         generator.kernel = kernel
     sampling = Sampling(max_new_tokens=cap, temperature=0, stop_token_ids=(EOS,))
@@ -364,9 +367,9 @@ def end_trace(prof, prefix, steps):
 def replay_at(generator, graph, slots, keys):
     """Seconds a replay of a decoding step's graph takes with each of its `slots` slots holding `keys` keys, on
     pages of its own where the cache is paged (in the run the rows' keys came from HBM, not from one cached page)."""
-    paged = hasattr(generator, "grow")  # the unpaged engine: each slot's keys lie in a region of its own
+    paged = hasattr(generator, "pages")  # the unpaged engine: each slot's keys lie in a region of its own
     if paged:
-        keys = min(keys, len(generator.pages.free) // slots * fastgen.PAGE)
+        keys = min(keys, len(generator.pages.free) // slots * generator.cache.page)
         generator.pages.grow({s: keys for s in range(slots)})
     generator.cache.positions[:slots, 0] = keys - 1
     _, t = sync_time(lambda: [graph.replay() for _ in range(10)])

@@ -5,7 +5,7 @@ randomly initialised model built from a real config.
 1. Packed prefills of random prompts (lengths uniform 16-320, as bench/generation_speed.py draws them) at several
    sizes: the GPU time between events around each (`ms`), the kernels' own time under torch.profiler (`kernels_ms`,
    by kind) and the difference, where the GPU idled. Twice: the engine's host-to-GPU copies queued behind the GPU's
-   work (fastgen.on_device, from pinned memory) and, as before they were, plain copies from pageable memory, each of
+   work (transfers.on_device, from pinned memory) and, as before they were, plain copies from pageable memory, each of
    which waits for the GPU to finish everything queued before it.
 2. The decoding step's CUDA graph per slot bucket (every slot at 280-840 keys) with the query, key and value
    projections fused into one GEMM (patching.fuse_projections, as the engine runs) and apart.
@@ -27,7 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common.generation import fastgen, patching
+from common.generation import fastgen, patching, runner
+from common.generation.scheduler import CHECK_EVERY
 from generation_speed import PAD, build_model
 from provenance import provenance
 from step_profile import fill_slots, kind
@@ -81,18 +82,18 @@ def prefills(generator, sizes, body, reps):
     for size in sizes:
         prompts, tokens = random_prompts(size, rng)
         assignments = list(enumerate(prompts))
-        generator.pages.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
+        generator.pages.grow({s: len(p) + CHECK_EVERY + 1 for s, p in assignments})
         for copies in ("queued", "pageable"):
-            original = fastgen.on_device
+            original = runner.on_device
             if copies == "pageable":
-                fastgen.on_device = pageable_copy
+                runner.on_device = pageable_copy
             try:
                 ms = gpu_ms(lambda a=assignments: generator.prefill(a), reps)
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     generator.prefill(assignments)
                     torch.cuda.synchronize()
             finally:
-                fastgen.on_device = original
+                runner.on_device = original
             by_kind = defaultdict(float)
             for event in prof.key_averages():
                 if event.self_device_time_total > 0:
@@ -133,7 +134,7 @@ def overlap(generator, size, bucket, counts, mean_keys, reps):
     fill_slots(generator, mean_keys)
     prompts, tokens = random_prompts(size, random.Random(1))
     assignments = list(enumerate(prompts))
-    generator.pages.grow({s: len(p) + fastgen.CHECK_EVERY + 1 for s, p in assignments})
+    generator.pages.grow({s: len(p) + CHECK_EVERY + 1 for s, p in assignments})
     generator.step(bucket, L)
     side, high = torch.cuda.Stream(), torch.cuda.Stream(priority=-100)  # out of range: the highest there is
     results = []

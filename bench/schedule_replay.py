@@ -2,12 +2,14 @@
 """The paged engine's scheduling on a CPU, no GPU and no model: which slot buckets its decoding steps ran at, how
 many keys they read, how many prompt tokens it prefilled, for bench/generation_speed.py's workload at any sizes.
 
-The real SlotGenerator runs the workload's requests with its decoding step and prefill replaced by no-ops (logits of
-zeros) and EndAt ending each row at its drawn length, so admission, page accounting, preemption, compaction and the
-slot buckets are the engine's own: on the 8,192-request h100 workload it reproduces the device run's steps per bucket
-exactly. Given a device run's JSON (--device-run), it also prices the replay with that run's step time per bucket
-and prefill time per token: an estimate that holds where the keys per step stay close to that run's (both printed).
-Use it to try a scheduling change, a workload or a tier's settings before spending GPU time.
+The engine's own Scheduler (steps/common/generation/scheduler.py) and page table run the workload's requests; the
+device is stood in for by `Rows`, which keeps each slot's position and count of tokens as the engine's SlotState
+does and ends each row at its drawn length (as EndAt makes the model do), and the loop takes its snapshot one step
+ahead of the step in flight as SlotGenerator.generate does. tests/test_schedule_replay.py checks it against the
+engine itself (its step and prefill made no-ops) step for step. Given a device run's JSON (--device-run), it also
+prices the replay with that run's step time per bucket and prefill time per token: an estimate that holds where the
+keys per step stay close to that run's (both printed). Use it to try a scheduling change, a workload or a tier's
+settings before spending GPU time.
 
     PYTHONPATH=steps python bench/schedule_replay.py --requests 8192 --cap 4096 --slots 512 --pages 7468 \\
         --admit 0.03125 --device-run bench/results/generate-realistic-h200-cap4096-paged-512-batch8192-longest-first.json
@@ -19,52 +21,127 @@ import time
 from collections import Counter
 
 import torch
-from common.generation import fastgen
-from common.generation.sampling import Sampling
-from generation_speed import EndAt, workload, workload_args
+from common.generation.cache import PagedCache
+from common.generation.pages import PAGE, PageTable
+from common.generation.runner import LENGTH_BUCKET, PREFILL_TOKENS, round_up
+from common.generation.scheduler import ADMIT_FRACTION, CHECK_EVERY, Scheduler
+from common.generation.slots import Request
+from common.generation.stats import Stats
+from generation_speed import workload, workload_args
 from provenance import provenance
-from transformers import LlamaConfig, LlamaForCausalLM
-
-EOS, PAD, FILL, VOCAB = 9, 8, 10, 16  # a 16-token vocabulary: the logits the no-op step hands to sampling
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload_args(p)
     p.add_argument("--slots", type=int, default=256, help="rows decoded at once (GEN_ROWS)")
-    p.add_argument("--pages", type=int, help=f"KV pages of {fastgen.PAGE} tokens (a device run's kv_pages; default: "
+    p.add_argument("--pages", type=int, help=f"KV pages of {PAGE} tokens (a device run's kv_pages; default: "
                    "every slot's whole row)")
-    p.add_argument("--admit", type=float, default=fastgen.ADMIT_FRACTION, help="ADMIT_FRACTION")
-    p.add_argument("--prefill-tokens", type=int, default=fastgen.PREFILL_TOKENS, help="prompt tokens a prefill")
+    p.add_argument("--admit", type=float, default=ADMIT_FRACTION, help="ADMIT_FRACTION")
+    p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, help="prompt tokens a prefill")
     p.add_argument("--device-run", help="a generate-realistic-*.json whose first paged row prices the replay")
     return p.parse_args(argv)
 
 
+class Rows:
+    """The device's side of the replay (the Scheduler's `rows`): per slot whether its row is live, its position, the
+    tokens it holds and its prompt's length, as SlotState keeps them; a row samples its end token once it has
+    generated its drawn length (`targets`) or reaches `cap` tokens."""
+
+    def __init__(self, slots, targets, cap, stats):
+        self.targets, self.cap, self.stats = targets, cap, stats
+        self.live, self.position = [False] * slots, [0] * slots
+        self.held, self.prompt_len, self.generated = [0] * slots, [0] * slots, [0] * slots
+        self.index = [None] * slots  # the request in each slot
+        self.results = [None] * len(targets)  # tokens each request generated
+        self.seen = None  # the snapshot the scheduler looks at: (live, position, held, prompt length) per slot
+        self.steps = []  # (slot bucket, keys read) per decoding step
+
+    def snapshot(self):
+        return [list(self.live), list(self.position), list(self.held), list(self.prompt_len)]
+
+    def ends(self, s):
+        """Whether the token slot s just sampled ends its row."""
+        return self.generated[s] == self.targets[self.index[s]] + 1 or self.generated[s] >= self.cap
+
+    def decode(self, slots):
+        self.steps.append((slots, sum(p + 1 for p in self.position[:slots])))
+        for s in range(slots):
+            if self.live[s]:
+                self.held[s] += 1
+                self.generated[s] += 1
+                ended = self.ends(s)
+                self.live[s] = not ended
+                self.position[s] = 0 if ended else self.position[s] + 1
+
+    def start(self, batch):
+        self.stats["prefills"] += 1
+        self.stats["prefill_tokens"] += sum(len(request.ids) for _, request in batch)
+        for s, request in batch:
+            self.index[s] = request.index
+            if request.progress:  # back where it gave its pages up
+                tokens, self.prompt_len[s], self.generated[s] = request.progress
+                self.held[s], self.position[s], self.live[s] = tokens, tokens - 1, True
+                request.progress = None
+            else:
+                self.prompt_len[s] = self.position[s] = len(request.prompt)
+                self.held[s], self.generated[s] = len(request.prompt) + 1, 1
+                self.live[s] = not self.ends(s) and self.cap > 1
+
+    def finish(self, ended):
+        _, _, held, prompt_len = self.seen
+        for s, request in ended:
+            self.results[request.index] = held[s] - prompt_len[s]
+
+    def move(self, movers, holes):
+        for a, b in zip(movers, holes):
+            for field in (self.live, self.position, self.held, self.prompt_len, self.generated, self.index):
+                field[b] = field[a]
+            self.live[a], self.position[a] = False, 0
+
+    def give_way(self, slot, request):
+        live = self.live[slot]
+        if live:  # the token count stands in for the tokens (Request.ids: all but the last are prefilled again)
+            request.progress = (self.held[slot], self.prompt_len[slot], self.generated[slot])
+        else:
+            self.results[request.index] = self.held[slot] - self.prompt_len[slot]
+        self.live[slot], self.position[slot] = False, 0
+        return live
+
+
+class Replayed(Request):
+    """A request whose progress holds a token count, not the tokens (Rows)."""
+
+    @property
+    def ids(self):
+        return range(self.progress[0] - 1) if self.progress else self.prompt
+
+
 def replay(args):
-    """The generator's stats and, per decoding step, (slot bucket, keys read)."""
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, head_dim=8)
-    generator = fastgen.SlotGenerator(LlamaForCausalLM(config).eval(), PAD, slots=args.slots, graphs=False,
-                                      compiled=False, pages=args.pages)
-    generator.admit_fraction, generator.prefill_tokens = args.admit, args.prefill_tokens
-    steps = []
-
-    def no_op_step(slots, length):
-        generator.logits[:slots].zero_()
-        steps.append((slots, int((generator.cache.positions[:slots] + 1).sum())))
-
-    def no_op_prefill(assignments):
-        generator.stats["prefills"] += 1
-        generator.stats["prefill_tokens"] += sum(len(ids) for _, ids in assignments)
-        return torch.zeros(len(assignments), VOCAB)
-
-    generator.forward_step, generator.prefill = no_op_step, no_op_prefill
+    """The scheduler's stats and, per decoding step, (slot bucket, keys read)."""
     prompts, targets = workload(args)
-    prompts = [[p[0]] + [FILL] * (len(p) - 1) for p in prompts]  # the first token says where the row ends
-    sampling = Sampling(max_new_tokens=args.cap, temperature=0, stop_token_ids=(EOS,))
-    rows, _ = generator.generate(prompts, sampling, extra_processors=[EndAt(EOS, PAD)])
-    assert all(len(r) == t + 1 for r, t in zip(rows, targets)), "a row did not end at its drawn length"
-    return generator.stats, steps, sum(targets)
+    length = round_up(max(map(len, prompts)) + args.cap + 1, LENGTH_BUCKET)  # the engine's cache (ensure_cache)
+    pages = args.pages or args.slots * (length // PAGE) + 1
+    cache = PagedCache(1, pages, args.slots, length // PAGE, 1, 1, torch.float32, torch.device("cpu"))
+    stats = Stats()
+    scheduler = Scheduler(PageTable(cache, torch.device("cpu")), args.slots, stats, args.prefill_tokens, args.admit)
+    scheduler.submit([Replayed(i, p) for i, p in enumerate(prompts)])
+    rows = Rows(args.slots, targets, args.cap, stats)
+    steps, bucket = 0, None  # SlotGenerator.generate's loop
+    while True:
+        if steps % CHECK_EVERY == 0:
+            rows.seen = rows.snapshot()
+            if bucket is not None:  # the step in flight while the host looks
+                rows.decode(bucket)
+                steps += 1
+            look = scheduler.look(rows.seen[0], rows.seen[1], rows)
+            if look is None:
+                break
+            bucket = look[0]
+        rows.decode(bucket)
+        steps += 1
+    assert all(r == t + 1 for r, t in zip(rows.results, targets)), "a row did not end at its drawn length"
+    return stats, rows.steps, sum(targets)
 
 
 def main(argv=None):

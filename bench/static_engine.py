@@ -13,7 +13,7 @@ from collections import deque
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from common.generation.fastgen import grouped_sdpa_attention
+from common.generation.attention import grouped_sdpa_attention
 
 
 def use_grouped_sdpa(model):

@@ -77,7 +77,7 @@ def read_curves(adapter_dir):
 
 
 def read_optional_json(path, default):
-    """A JSON file that older runs don't have: `default` where it is missing."""
+    """A JSON file a step writes once it has run: `default` where it is missing."""
     return read_json(path) if Path(path).exists() else default
 
 
@@ -92,8 +92,8 @@ def load_run(run):
         # Instructions without a pair by cause (the preference step's count); None before that step has run.
         "preference_summary": read_optional_json(run / "preference_summary.json", None),
         "curves": {stage: read_curves(run / stage) for stage in ("sft", "dpo")},
-        # Every logged entry, eval_* ones included (curves.csv has the training steps only); absent in older runs.
-        "histories": {stage: read_optional_json(run / stage / "log_history.json", []) for stage in ("sft", "dpo")},
+        # Every logged entry, eval_* ones included (curves.csv has the training steps only)
+        "histories": {stage: read_json(run / stage / "log_history.json") for stage in ("sft", "dpo")},
         "judged": read_jsonl(run / "judged.jsonl") if (run / "judged.jsonl").exists() else None,
         "configs": {stage: read_json(run / stage / "training_config.json") for stage in ("sft", "dpo")},
         "lora": read_json(run / "sft" / "adapter_config.json"),
@@ -530,7 +530,7 @@ def paired_notes(evals, comparisons):
     """What the difference columns are, what n each rests on, and where pairing fell short."""
     paired = [c for c in comparisons if c.paired is not None]
     if not paired:
-        return ["These eval JSONs have no per-example results (evaluated by an older eval step), so each difference "
+        return ["These eval JSONs have no per-example results (written without lm-eval's samples), so each difference "
                 "is given unpaired: ± the two standard errors combined as if independent (sqrt(se1² + se2²)), which "
                 "overstates the error of a difference on the same questions, and none is marked beyond noise."]
     tasks = list(dict.fromkeys(c.task for c in paired))

@@ -18,7 +18,10 @@ import torch
 from conftest import NearTie, assert_same_greedy_rows
 from transformers import LogitsProcessorList
 
-from common.generation import engines, fastgen, patching
+from common import SetupError
+from common.generation import decode_kernel, engines, fastgen, patching, runner, sampler, scheduler
+from common.generation.attention import SLOT_ATTENTION
+from common.generation.cache import PagedCache
 from common.generation.chat import end_of_turn, prepare_tokenizer, prompt_text
 from common.generation.engines import LoopCriterion, TransformersEngine, stop_ids
 from common.generation.pages import PageTable
@@ -184,7 +187,7 @@ def test_tail_compaction_moves_live_rows_to_the_lowest_slots(fast_model, tokeniz
                                                             monkeypatch, pages):
     """The long row sits in the highest slot and outlives the others: without compaction every step would run all
     four slots; compacted, it moves to slot 0 and the tail steps run on fewer."""
-    monkeypatch.setattr(fastgen, "MIN_SLOT_BUCKET", 1)
+    monkeypatch.setattr(scheduler, "MIN_SLOT_BUCKET", 1)
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4, pages=pages)
     steps, _ = spy(generator)
     keys = ["sum", "yes", "hi", "story"]
@@ -229,8 +232,8 @@ def test_a_slot_without_a_row_decodes_at_position_0(fast_model, tokenizer, promp
     reads that dead row's length again."""
     keys, pages = ["sum", "yes", "hi"], None  # three rows in four slots, ending at different steps
     if tight:  # the pool of test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly
-        monkeypatch.setattr(fastgen, "PAGE", 8)
-        monkeypatch.setattr(fastgen, "LENGTH_BUCKET", 128)
+        monkeypatch.setattr(runner.ModelRunner, "page", 8)
+        monkeypatch.setattr(runner, "LENGTH_BUCKET", 128)
         keys, pages = ["story", "photo", "sum", "yes", "hi"], 128 // 8 + 1
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4, pages=pages)
     seen = []
@@ -255,7 +258,7 @@ def test_a_slot_without_a_row_decodes_at_position_0(fast_model, tokenizer, promp
 @pytest.fixture
 def small_pages(monkeypatch):
     """8-token pages, so that 32-token answers cross several of them."""
-    monkeypatch.setattr(fastgen, "PAGE", 8)
+    monkeypatch.setattr(runner.ModelRunner, "page", 8)
     return 8
 
 
@@ -267,7 +270,7 @@ def test_rows_take_pages_as_they_grow_give_them_back_and_match_generate(fast_mod
     keys = list(INSTRUCTIONS)
     ends = {k: len(prompts[k]) + len(reference[k]) for k in keys}
     assert any(ends[k] % small_pages for k in SHORT)  # a row ends mid-page
-    row_pages = -(-fastgen.LENGTH_BUCKET // small_pages)
+    row_pages = -(-runner.LENGTH_BUCKET // small_pages)
     # a page short of both slots' whole rows: pages come from the free list, not a slot's own (the fixed layout)
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2, pages=2 * row_pages)
     in_use, handed = page_spy(generator, monkeypatch)
@@ -288,9 +291,9 @@ def test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly(fas
                                                                              monkeypatch):
     """A pool of pages smaller than four rows need: prompts wait for pages (fewer rows decode than slots), rows that
     outgrow the pages give theirs back and are resumed later, and every answer is still generate's, none cut."""
-    monkeypatch.setattr(fastgen, "LENGTH_BUCKET", 128)  # the call's rows fit 128 tokens: a pool of 16 pages
+    monkeypatch.setattr(runner, "LENGTH_BUCKET", 128)  # the call's rows fit 128 tokens: a pool of 16 pages
     keys = ["story", "photo", "sum", "yes", "hi"]
-    row_pages = -(-fastgen.LENGTH_BUCKET // small_pages)  # the pool must hold one whole row of the call's length
+    row_pages = -(-runner.LENGTH_BUCKET // small_pages)  # the pool must hold one whole row of the call's length
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=4, pages=row_pages + 1)
     in_use, _ = page_spy(generator, monkeypatch)
     need = sum(-(-(len(prompts[k]) + MAX_NEW) // small_pages) for k in keys[:4])
@@ -333,17 +336,17 @@ def test_where_every_slot_fits_its_whole_row_sdpa_reads_the_pages_in_place(fast_
     SDPA reads a view of the pool (no copy a step) and the answers are generate's."""
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2)
     views = []
-    update = fastgen.PagedCache.update
+    update = PagedCache.update
 
     def spy(cache, *args, **kwargs):
         keys, values = update(cache, *args, **kwargs)
-        if cache.mode == "decode":
+        if cache.prefill is None:  # decoding
             views.append(keys.untyped_storage().data_ptr() == cache.keys[args[2]].untyped_storage().data_ptr())
         return keys, values
 
     keys = list(INSTRUCTIONS)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(fastgen.PagedCache, "update", spy)
+        m.setattr(PagedCache, "update", spy)
         rows, _ = generator.generate([prompts[k] for k in keys], greedy(stops))
     assert generator.cache.fixed and views and all(views)
     as_generate(keys, rows)
@@ -351,7 +354,7 @@ def test_where_every_slot_fits_its_whole_row_sdpa_reads_the_pages_in_place(fast_
 
 def test_a_pool_without_room_for_one_row_is_refused(fast_model, tokenizer, prompts, stops, small_pages):
     generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2, pages=4)
-    with pytest.raises(fastgen.SetupError, match="does not fit"):
+    with pytest.raises(SetupError, match="does not fit"):
         generator.generate([prompts["sum"]], greedy(stops))
 
 
@@ -556,7 +559,7 @@ def test_a_decoding_kernel_that_disagrees_with_the_model_gives_way_to_the_next(f
         return torch.zeros_like(query).transpose(1, 2)
 
     monkeypatch.setattr(fastgen, "decode_kernels", lambda device: ["triton", "sdpa"])
-    monkeypatch.setattr(fastgen.decode_kernel, "attend", wrong)
+    monkeypatch.setattr(decode_kernel, "attend", wrong)
     generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
     # the stand-in ran in the check's one decoding step (once a layer), and lost
     assert why is None and generator.kernel == "sdpa" and len(calls) == fast_model.config.num_hidden_layers
@@ -571,7 +574,7 @@ def test_engine_falls_back_when_the_fast_path_cannot_run(smol, fast_model, token
                                                          fresh_say_once):
     """A transformers whose forward takes the cache under another keyword: the check fails, plain generate runs."""
     monkeypatch.setenv("SIT_FAST_GENERATE", "1")
-    monkeypatch.setattr(fastgen, "cache_argument", lambda model: "kv_cache_under_another_name")
+    monkeypatch.setattr(runner, "cache_argument", lambda model: "kv_cache_under_another_name")
     generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=4)
     assert generator is None
     assert "does not run on this model" in why or "disagrees with a plain forward" in why, why
@@ -590,10 +593,10 @@ def test_a_generator_that_does_not_run_leaves_the_model_as_loaded(fast_model, to
     monkeypatch.setattr(fastgen.SlotGenerator, "check", lambda self: "largest relative logit difference 0.7 > 0.1")
     generator, why = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=2)
     assert generator is None and "disagrees" in why
-    assert fast_model.config._attn_implementation == before != fastgen.SLOT_ATTENTION
+    assert fast_model.config._attn_implementation == before != SLOT_ATTENTION
     monkeypatch.undo()
     generator, _ = fastgen.make_generator(fast_model, tokenizer.pad_token_id, slots=2)
-    assert fast_model.config._attn_implementation == fastgen.SLOT_ATTENTION
+    assert fast_model.config._attn_implementation == SLOT_ATTENTION
     generator.close()
     assert fast_model.config._attn_implementation == before and generator.cache is None
 
@@ -722,7 +725,7 @@ def test_a_4bit_model_on_the_cpu_takes_the_path_its_check_chooses(four_bit, prom
                              r"difference (\S+) > 0\.001\)", four_bit.why)
         assert found and float(found[1]) < 0.05, four_bit.why  # bf16 rounding; a broken mechanism is ~1 off
         assert four_bit.said == [f"generation: plain transformers generate ({four_bit.why})"]
-        assert model.config._attn_implementation != fastgen.SLOT_ATTENTION  # left as loaded
+        assert model.config._attn_implementation != SLOT_ATTENTION  # left as loaded
         rows, _ = engine._generate(batch, sampling)  # what engine.sample runs on this path
     rows = [[int(t) for t in r] for r in rows]
     ties = assert_same_greedy_rows(model, batch, rows, four_bit.reference, NF4_NEAR_TIE)
@@ -752,7 +755,7 @@ def test_engine_marks_a_looping_row(path, request, cycle, monkeypatch):
     engine = request.getfixturevalue(f"{path}_engine")
     trigger, words, _ = cycle
     make = engines.logits_processors
-    for module in (engines, fastgen):  # plain generate's processors, and the slot loop's
+    for module in (engines, sampler):  # plain generate's processors, and the slot loop's
         monkeypatch.setattr(module, "logits_processors",
                             lambda s: LogitsProcessorList([*make(s), ForceCycle(trigger, words)]))
     prompts = [prompt_text(engine.tokenizer, LOOP_INSTRUCTION), prompt_text(engine.tokenizer, INSTRUCTIONS["story"])]

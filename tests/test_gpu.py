@@ -236,13 +236,13 @@ def sm75(monkeypatch):
     Hopper GPU cannot run (the check then turned the kernel off and SDPA decoded), so only the project's own choices
     are forced."""
     from common import precision
-    from common.generation import fastgen
+    from common.generation import attention
 
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
         assert precision.decide.__wrapped__("auto") == torch.float16  # what DTYPE=auto gives on a T4 (uncached)
-        assert not fastgen.flash_varlen_available()
-    monkeypatch.setattr(fastgen, "flash_varlen_available", lambda: False)
+        assert not attention.flash_varlen_available()
+    monkeypatch.setattr(attention, "flash_varlen_available", lambda: False)
 
 
 @pytest.fixture(scope="module")

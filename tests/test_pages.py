@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from common.generation.fastgen import PagedCache
+from common.generation.cache import PagedCache
 from common.generation.pages import PAGE, PageTable
 
 CPU = torch.device("cpu")

@@ -1,9 +1,15 @@
-"""bench/schedule_replay.py: the paged engine's scheduling replayed on the CPU with no-op steps."""
+"""bench/schedule_replay.py: the paged engine's scheduler replayed on the CPU with no model, against the engine."""
 
 import json
 
 import generation_speed  # bench/ on PYTHONPATH (tests/conftest.py)
+import pytest
 import schedule_replay
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from common.generation import fastgen
+from common.generation.sampling import Sampling
 
 SMALL = ["--requests", "48", "--cap", "256", "--median", "40", "--prompt-min", "4", "--prompt-max", "40",
          "--slots", "8", "--admit", "0.125"]
@@ -53,3 +59,50 @@ def test_resumed_rows_and_rows_ending_as_they_are_preempted_end_at_their_lengths
             "--prompt-max", "40", "--slots", "8", "--admit", "0.125", "--pages", "10"]
     report = schedule_replay.main(argv)
     assert report["preempted"] > 0 and report["ended_when_preempted"] > 0
+
+
+def engine_run(argv):
+    """The same workload through SlotGenerator itself, its decoding step and prefill made no-ops (zero logits) and
+    EndAt ending each row at its drawn length: (stats, (slot bucket, keys read) per step)."""
+    args = schedule_replay.parse_args(argv)
+    # EndAt reads a row's end from its first token (prompt length + drawn length, at least 4): no id below that
+    eos, pad, fill, vocab = 1, 0, 2, 16
+    config = LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=8)
+    generator = fastgen.SlotGenerator(LlamaForCausalLM(config).eval(), pad, slots=args.slots, graphs=False,
+                                      compiled=False, pages=args.pages, admit_fraction=args.admit)
+    generator.prefill_tokens = args.prefill_tokens
+    steps = []
+
+    def no_op_step(slots, length):
+        generator.logits[:slots].zero_()
+        steps.append((slots, int((generator.cache.positions[:slots] + 1).sum())))
+
+    def no_op_prefill(assignments):
+        generator.stats["prefills"] += 1
+        generator.stats["prefill_tokens"] += sum(len(ids) for _, ids in assignments)
+        return torch.zeros(len(assignments), vocab)
+
+    generator.forward_step, generator.prefill = no_op_step, no_op_prefill
+    prompts, targets = generation_speed.workload(args)
+    prompts = [[p[0]] + [fill] * (len(p) - 1) for p in prompts]
+    sampling = Sampling(max_new_tokens=args.cap, temperature=0, stop_token_ids=(eos,))
+    rows, _ = generator.generate(prompts, sampling, extra_processors=[generation_speed.EndAt(eos, pad)])
+    assert [len(r) for r in rows] == [t + 1 for t in targets]
+    return generator.stats, steps
+
+
+@pytest.mark.parametrize("extra", [[], ["--pages", "12"], ["--requests", "200", "--median", "20", "--sigma", "1.2",
+                                                            "--pages", "10"]])
+def test_the_replay_schedules_as_the_engine_does_step_for_step(extra):
+    """The replay drives the scheduler without the engine: every step's bucket and keys, every prefill, admission,
+    preemption and the most rows in flight equal the engine's own on the same workload, with and without pages to
+    spare."""
+    argv = SMALL + extra
+    stats, steps, _ = schedule_replay.replay(schedule_replay.parse_args(argv))
+    engine_stats, engine_steps = engine_run(argv)
+    assert steps == engine_steps
+    keys = ("prefills", "prefill_tokens", "admitted", "preempted", "ended_when_preempted", "most_rows")
+    assert {k: stats[k] for k in keys} == {k: engine_stats[k] for k in keys}
+    if extra:
+        assert stats["preempted"] > 0

@@ -20,7 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCrite
 
 from common import say_once
 from common.generation.chat import prepare_tokenizer
-from common.generation.sampling import logits_processors, looping
+from common.generation.sampling import first_stop, logits_processors, looping
 from common.models import load_causal_lm, load_tokenizer, resolve, trust_remote_code
 from common.precision import dtype_name
 
@@ -85,7 +85,7 @@ def declared_stop_ids(model, tokenizer):
 def finish(tokenizer, row, sampling, looped=False):
     """The result dict of one generated row (token ids, stop token included, padding after it allowed)."""
     ids = [int(t) for t in row]
-    stop = next((k for k, t in enumerate(ids) if t in sampling.stop_token_ids), None)
+    stop = first_stop(ids, sampling.stop_token_ids)
     if stop is not None:
         ids = ids[:stop]
     raw = tokenizer.decode(ids, skip_special_tokens=False)
@@ -200,7 +200,8 @@ class StopRecorder(StoppingCriteria):
         out, looped = [], []
         for r, row in enumerate(rows):
             ids = row.tolist()
-            ends = {"token": next((k + 1 for k, t in enumerate(ids) if t in stop_token_ids), len(ids))}
+            stop = first_stop(ids, stop_token_ids)
+            ends = {"token": len(ids) if stop is None else stop + 1}
             ends.update({name: int(first[r]) for name, first in self.fired.items() if first[r] >= 0})
             end = min(ends.values())
             out.append(row[:end])

@@ -64,7 +64,7 @@ from tqdm import tqdm
 from common import say_once
 from common.generation import fastgen, loglik
 from common.generation.engines import stop_ids
-from common.generation.sampling import Sampling
+from common.generation.sampling import Sampling, first_stop
 
 # Prompts per engine call, in slots: more keeps the slots busy (fewer drains at a call's end), fewer gets answers
 # into the request cache sooner (a killed eval redoes at most one call).
@@ -221,8 +221,8 @@ class EngineHFLM(HFLM):
         """HFLM's text for an engine row: the row cut where generate's stopping criteria would have ended it, then
         decoded and post-processed as HFLM.generate_until does."""
         ids = [int(t) for t in row]
-        end = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))  # the engine ends rows there already
-        cont_toks = ids[: min(end, self.string_stop(ids, until))]
+        stop = first_stop(ids, stops)  # the engine ends rows there already
+        cont_toks = ids[: min(len(ids) if stop is None else stop + 1, self.string_stop(ids, until))]
         if isinstance(self.think_end_token, int):  # from here on, HFLM.generate_until's lines
             think = [k for k, t in enumerate(cont_toks) if t == self.think_end_token]
             if think:

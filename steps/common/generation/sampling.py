@@ -28,6 +28,12 @@ class Sampling:
         return dataclasses.replace(self, **changes)
 
 
+def first_stop(ids, stop_token_ids):
+    """Where a row of token ids ends: the index of its first stop token, None where it has none. (Every engine's
+    rows are cut here: engines.finish, StopRecorder.cut, the eval's answer_text.)"""
+    return next((k for k, t in enumerate(ids) if t in stop_token_ids), None)
+
+
 def looping(window, min_repeats=3, min_span=None):
     """Which rows of `window` (rows x the last W generated tokens, -1 where a row has fewer) end in a loop: a block
     of p <= W/min_repeats tokens repeated back to back, covering at least min_span (default W/2) tokens and at
