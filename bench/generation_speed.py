@@ -247,11 +247,11 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
     _, warm = sync_time(lambda: generator.generate(prompts[: 2 * slots], sampling, extra_processors=[EndAt()]))
     torch.cuda.reset_peak_memory_stats()
     generator.stats.clear()
-    keys, events = watch_steps(generator, trace_to=trace_to, trace_at=trace_at)
+    watcher = watch_steps(generator, trace_to=trace_to, trace_at=trace_at)
     (rows, _), wall = sync_time(lambda: generator.generate(prompts, sampling, extra_processors=[EndAt()]))
     stats = dict(generator.stats)
-    in_run = in_run_ms(events)
-    del generator.step  # no more watching
+    keys, in_run = watcher.keys, in_run_ms(watcher.events)
+    unwatch_steps(generator)
     # Where the decoding time went: each slot bucket's step (its CUDA graph replayed alone, every slot holding the
     # keys a step at that bucket held on average in the run, on pages of its own) x the steps run at it.
     step_ms, mean_keys = {}, {}
@@ -292,30 +292,57 @@ def run_fast(model, prompts, targets, cap, slots, variant, memory_gib, admit=Non
                   warm_up_run_s=round(warm, 1), check=generator.check()), *chunked]
 
 
-def watch_steps(generator, trace_to=None, trace_at=3000, trace_steps=64):
-    """(keys, events) as the decoding steps run: the keys they read per slot bucket (GPU scalars, summed without a
-    sync; each slot reads its position + 1 keys, a slot without a row sits at 0), and CUDA events around each step's
-    graph (in_run_ms() sums them per bucket). With `trace_to`, the steps from `trace_at` on for `trace_steps` steps
-    are profiled (torch.profiler, CPU and CUDA): where a step's time goes between the graphs."""
-    keys, events, step = {}, [], generator.step
-    window = {}
+class StepWatcher:
+    """As the decoding steps run: the keys they read per slot bucket (`keys`: GPU scalars, summed without a sync;
+    each slot reads its position + 1 keys, a slot without a row sits at 0), and CUDA events around each step's graph
+    (`events`; in_run_ms() sums them per bucket). With `trace_to`, the steps from `trace_at` on for `trace_steps`
+    steps are profiled (torch.profiler, CPU and CUDA): where a step's time goes between the graphs."""
 
-    def counted(slots, length):
-        keys[slots] = keys.get(slots, 0) + (generator.cache.positions[:slots] + 1).sum()
-        n = len(events)
-        if trace_to and n == trace_at:
-            window["profiler"] = start_trace()
-        elif trace_to and n == trace_at + trace_steps and "profiler" in window:
-            end_trace(window.pop("profiler"), trace_to, trace_steps)
-        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        began.record()
-        out = step(slots, length)
+    def __init__(self, trace_to=None, trace_at=3000, trace_steps=64):
+        self.keys, self.events, self.began, self.profiler = {}, [], None, None
+        self.trace_to, self.trace_at, self.trace_steps = trace_to, trace_at, trace_steps
+
+    def before(self, slots, runner):
+        self.keys[slots] = self.keys.get(slots, 0) + (runner.cache.positions[:slots] + 1).sum()
+        n = len(self.events)
+        if self.trace_to and n == self.trace_at:
+            self.profiler = start_trace()
+        elif self.trace_to and n == self.trace_at + self.trace_steps and self.profiler is not None:
+            end_trace(self.profiler, self.trace_to, self.trace_steps)
+            self.profiler = None
+        self.began = torch.cuda.Event(enable_timing=True)
+        self.began.record()
+
+    def after(self, slots):
+        ended = torch.cuda.Event(enable_timing=True)
         ended.record()
-        events.append((slots, began, ended))
+        self.events.append((slots, self.began, ended))
+
+
+def watch_steps(generator, **trace):
+    """A StepWatcher on the generator's steps: through its stats object, or (the unpaged engine, which has none)
+    around its step method."""
+    watcher = StepWatcher(**trace)
+    if hasattr(generator.stats, "step_watcher"):
+        generator.stats.step_watcher = watcher
+        return watcher
+    step = generator.step
+
+    def watched(slots, length):
+        watcher.before(slots, generator)
+        out = step(slots, length)
+        watcher.after(slots)
         return out
 
-    generator.step = counted
-    return keys, events
+    generator.step = watched
+    return watcher
+
+
+def unwatch_steps(generator):
+    if hasattr(generator.stats, "step_watcher"):
+        generator.stats.step_watcher = None
+    else:
+        del generator.step
 
 
 def in_run_ms(events):

@@ -307,6 +307,26 @@ def test_admission_waits_for_pages_and_rows_that_outgrow_them_resume_exactly(fas
     assert not any(generator.pages.held) and len(generator.pages.free) == row_pages
 
 
+def test_a_step_watcher_on_the_stats_sees_every_decoding_step(fast_model, tokenizer, prompts, stops):
+    """Benches hook into the engine through its stats object only: a watcher's before/after run around each step."""
+    generator = fastgen.SlotGenerator(fast_model, tokenizer.pad_token_id, slots=2)
+    calls = []
+
+    class Watcher:
+        def before(self, slots, runner):
+            calls.append(("before", slots, int((runner.cache.positions[:slots] + 1).sum())))
+
+        def after(self, slots):
+            calls.append(("after", slots))
+
+    generator.stats.step_watcher = Watcher()
+    generator.generate([prompts[k] for k in SHORT], greedy(stops))
+    steps = Counter({k: n for k, n in generator.stats.items() if isinstance(k, int)})
+    assert steps and Counter(c[1] for c in calls if c[0] == "before") == steps
+    assert [c[0] for c in calls] == ["before", "after"] * sum(steps.values())
+    assert calls[0][2] > calls[0][1]  # the first step reads the prompts' keys: more than one a slot
+
+
 def test_a_prefill_holds_at_most_prefill_tokens_prompt_tokens(fast_model, tokenizer, prompts, as_generate, stops):
     """Free slots for every prompt, but a prefill budget of about two prompts: the prompts go in several prefills,
     none over the budget (a prompt longer than it goes alone)."""

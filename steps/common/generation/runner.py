@@ -190,6 +190,14 @@ class ModelRunner:
     def step(self, slots, length):
         """One decoding step: forward_step, replayed from its CUDA graph (captured on first use) on a GPU."""
         self.stats[slots] += 1
+        watcher = self.stats.step_watcher
+        if watcher is not None:
+            watcher.before(slots, self)
+        self.run_step(slots, length)
+        if watcher is not None:
+            watcher.after(slots)
+
+    def run_step(self, slots, length):
         if not self.graphs_on:
             with torch.no_grad():
                 self.forward_step(slots, length)

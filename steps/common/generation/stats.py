@@ -1,8 +1,9 @@
 """What a generation run did (Stats): decoding steps per slot bucket (int keys), prefills and their rows and tokens,
 admissions, preemptions, the most rows in flight; with `timing`, each prefill's GPU time (CUDA events, read once the
-run is over: "prefill_s"). The one place benches read the engine's counts and switch its timing on:
+run is over: "prefill_s"). The one place benches read the engine's counts and hook into it:
 
     generator.stats = Stats(timing=True)
+    generator.stats.step_watcher = watcher  # watcher.before(slots, runner) and .after(slots) around each step
     ... generator.generate(...) ...
     dict(generator.stats)
 """
@@ -17,6 +18,7 @@ class Stats(Counter):
         super().__init__()
         self.timing = timing
         self.prefill_events = []  # (began, ended) CUDA events of the prefills not yet added to "prefill_s"
+        self.step_watcher = None  # a bench's: before(slots, runner) and after(slots) run around each decoding step
 
     def prefill_began(self, device):
         """An event recorded before a prefill where prefills are timed (events, not a sync: the host keeps running
