@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 from common import OptionError, SetupError, installed_versions, run_step
-from common.eval_requests import draw, duration, eval_seconds, parse_cost, parse_limit, task_limit
+from common.eval_requests import (draw, duration, eval_seconds, generation_cap, parse_cost, parse_limit,
+                                  task_limit)
 from common.generation.chat import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
 from common.io.files import output_lock, write_json
 from common.models import device, hub_load, load_causal_lm, load_tokenizer, resolve
@@ -298,7 +299,7 @@ def count_requests(leaf_tasks, samples, max_gen_toks, tokenizer):
                 texts += [description + str(task.doc_to_text(doc)), *(" " + c for c in choices)]
             counts["loglikelihood_tokens"] += template * len(docs) + token_count(tokenizer, texts)
         elif task.OUTPUT_TYPE == "generate_until":
-            cap = max_gen_toks or (task.config.generation_kwargs or {}).get("max_gen_toks", 256)
+            cap = generation_cap(max_gen_toks, (task.config.generation_kwargs or {}).get("max_gen_toks"))
             counts["generate_until"] += len(docs)
             counts["max_gen_tokens"] += len(docs) * cap
         else:  # loglikelihood, loglikelihood_rolling: one pass per document

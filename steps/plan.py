@@ -21,7 +21,8 @@ import textwrap
 from pathlib import Path
 
 from common import OptionError, run_step
-from common.eval_requests import allocate, duration, eval_seconds, parse_cost, parse_limit, sample_count, task_limit
+from common.eval_requests import (allocate, duration, eval_seconds, generation_cap, parse_cost, parse_limit,
+                                  sample_count, task_limit)
 from common.io.files import write_json
 from common.options import at_least, eval_limit, fraction, optional, positive_int, step_parser
 
@@ -245,7 +246,7 @@ def count_eval(tasks_spec, tasks, limit, max_gen_toks):
             counts["loglikelihood_tokens"] += round(docs * spec["tokens"])
         else:
             counts["generate_until"] += docs
-            counts["max_gen_tokens"] += docs * (max_gen_toks or spec.get("max_gen_toks", 1280))
+            counts["max_gen_tokens"] += docs * generation_cap(max_gen_toks, spec.get("max_gen_toks"))
     return counts, unknown
 
 

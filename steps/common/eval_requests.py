@@ -22,6 +22,16 @@ from common import OptionError
 ALL = "all"
 
 
+# lm-eval's HFLM answers a generative request with at most this many tokens where neither the task nor MAX_GEN_TOKS
+# sets a cap
+LM_EVAL_MAX_GEN_TOKS = 256
+
+
+def generation_cap(max_gen_toks, task_cap):
+    """Tokens one generative request may take: MAX_GEN_TOKS where given, else the task's own cap, else lm-eval's."""
+    return max_gen_toks or task_cap or LM_EVAL_MAX_GEN_TOKS
+
+
 def parse_limit(text):
     """LIMIT text -> {"*": default, task: override}; each value a count (int), a fraction (float < 1) or None (all).
     Empty text -> {} (every document of every task)."""
