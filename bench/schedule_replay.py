@@ -57,8 +57,13 @@ class Rows:
         self.seen = None  # the snapshot the scheduler looks at: (live, position, held, prompt length) per slot
         self.steps = []  # (slot bucket, keys read) per decoding step
 
-    def snapshot(self):
-        return [list(self.live), list(self.position), list(self.held), list(self.prompt_len)]
+    def look(self, scheduler, bucket):
+        """Call.look: the snapshot, the step in flight meanwhile, the scheduler's look at the snapshot."""
+        self.seen = [list(self.live), list(self.position), list(self.held), list(self.prompt_len)]
+        if bucket is not None:
+            self.decode(bucket)
+        look = scheduler.look(self.seen[0], self.seen[1], self)
+        return None if look is None else look[0]
 
     def ends(self, s):
         """Whether the token slot s just sampled ends its row."""
@@ -127,19 +132,11 @@ def replay(args):
     scheduler = Scheduler(PageTable(cache, torch.device("cpu")), args.slots, stats, args.prefill_tokens, args.admit)
     scheduler.submit([Replayed(i, p) for i, p in enumerate(prompts)])
     rows = Rows(args.slots, targets, args.cap, stats)
-    steps, bucket = 0, None  # SlotGenerator.generate's loop
-    while True:
-        if steps % CHECK_EVERY == 0:
-            rows.seen = rows.snapshot()
-            if bucket is not None:  # the step in flight while the host looks
-                rows.decode(bucket)
-                steps += 1
-            look = scheduler.look(rows.seen[0], rows.seen[1], rows)
-            if look is None:
-                break
-            bucket = look[0]
-        rows.decode(bucket)
-        steps += 1
+    bucket, steps = rows.look(scheduler, None), CHECK_EVERY  # SlotGenerator.generate's loop
+    while bucket is not None:
+        for _ in range(steps):
+            rows.decode(bucket)
+        bucket, steps = rows.look(scheduler, bucket), CHECK_EVERY - 1
     assert all(r == t + 1 for r, t in zip(rows.results, targets)), "a row did not end at its drawn length"
     return stats, rows.steps, sum(targets)
 

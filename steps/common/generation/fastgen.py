@@ -52,28 +52,13 @@ class SlotGenerator(ModelRunner):
         call = Call(self, sampling, extra_processors, len(prompts))
         scheduler = Scheduler(self.pages, self.cache.slots, self.stats, self.prefill_tokens, self.admit_fraction)
         scheduler.submit([Request(i, p) for i, p in enumerate(prompts)])
-        # Every CHECK_EVERY steps the host looks at which rows ended and admits, moves and grows rows. It looks at a
-        # snapshot taken before one more step is queued, so the GPU decodes while the host does that work (looking
-        # at the live state would leave the GPU idle meanwhile: ~1.5 ms a step at 512 rows on an H200).
-        steps, bucket = 0, None
-        while True:
-            if steps % CHECK_EVERY == 0:
-                if sampling.loop_window:
-                    call.state.stop_loops(sampling.loop_window)
-                snapshot, arrived = call.state.snapshot()
-                if bucket is not None:  # the step the GPU runs while the host looks
-                    call.decode(*bucket)
-                    steps += 1
-                if arrived is not None:
-                    arrived.synchronize()
-                call.seen = snapshot.tolist()
-                call.collect()
-                look = scheduler.look(call.seen[0], call.seen[1], call)
-                if look is None:
-                    break
-                bucket = (look[0], self.keys_to_read(look[1]))
-            call.decode(*bucket)
-            steps += 1
+        bucket = call.look(scheduler, None)  # the first prompts admitted
+        steps = CHECK_EVERY
+        while bucket is not None:
+            for _ in range(steps):
+                call.decode(*bucket)
+            bucket = call.look(scheduler, bucket)  # ended rows collected, prompts admitted: one more step meanwhile
+            steps = CHECK_EVERY - 1
         call.collect(wait=True)
         self.stats.settle()
         return call.results, call.loops
@@ -84,13 +69,30 @@ class Call:
     scheduler's `rows`), the tokens it samples, and the results on their way to the host."""
 
     def __init__(self, runner, sampling, extra_processors, requests):
-        self.runner, self.max_new = runner, sampling.max_new_tokens
+        self.runner, self.max_new, self.loop_window = runner, sampling.max_new_tokens, sampling.loop_window
         cache = runner.cache
         self.sampler = Sampler(sampling, extra_processors, runner.vocab, runner.pad, runner.device)
         self.state = SlotState(cache.slots, cache.length, runner.pad, cache.positions, runner.tokens)
         self.results, self.loops = [None] * requests, [False] * requests
         self.seen = None  # the last snapshot, as lists: (live, position, tokens held, prompt length, looped) per slot
         self.outbox = []  # ended rows' tokens on their way to the host
+
+    def look(self, scheduler, bucket):
+        """Every CHECK_EVERY steps the host looks at which rows ended and admits, moves and grows rows: the next
+        steps' (slots, keys to read), None once every request is done. It looks at a snapshot taken before one more
+        step (at `bucket`) is queued, so the GPU decodes while the host does that work (looking at the live state
+        would leave the GPU idle meanwhile: ~1.5 ms a step at 512 rows on an H200)."""
+        if self.loop_window:
+            self.state.stop_loops(self.loop_window)
+        snapshot, arrived = self.state.snapshot()
+        if bucket is not None:
+            self.decode(*bucket)
+        if arrived is not None:
+            arrived.synchronize()
+        self.seen = snapshot.tolist()
+        self.collect()
+        look = scheduler.look(self.seen[0], self.seen[1], self)
+        return None if look is None else (look[0], self.runner.keys_to_read(look[1]))
 
     def decode(self, slots, length):
         """One decoding step of the first `slots` slots and its sampling, queued on the GPU without a wait."""

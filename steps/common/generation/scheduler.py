@@ -10,7 +10,12 @@ device work each decision implies is done by the `rows` object handed to look() 
                                    the request), False where it had ended meanwhile
 
 Every CHECK_EVERY decoding steps the engine takes a snapshot of the slots and calls look() with it, while the device
-runs one more step; look() says which slots the next steps run on.
+runs one more step; look() says which slots the next steps run on. SlotGenerator.generate, in short:
+
+    bucket = look(snapshot)                      # the first prompts admitted
+    while bucket is not None:
+        CHECK_EVERY decoding steps at bucket     # (CHECK_EVERY - 1 after the first look: the next runs during it)
+        snapshot; one more step; bucket = look(snapshot)
 """
 
 CHECK_EVERY = 8  # decoding steps between looks at which rows ended (each look reads a snapshot of the slots)
