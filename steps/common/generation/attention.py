@@ -8,9 +8,10 @@ lives. The runner tells it which phase it serves through the forward's keyword `
   mask over a contiguous copy of the pages (grouped_sdpa_attention);
 - no phase (a plain forward, as the runner's check runs one): grouped_sdpa_attention.
 
-Library internals: transformers' attention and mask registries (`AttentionInterface`, `AttentionMaskInterface`),
-its SDPA function (`transformers.integrations.sdpa_attention`), extra forward keywords passed through to the
-attention function unchanged; `torch.ops.aten._flash_attention_forward` (torch 2.11 and 2.13).
+Library internals (transformers 5.17 on the device and 5.24 in the CPU tests, torch 2.11 and 2.13): transformers'
+attention and mask registries (`AttentionInterface`, `AttentionMaskInterface`, `transformers.masking_utils`'s
+`sdpa_mask`), its SDPA function (`transformers.integrations.sdpa_attention`), extra forward keywords passed through to
+the attention function unchanged; `torch.ops.aten._flash_attention_forward` (packed prefills).
 """
 
 import torch

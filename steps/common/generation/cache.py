@@ -2,7 +2,7 @@
 block table naming each slot's pages. Which slot holds which page is pages.PageTable's business; this file only
 stores keys and values where it is told and hands attention what it reads.
 
-Library internals: transformers calls `update(key_states, value_states, layer_idx)` on the object passed to forward
+Library internals (transformers 5.17 on the device and 5.24 in the CPU tests): transformers calls `update(key_states, value_states, layer_idx)` on the object passed to forward
 as its cache (keyword `cache` from transformers 5.2x on, `past_key_values` before: cache_argument) and reads
 `is_compileable` and `get_seq_length`.
 """

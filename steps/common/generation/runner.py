@@ -15,7 +15,7 @@ output buffers (`tokens`, `logits`); which rows are in which slots is the schedu
   (patching.py: their weights become slices of one tensor); a prefill runs them apart.
 - Models in 4-bit (bitsandbytes NF4, the t4 tier's generator) run it too: their linear layers replay in the graphs.
 
-Library internals: extra forward keywords (`slot_phase`, `block_table`, `decode_kernel`, `slot_order`,
+Library internals (transformers 5.17 on the device and 5.24 in the CPU tests): extra forward keywords (`slot_phase`, `block_table`, `decode_kernel`, `slot_order`,
 `max_length_q`) and 4-D int32 or boolean attention masks passed through to the attention function unchanged
 (attention.py); the cache object's interface (cache.py).
 """
