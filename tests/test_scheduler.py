@@ -35,12 +35,12 @@ class Rows:
         return True
 
 
-def scheduler(pages, slots, prompt_lengths):
+def scheduler(pages, slots, prompt_lengths, admit_fraction=1 / 16, prefill_tokens=4096):
     cache = PagedCache(layers=1, pages=pages, slots=slots, max_pages=4, kv_heads=1, head_dim=1,
                        dtype=torch.float32, device=torch.device("cpu"))  # rows of up to 4 pages of 64 tokens
     table = PageTable(cache, torch.device("cpu"))
     stats = Stats()
-    scheduler = Scheduler(table, slots, stats, prefill_tokens=4096)
+    scheduler = Scheduler(table, slots, stats, prefill_tokens, admit_fraction)
     scheduler.submit([Request(i, [5] * n) for i, n in enumerate(prompt_lengths)])
     return scheduler, table, stats
 
@@ -103,14 +103,15 @@ def test_once_nothing_waits_live_rows_move_to_the_lowest_slots_with_their_pages(
 
 
 def test_a_prefill_holds_at_most_prefill_tokens_and_a_queue_short_of_admit_fraction_waits():
-    sched, _, _ = scheduler(pages=65, slots=16, prompt_lengths=[100] * 3)
-    sched.prefill_tokens = 150  # one prompt per prefill beyond the first
+    sched, _, _ = scheduler(pages=65, slots=16, prompt_lengths=[100] * 3, prefill_tokens=150)  # a prompt fits once
     rows = Rows()
     sched.look([0] * 16, [0] * 16, rows)
     assert [len(batch) for batch in rows.started] == [1, 1, 1]  # three prefills of one prompt each
-    sched = Scheduler(sched.pages, 16, Stats(), prefill_tokens=4096, admit_fraction=0.5)
-    sched.submit([Request(i, [5] * 10) for i in range(12)])
+    sched, _, _ = scheduler(pages=65, slots=16, prompt_lengths=[10] * 30, admit_fraction=0.5)
     rows = Rows()
-    sched.request[:10] = [Request(99, [5])] * 10  # ten slots busy: six free, fewer than half
-    sched.look([1] * 10 + [0] * 6, [5] * 16, rows)
-    assert rows.started == []  # the six free slots wait for two more (half of the slots)
+    sched.look([0] * 16, [0] * 16, rows)
+    assert sum(map(len, rows.started)) == 16 and len(sched.pending) == 14
+    sched.look([0] * 6 + [1] * 10, [0] * 6 + [20] * 10, rows)
+    assert sum(map(len, rows.started)) == 16  # six free slots wait for two more (half of the slots)
+    sched.look([0] * 8 + [1] * 8, [0] * 8 + [20] * 8, rows)
+    assert [slot for slot, _, _ in rows.started[-1]] == list(range(8))  # eight: the lowest free slots first
